@@ -1,0 +1,123 @@
+/**
+ * The barrier: everything core stores passes through here and is encrypted with the keyring,
+ * bound to its storage path (invariant 8). While sealed there is no keyring and every call
+ * throws Sealed.
+ */
+import { Sealed } from './errors';
+import { Keyring, UnknownTerm } from './keyring';
+import type { Store, StoreTx } from './ports';
+
+export interface BarrierTx {
+  get<T = unknown>(path: string): Promise<T | null>;
+  put(path: string, value: unknown): Promise<void>;
+  delete(path: string): Promise<boolean>;
+  list(prefix: string): Promise<string[]>;
+  lock(key: string): Promise<void>;
+  getLocal<T = unknown>(path: string): Promise<T | null>;
+  putLocal(path: string, value: unknown): Promise<void>;
+  deleteLocal(path: string): Promise<void>;
+  listLocal(prefix: string): Promise<string[]>;
+  /** Highest WAL insertion number written in this transaction (0 if none). */
+  readonly lastSeq: number;
+}
+
+export class Barrier {
+  private keyring: Keyring | null = null;
+
+  constructor(
+    private readonly store: Store,
+    /** Re-reads the keyring (after another process rotated it); set on unseal. */
+    private reloadKeyring: (() => Promise<Keyring>) | null = null,
+  ) {}
+
+  get sealed(): boolean {
+    return this.keyring === null;
+  }
+
+  unsealWith(keyring: Keyring, reload: () => Promise<Keyring>): void {
+    this.keyring = keyring;
+    this.reloadKeyring = reload;
+  }
+
+  seal(): void {
+    this.keyring = null;
+    this.reloadKeyring = null;
+  }
+
+  get currentKeyring(): Keyring {
+    if (!this.keyring) throw new Sealed();
+    return this.keyring;
+  }
+
+  setKeyring(k: Keyring): void {
+    this.keyring = k;
+  }
+
+  encrypt(path: string, value: unknown): Buffer {
+    return this.currentKeyring.encrypt(path, Buffer.from(JSON.stringify(value)));
+  }
+
+  async decrypt<T>(path: string, blob: Buffer | null): Promise<T | null> {
+    if (!blob) return null;
+    let plain: Buffer;
+    try {
+      plain = this.currentKeyring.decrypt(path, blob);
+    } catch (err) {
+      // A term we do not know yet: another process rotated the key. Reload once.
+      if (!(err instanceof UnknownTerm) || !this.reloadKeyring) throw err;
+      this.keyring = await this.reloadKeyring();
+      plain = this.currentKeyring.decrypt(path, blob);
+    }
+    return JSON.parse(plain.toString('utf8')) as T;
+  }
+
+  async get<T = unknown>(path: string): Promise<T | null> {
+    this.currentKeyring;
+    return this.decrypt<T>(path, await this.store.get(path));
+  }
+
+  async list(prefix: string): Promise<string[]> {
+    this.currentKeyring;
+    return this.store.list(prefix);
+  }
+
+  async getLocal<T = unknown>(path: string): Promise<T | null> {
+    this.currentKeyring;
+    return this.decrypt<T>(path, await this.store.getLocal(path));
+  }
+
+  async listLocal(prefix: string): Promise<string[]> {
+    this.currentKeyring;
+    return this.store.listLocal(prefix);
+  }
+
+  /** Runs `fn` in one storage transaction; the use case owns it. */
+  async transaction<T>(fn: (tx: BarrierTx) => Promise<T>): Promise<{ result: T; lastSeq: number }> {
+    this.currentKeyring;
+    let lastSeq = 0;
+    const result = await this.store.transaction(async (raw: StoreTx) => {
+      const tx: BarrierTx = {
+        get: async (p) => this.decrypt(p, await raw.get(p)),
+        put: async (p, v) => {
+          lastSeq = Math.max(lastSeq, await raw.put(p, this.encrypt(p, v)));
+        },
+        delete: async (p) => {
+          const seq = await raw.delete(p);
+          if (seq !== null) lastSeq = Math.max(lastSeq, seq);
+          return seq !== null;
+        },
+        list: (p) => raw.list(p),
+        lock: (k) => raw.lock(k),
+        getLocal: async (p) => this.decrypt(p, await raw.getLocal(p)),
+        putLocal: (p, v) => raw.putLocal(p, this.encrypt(p, v)),
+        deleteLocal: (p) => raw.deleteLocal(p),
+        listLocal: (p) => raw.listLocal(p),
+        get lastSeq() {
+          return lastSeq;
+        },
+      };
+      return fn(tx);
+    });
+    return { result, lastSeq };
+  }
+}

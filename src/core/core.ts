@@ -1,0 +1,265 @@
+/**
+ * Core: the engine behind the API, knowing nothing of HTTP. It owns the seal state of this
+ * process, resolves tokens, authorises requests against policies and routes them to the
+ * engine mounted at their path.
+ */
+import { Barrier } from './barrier';
+import type { Clock } from './clock';
+import { InvalidRequest, NotInitialized, PermissionDenied, Sealed, UnsupportedPath } from './errors';
+import { openKeyring, sealKeyring, type Keyring } from './keyring';
+import { KvEngine } from './kv';
+import { MountTable, type MountEntry } from './mounts';
+import { Acl, requiresSudo, type Capability, type Policy } from './policy';
+import type { Store, TokenRecord } from './ports';
+import type { LogicalRequest, LogicalResponse, RequestContext } from './request';
+import { SealState, type StaticSealKey } from './seal';
+import { SysBackend } from './sys';
+import { TokenStore, TOKEN_HMAC_KEY_PATH } from './tokens';
+import { randomBytes } from 'node:crypto';
+
+export interface CoreOptions {
+  store: Store;
+  clock: Clock;
+  staticSeal?: StaticSealKey;
+  clusterName?: string;
+  version: string;
+}
+
+export interface SealStatus {
+  type: string;
+  initialized: boolean;
+  sealed: boolean;
+  t: number;
+  n: number;
+  progress: number;
+  nonce: string;
+  version: string;
+  build_date: string;
+  migration: boolean;
+  recovery_seal: boolean;
+  storage_type: string;
+  cluster_name?: string;
+  cluster_id?: string;
+}
+
+/** Unauthenticated logical paths (Vault's list, those we serve). */
+const UNAUTHENTICATED = [/^sys\/internal\/ui\/mounts(\/.*)?$/, /^sys\/wrapping\/lookup$/, /^sys\/internal\/specs\/openapi$/];
+
+export const DEFAULT_POLICY: Policy = {
+  name: 'default',
+  rules: [
+    { path: 'auth/token/lookup-self', capabilities: ['read'] },
+    { path: 'auth/token/renew-self', capabilities: ['update'] },
+    { path: 'auth/token/revoke-self', capabilities: ['update'] },
+    { path: 'sys/capabilities-self', capabilities: ['update'] },
+    { path: 'sys/internal/ui/resultant-acl', capabilities: ['read'] },
+    { path: 'sys/leases/renew', capabilities: ['update'] },
+    { path: 'sys/leases/lookup', capabilities: ['update'] },
+    { path: 'sys/renew', capabilities: ['update'] },
+    { path: 'sys/wrapping/wrap', capabilities: ['update'] },
+    { path: 'sys/wrapping/lookup', capabilities: ['update'] },
+    { path: 'sys/wrapping/unwrap', capabilities: ['update'] },
+    { path: 'cubbyhole/*', capabilities: ['create', 'read', 'update', 'delete', 'list'] },
+  ],
+};
+
+export class Core {
+  readonly barrier: Barrier;
+  readonly mounts: MountTable;
+  readonly tokens: TokenStore;
+  readonly sealState: SealState;
+  readonly kv: KvEngine;
+  readonly sys: SysBackend;
+  private clusterId = '';
+  private clusterNameValue = '';
+  private mountsLoadedAt = 0;
+
+  constructor(readonly opts: CoreOptions) {
+    this.barrier = new Barrier(opts.store);
+    this.mounts = new MountTable(this.barrier);
+    this.tokens = new TokenStore(opts.store.tokens, opts.clock);
+    this.sealState = new SealState(opts.store, opts.staticSeal);
+    this.kv = new KvEngine(this.barrier, opts.clock);
+    this.sys = new SysBackend(this);
+  }
+
+  get sealed(): boolean {
+    return this.barrier.sealed;
+  }
+
+  get clusterName(): string {
+    return this.clusterNameValue;
+  }
+
+  get clusterIdentity(): string {
+    return this.clusterId;
+  }
+
+  // ------------------------------------------------------------------ seal lifecycle
+
+  async sealStatus(): Promise<SealStatus> {
+    const rec = await this.opts.store.readSeal();
+    return {
+      type: rec?.sealType ?? (this.opts.staticSeal ? 'static' : 'shamir'),
+      initialized: rec !== null,
+      sealed: this.sealed,
+      t: rec?.secretThreshold ?? 0,
+      n: rec?.secretShares ?? 0,
+      progress: this.sealState.progress,
+      nonce: this.sealState.nonce,
+      version: this.opts.version,
+      build_date: '2026-11-21T00:00:00Z',
+      migration: false,
+      recovery_seal: rec?.sealType === 'static',
+      storage_type: 'postgresql',
+      ...(this.sealed ? {} : { cluster_name: this.clusterNameValue, cluster_id: this.clusterId }),
+    };
+  }
+
+  /** sys/init: creates keys, mounts nothing but built-ins, returns shares and the root token. */
+  async initialize(shares: number, threshold: number, opts: { rootTokenId?: string } = {}) {
+    const res = await this.sealState.initialize({
+      secretShares: shares,
+      secretThreshold: threshold,
+      clusterName: this.opts.clusterName ?? `coffer-cluster-${randomBytes(4).toString('hex')}`,
+    });
+    // Open the barrier briefly to write the token HMAC key and the root token, as Vault does.
+    await this.openBarrier(res.keyring, res.rootKey, res.record.clusterId, res.record.clusterName, { firstTime: true });
+    const { token } = await this.tokens.create({
+      policies: ['root'],
+      orphan: true,
+      displayName: 'root',
+      path: 'auth/token/root',
+      id: opts.rootTokenId,
+    });
+    if (res.record.sealType === 'shamir') this.sealLocal();
+    return { keys: res.keys, rootToken: token, recovery: res.record.sealType === 'static' };
+  }
+
+  async unseal(key: Buffer): Promise<void> {
+    if (!this.sealed) return;
+    const opened = await this.sealState.submitShare(key);
+    if (!opened) return;
+    const rec = (await this.opts.store.readSeal())!;
+    await this.openBarrier(opened.keyring, opened.rootKey, rec.clusterId, rec.clusterName);
+  }
+
+  /** Static seal: unseal at boot without operators. No-op if not initialised yet. */
+  async autoUnseal(): Promise<boolean> {
+    if (!this.opts.staticSeal || !this.sealed) return false;
+    const rec = await this.opts.store.readSeal();
+    if (!rec) return false;
+    const opened = await this.sealState.autoUnseal();
+    await this.openBarrier(opened.keyring, opened.rootKey, rec.clusterId, rec.clusterName);
+    return true;
+  }
+
+  private rootKey: Buffer | null = null;
+
+  private async openBarrier(keyring: Keyring, rootKey: Buffer, clusterId: string, clusterName: string, o: { firstTime?: boolean } = {}) {
+    this.rootKey = rootKey;
+    this.barrier.unsealWith(keyring, async () => {
+      const rec = await this.opts.store.readSeal();
+      if (!rec || !this.rootKey) throw new Sealed();
+      return openKeyring(this.rootKey, rec.keyring);
+    });
+    let hmacKey = await this.barrier.getLocal<string>(TOKEN_HMAC_KEY_PATH);
+    if (!hmacKey) {
+      if (!o.firstTime) {
+        this.sealLocal();
+        throw new Error('token HMAC key missing from local storage');
+      }
+      hmacKey = randomBytes(32).toString('base64');
+      await this.barrier.transaction((tx) => tx.putLocal(TOKEN_HMAC_KEY_PATH, hmacKey));
+    }
+    this.tokens.setKey(Buffer.from(hmacKey, 'base64'));
+    this.clusterId = clusterId;
+    this.clusterNameValue = clusterName;
+    await this.reloadMounts();
+  }
+
+  /** Seals this process (not others: each process holds its own keys in memory). */
+  sealLocal(): void {
+    this.barrier.seal();
+    this.tokens.setKey(null);
+    this.rootKey = null;
+    this.sealState.reset();
+  }
+
+  /** sys/rotate: a new keyring term, stored under the root key. */
+  async rotate(): Promise<Keyring> {
+    if (!this.rootKey) throw new Sealed();
+    const rec = await this.opts.store.readSeal();
+    if (!rec) throw new NotInitialized();
+    // Start from the stored keyring (another process may have rotated already).
+    const next = openKeyring(this.rootKey, rec.keyring).rotate(this.opts.clock.now());
+    await this.opts.store.updateKeyring(sealKeyring(this.rootKey, next));
+    this.barrier.setKeyring(next);
+    return next;
+  }
+
+  async reloadMounts(): Promise<void> {
+    await this.mounts.load();
+    this.mountsLoadedAt = Date.now();
+  }
+
+  // ------------------------------------------------------------------ requests
+
+  async handle(req: LogicalRequest): Promise<LogicalResponse> {
+    if (this.sealed) throw new Sealed();
+    const unauthenticated = UNAUTHENTICATED.some((r) => r.test(req.path));
+    const token = unauthenticated ? null : await this.authenticate(req.token);
+    let route = this.mounts.route(req.path);
+    if (!route || Date.now() - this.mountsLoadedAt > 5000) {
+      // Another process may have mounted something: the table is re-read on a miss and every 5 s.
+      await this.reloadMounts();
+      route = this.mounts.route(req.path);
+    }
+    if (!unauthenticated) await this.authorize(token!, req);
+    if (!route) throw new UnsupportedPath(`no handler for route "${req.path}". route entry not found.`);
+    const ctx: RequestContext = { req, token, subpath: route.subpath };
+    return this.dispatch(ctx, route.mount);
+  }
+
+  private async dispatch(ctx: RequestContext, mount: MountEntry): Promise<LogicalResponse> {
+    switch (mount.type) {
+      case 'system':
+        return this.sys.handle(ctx);
+      case 'kv':
+        return this.kv.handle(ctx, mount);
+      default:
+        throw new UnsupportedPath(`no handler for route "${ctx.req.path}"`);
+    }
+  }
+
+  async authenticate(token: string | null): Promise<TokenRecord> {
+    if (!token) throw new PermissionDenied();
+    const rec = await this.tokens.lookup(token);
+    if (!rec) throw new PermissionDenied();
+    return rec;
+  }
+
+  async aclFor(token: TokenRecord): Promise<Acl> {
+    const policies: Policy[] = [];
+    for (const name of token.policies) {
+      if (name === 'root') policies.push({ name: 'root', rules: [] });
+      else if (name === 'default') policies.push(DEFAULT_POLICY);
+      else {
+        const p = await this.barrier.get<Policy>(`core/policies/acl/${name}`);
+        if (p) policies.push(p);
+      }
+    }
+    return new Acl(policies);
+  }
+
+  private async authorize(token: TokenRecord, req: LogicalRequest): Promise<void> {
+    const acl = await this.aclFor(token);
+    if (acl.root) return;
+    const cap: Capability = req.operation;
+    if (!acl.allows(req.path, cap, requiresSudo(req.path, req.operation))) throw new PermissionDenied();
+  }
+
+  assertInput(cond: boolean, msg: string): void {
+    if (!cond) throw new InvalidRequest(msg);
+  }
+}

@@ -1,0 +1,415 @@
+/**
+ * The KV secrets engine, version 1 (plain key/value) and version 2 (versioned, with metadata,
+ * check-and-set, soft delete, undelete and destroy), laid out as Vault documents it.
+ *
+ * v2 storage under the mount prefix:
+ *   config                      engine-wide defaults
+ *   metadata/<key>              versions, timestamps, custom metadata
+ *   versions/<sha256(key)>/<n>  the data of version n (hashed so any key is one path segment)
+ * Every change to one key runs in one transaction under a per-key lock, so concurrent writers
+ * get distinct versions and check-and-set is exact.
+ */
+import { createHash } from 'node:crypto';
+import type { Barrier, BarrierTx } from './barrier';
+import type { Clock } from './clock';
+import { CasMismatch, InvalidRequest, NotFound, UnsupportedMediaType, UnsupportedOperation, UnsupportedPath } from './errors';
+import type { MountEntry } from './mounts';
+import { mountStoragePrefix } from './mounts';
+import type { LogicalResponse, RequestContext } from './request';
+
+interface VersionMeta {
+  created_time: string;
+  deletion_time: string;
+  destroyed: boolean;
+}
+
+interface KeyMetadata {
+  created_time: string;
+  updated_time: string;
+  current_version: number;
+  oldest_version: number;
+  max_versions: number;
+  cas_required: boolean;
+  delete_version_after: string;
+  custom_metadata: Record<string, string> | null;
+  versions: Record<string, VersionMeta>;
+}
+
+interface EngineConfig {
+  max_versions: number;
+  cas_required: boolean;
+  delete_version_after: string;
+}
+
+const DEFAULT_CONFIG: EngineConfig = { max_versions: 0, cas_required: false, delete_version_after: '0s' };
+const VERSIONED_PATH_WARNING =
+  'Invalid path for a versioned K/V secrets engine. See the API docs for the appropriate API endpoints to use. If using the Vault CLI, use \'vault kv get\' for this operation.';
+
+export function isKvV2(m: MountEntry): boolean {
+  return m.type === 'kv' && String(m.options?.version ?? '1') === '2';
+}
+
+export class KvEngine {
+  constructor(
+    private readonly barrier: Barrier,
+    private readonly clock: Clock,
+  ) {}
+
+  async handle(ctx: RequestContext, mount: MountEntry): Promise<LogicalResponse> {
+    const base = mountStoragePrefix(mount);
+    return isKvV2(mount) ? this.v2(ctx, base) : this.v1(ctx, base);
+  }
+
+  // ---------------------------------------------------------------- v1
+
+  private async v1(ctx: RequestContext, base: string): Promise<LogicalResponse> {
+    const { req, subpath } = ctx;
+    const path = base + 'data/' + subpath;
+    switch (req.operation) {
+      case 'read': {
+        if (!subpath) throw new UnsupportedOperation();
+        const data = await this.barrier.get<Record<string, unknown>>(path);
+        if (!data) throw new NotFound();
+        return { data };
+      }
+      case 'list': {
+        const keys = await this.barrier.list(path);
+        if (keys.length === 0) throw new NotFound();
+        return { data: { keys } };
+      }
+      case 'create':
+      case 'update': {
+        if (!subpath || subpath.endsWith('/')) throw new InvalidRequest('missing key');
+        if (Object.keys(req.data).length === 0) throw new InvalidRequest('no data provided');
+        const { lastSeq } = await this.barrier.transaction((tx) => tx.put(path, req.data));
+        return { status: 204, walSeq: lastSeq };
+      }
+      case 'delete': {
+        const { lastSeq } = await this.barrier.transaction((tx) => tx.delete(path));
+        return { status: 204, walSeq: lastSeq };
+      }
+      default:
+        throw new UnsupportedOperation();
+    }
+  }
+
+  // ---------------------------------------------------------------- v2
+
+  private async v2(ctx: RequestContext, base: string): Promise<LogicalResponse> {
+    const { subpath } = ctx;
+    const slash = subpath.indexOf('/');
+    const head = slash === -1 ? subpath : subpath.slice(0, slash);
+    const key = slash === -1 ? '' : subpath.slice(slash + 1);
+    const op = ctx.req.operation;
+    switch (head) {
+      case 'config':
+        if (key) break;
+        return this.config(ctx, base);
+      case 'data':
+        if (op === 'list') throw new UnsupportedOperation();
+        return this.data(ctx, base, requireKey(key));
+      case 'metadata':
+        return this.metadata(ctx, base, key);
+      case 'delete':
+      case 'undelete':
+      case 'destroy':
+        if (op !== 'create' && op !== 'update') throw new UnsupportedOperation();
+        return this.versionsOp(ctx, base, head, requireKey(key));
+      case 'subkeys':
+        if (op !== 'read') throw new UnsupportedOperation();
+        return this.subkeys(ctx, base, requireKey(key));
+    }
+    return { status: 404, data: null, warnings: [VERSIONED_PATH_WARNING] };
+  }
+
+  private async engineConfig(base: string, tx?: BarrierTx): Promise<EngineConfig> {
+    const c = tx ? await tx.get<EngineConfig>(base + 'config') : await this.barrier.get<EngineConfig>(base + 'config');
+    return { ...DEFAULT_CONFIG, ...(c ?? {}) };
+  }
+
+  private async config(ctx: RequestContext, base: string): Promise<LogicalResponse> {
+    const op = ctx.req.operation;
+    if (op === 'read') return { data: { ...(await this.engineConfig(base)) } };
+    if (op !== 'create' && op !== 'update') throw new UnsupportedOperation();
+    const d = ctx.req.data;
+    const { lastSeq } = await this.barrier.transaction(async (tx) => {
+      const cur = await this.engineConfig(base, tx);
+      if (d.max_versions !== undefined) cur.max_versions = nonNegInt(d.max_versions, 'max_versions');
+      if (d.cas_required !== undefined) cur.cas_required = bool(d.cas_required, 'cas_required');
+      if (d.delete_version_after !== undefined) cur.delete_version_after = String(d.delete_version_after);
+      await tx.put(base + 'config', cur);
+    });
+    return { status: 204, walSeq: lastSeq };
+  }
+
+  private metaPath(base: string, key: string): string {
+    return `${base}metadata/${key}`;
+  }
+
+  private versionPath(base: string, key: string, n: number): string {
+    return `${base}versions/${createHash('sha256').update(key).digest('hex')}/${n}`;
+  }
+
+  private async data(ctx: RequestContext, base: string, key: string): Promise<LogicalResponse> {
+    const { req } = ctx;
+    switch (req.operation) {
+      case 'read': {
+        const meta = await this.barrier.get<KeyMetadata>(this.metaPath(base, key));
+        if (!meta) throw new NotFound();
+        const n = req.query.version ? positiveInt(req.query.version, 'version') : meta.current_version;
+        const vm = meta.versions[String(n)];
+        if (!vm) throw new NotFound();
+        const metadata = versionResponse(meta, n, vm);
+        if (vm.deletion_time || vm.destroyed) return { status: 404, data: { data: null, metadata } };
+        const data = await this.barrier.get<Record<string, unknown>>(this.versionPath(base, key, n));
+        return { data: { data: data ?? null, metadata } };
+      }
+      case 'create':
+      case 'update': {
+        const body = req.data.data;
+        if (!isObject(body)) throw new InvalidRequest('no data provided');
+        const cas = isObject(req.data.options) && req.data.options.cas !== undefined ? nonNegInt(req.data.options.cas, 'cas') : undefined;
+        return this.writeVersion(base, key, () => body, cas);
+      }
+      case 'patch': {
+        if (!String(req.headers['content-type'] ?? '').startsWith('application/merge-patch+json')) {
+          throw new UnsupportedMediaType('PATCH requires Content-Type: application/merge-patch+json');
+        }
+        const patch = req.data.data;
+        if (!isObject(patch)) throw new InvalidRequest('no data provided');
+        const cas = isObject(req.data.options) && req.data.options.cas !== undefined ? nonNegInt(req.data.options.cas, 'cas') : undefined;
+        return this.writeVersion(base, key, (current) => {
+          if (!current) throw new NotFound();
+          return mergePatch(current, patch) as Record<string, unknown>;
+        }, cas, true);
+      }
+      case 'delete': {
+        const { lastSeq } = await this.barrier.transaction(async (tx) => {
+          await tx.lock(this.metaPath(base, key));
+          const meta = await tx.get<KeyMetadata>(this.metaPath(base, key));
+          const vm = meta?.versions[String(meta.current_version)];
+          if (!meta || !vm || vm.deletion_time || vm.destroyed) return;
+          vm.deletion_time = this.now();
+          meta.updated_time = vm.deletion_time;
+          await tx.put(this.metaPath(base, key), meta);
+        });
+        return { status: 204, walSeq: lastSeq };
+      }
+      default:
+        throw new UnsupportedOperation();
+    }
+  }
+
+  /** Adds a version computed from the current one, honouring cas and max_versions. */
+  private async writeVersion(
+    base: string,
+    key: string,
+    next: (current: Record<string, unknown> | null) => Record<string, unknown>,
+    cas: number | undefined,
+    needsCurrent = false,
+  ): Promise<LogicalResponse> {
+    const { result, lastSeq } = await this.barrier.transaction(async (tx) => {
+      const metaPath = this.metaPath(base, key);
+      await tx.lock(metaPath);
+      const cfg = await this.engineConfig(base, tx);
+      const now = this.now();
+      const meta: KeyMetadata = (await tx.get<KeyMetadata>(metaPath)) ?? {
+        created_time: now,
+        updated_time: now,
+        current_version: 0,
+        oldest_version: 0,
+        max_versions: 0,
+        cas_required: false,
+        delete_version_after: '0s',
+        custom_metadata: null,
+        versions: {},
+      };
+      if ((meta.cas_required || cfg.cas_required) && cas === undefined) {
+        throw new InvalidRequest('check-and-set parameter required for this call');
+      }
+      if (cas !== undefined && cas !== meta.current_version) throw new CasMismatch();
+      let current: Record<string, unknown> | null = null;
+      if (needsCurrent) {
+        const vm = meta.versions[String(meta.current_version)];
+        if (vm && !vm.deletion_time && !vm.destroyed) current = await tx.get(this.versionPath(base, key, meta.current_version));
+      }
+      const data = next(current);
+      const n = meta.current_version + 1;
+      meta.current_version = n;
+      meta.updated_time = now;
+      if (meta.oldest_version === 0) meta.oldest_version = 1;
+      meta.versions[String(n)] = { created_time: now, deletion_time: '', destroyed: false };
+      await tx.put(this.versionPath(base, key, n), data);
+      // Prune beyond max_versions (key setting, else engine setting, else Vault's default 10).
+      const max = meta.max_versions || cfg.max_versions || 10;
+      while (n - meta.oldest_version + 1 > max) {
+        delete meta.versions[String(meta.oldest_version)];
+        await tx.delete(this.versionPath(base, key, meta.oldest_version));
+        meta.oldest_version += 1;
+      }
+      await tx.put(metaPath, meta);
+      return versionResponse(meta, n, meta.versions[String(n)]);
+    });
+    return { data: result, walSeq: lastSeq };
+  }
+
+  private async metadata(ctx: RequestContext, base: string, key: string): Promise<LogicalResponse> {
+    const { req } = ctx;
+    if (req.operation === 'list') {
+      const keys = await this.barrier.list(`${base}metadata/${key}`);
+      if (keys.length === 0) throw new NotFound();
+      return { data: { keys } };
+    }
+    requireKey(key);
+    const metaPath = this.metaPath(base, key);
+    switch (req.operation) {
+      case 'read': {
+        const meta = await this.barrier.get<KeyMetadata>(metaPath);
+        if (!meta) throw new NotFound();
+        return { data: { ...meta, custom_metadata: meta.custom_metadata } };
+      }
+      case 'create':
+      case 'update':
+      case 'patch': {
+        const d = req.data;
+        const { lastSeq } = await this.barrier.transaction(async (tx) => {
+          await tx.lock(metaPath);
+          const now = this.now();
+          const meta: KeyMetadata = (await tx.get<KeyMetadata>(metaPath)) ?? {
+            created_time: now, updated_time: now, current_version: 0, oldest_version: 0, max_versions: 0,
+            cas_required: false, delete_version_after: '0s', custom_metadata: null, versions: {},
+          };
+          if (d.max_versions !== undefined) meta.max_versions = nonNegInt(d.max_versions, 'max_versions');
+          if (d.cas_required !== undefined) meta.cas_required = bool(d.cas_required, 'cas_required');
+          if (d.delete_version_after !== undefined) meta.delete_version_after = String(d.delete_version_after);
+          if (d.custom_metadata !== undefined) {
+            if (d.custom_metadata !== null && !isObject(d.custom_metadata)) throw new InvalidRequest('custom_metadata must be a map of strings');
+            const cm = (d.custom_metadata ?? {}) as Record<string, unknown>;
+            const merged: Record<string, string> = req.operation === 'patch' ? { ...(meta.custom_metadata ?? {}) } : {};
+            for (const [k, v] of Object.entries(cm)) {
+              if (v === null && req.operation === 'patch') delete merged[k];
+              else merged[k] = String(v);
+            }
+            meta.custom_metadata = merged;
+          }
+          meta.updated_time = now;
+          await tx.put(metaPath, meta);
+        });
+        return { status: 204, walSeq: lastSeq };
+      }
+      case 'delete': {
+        const { lastSeq } = await this.barrier.transaction(async (tx) => {
+          await tx.lock(metaPath);
+          const meta = await tx.get<KeyMetadata>(metaPath);
+          if (!meta) return;
+          for (const n of Object.keys(meta.versions)) await tx.delete(this.versionPath(base, key, Number(n)));
+          await tx.delete(metaPath);
+        });
+        return { status: 204, walSeq: lastSeq };
+      }
+      default:
+        throw new UnsupportedOperation();
+    }
+  }
+
+  private async versionsOp(ctx: RequestContext, base: string, op: 'delete' | 'undelete' | 'destroy', key: string): Promise<LogicalResponse> {
+    const raw = ctx.req.data.versions;
+    const list = Array.isArray(raw) ? raw : typeof raw === 'string' ? raw.split(',') : raw === undefined ? [] : [raw];
+    const versions = list.map((v) => positiveInt(v, 'versions'));
+    if (versions.length === 0) throw new InvalidRequest('no versions provided');
+    const metaPath = this.metaPath(base, key);
+    const { lastSeq } = await this.barrier.transaction(async (tx) => {
+      await tx.lock(metaPath);
+      const meta = await tx.get<KeyMetadata>(metaPath);
+      if (!meta) return;
+      const now = this.now();
+      for (const n of versions) {
+        const vm = meta.versions[String(n)];
+        if (!vm || vm.destroyed) continue;
+        if (op === 'delete' && !vm.deletion_time) vm.deletion_time = now;
+        if (op === 'undelete') vm.deletion_time = '';
+        if (op === 'destroy') {
+          vm.destroyed = true;
+          await tx.delete(this.versionPath(base, key, n));
+        }
+      }
+      meta.updated_time = now;
+      await tx.put(metaPath, meta);
+    });
+    return { status: 204, walSeq: lastSeq };
+  }
+
+  private async subkeys(ctx: RequestContext, base: string, key: string): Promise<LogicalResponse> {
+    const meta = await this.barrier.get<KeyMetadata>(this.metaPath(base, key));
+    if (!meta) throw new NotFound();
+    const n = ctx.req.query.version ? positiveInt(ctx.req.query.version, 'version') : meta.current_version;
+    const vm = meta.versions[String(n)];
+    if (!vm) throw new NotFound();
+    const metadata = versionResponse(meta, n, vm);
+    if (vm.deletion_time || vm.destroyed) return { status: 404, data: { subkeys: null, metadata } };
+    const depth = ctx.req.query.depth ? nonNegInt(ctx.req.query.depth, 'depth') : 0;
+    const data = (await this.barrier.get<Record<string, unknown>>(this.versionPath(base, key, n))) ?? {};
+    return { data: { subkeys: subkeysOf(data, depth, 1), metadata } };
+  }
+
+  private now(): string {
+    return this.clock.now().toISOString();
+  }
+}
+
+function versionResponse(meta: KeyMetadata, n: number, vm: VersionMeta) {
+  return {
+    created_time: vm.created_time,
+    custom_metadata: meta.custom_metadata,
+    deletion_time: vm.deletion_time,
+    destroyed: vm.destroyed,
+    version: n,
+  };
+}
+
+function subkeysOf(v: Record<string, unknown>, maxDepth: number, depth: number): Record<string, unknown> {
+  const out: Record<string, unknown> = {};
+  for (const [k, child] of Object.entries(v)) {
+    out[k] = isObject(child) && (maxDepth === 0 || depth < maxDepth) ? subkeysOf(child, maxDepth, depth + 1) : null;
+  }
+  return out;
+}
+
+/** RFC 7386 JSON merge patch. */
+export function mergePatch(target: unknown, patch: unknown): unknown {
+  if (!isObject(patch)) return patch;
+  const out: Record<string, unknown> = isObject(target) ? { ...target } : {};
+  for (const [k, v] of Object.entries(patch)) {
+    if (v === null) delete out[k];
+    else out[k] = mergePatch(out[k], v);
+  }
+  return out;
+}
+
+function isObject(v: unknown): v is Record<string, unknown> {
+  return typeof v === 'object' && v !== null && !Array.isArray(v);
+}
+
+function requireKey(key: string): string {
+  if (!key || key.endsWith('/')) throw new UnsupportedPath('missing or invalid key');
+  return key;
+}
+
+function nonNegInt(v: unknown, name: string): number {
+  const n = typeof v === 'string' && v.trim() !== '' ? Number(v) : v;
+  if (typeof n !== 'number' || !Number.isInteger(n) || n < 0) throw new InvalidRequest(`${name} must be a non-negative integer`);
+  return n;
+}
+
+function positiveInt(v: unknown, name: string): number {
+  const n = nonNegInt(v, name);
+  if (n === 0) throw new InvalidRequest(`${name} must be a positive integer`);
+  return n;
+}
+
+function bool(v: unknown, name: string): boolean {
+  if (typeof v === 'boolean') return v;
+  if (v === 'true' || v === '1' || v === 1) return true;
+  if (v === 'false' || v === '0' || v === 0) return false;
+  throw new InvalidRequest(`${name} must be a boolean`);
+}

@@ -1,0 +1,82 @@
+/**
+ * What core needs from storage, as small interfaces (core imports no database code).
+ * src/storage/pg-store.ts implements them on Postgres.
+ */
+
+/** A transaction on replicated storage. Values are already barrier-encrypted. */
+export interface StoreTx {
+  get(path: string): Promise<Buffer | null>;
+  list(prefix: string): Promise<string[]>;
+  /** Writes the entry and its WAL row together; returns the WAL row's insertion number. */
+  put(path: string, value: Buffer): Promise<number>;
+  delete(path: string): Promise<number | null>;
+  /** Serialises read-modify-write of one logical key for the rest of the transaction. */
+  lock(key: string): Promise<void>;
+  /** Local (never replicated) storage, in the same transaction. */
+  getLocal(path: string): Promise<Buffer | null>;
+  putLocal(path: string, value: Buffer): Promise<void>;
+  deleteLocal(path: string): Promise<void>;
+  listLocal(prefix: string): Promise<string[]>;
+}
+
+export interface SealRecord {
+  sealType: 'shamir' | 'static';
+  secretShares: number;
+  secretThreshold: number;
+  wrappedRootKey: Buffer | null;
+  sealKeyId: string | null;
+  keyring: Buffer;
+  clusterId: string;
+  clusterName: string;
+}
+
+export interface Store {
+  get(path: string): Promise<Buffer | null>;
+  list(prefix: string): Promise<string[]>;
+  getLocal(path: string): Promise<Buffer | null>;
+  listLocal(prefix: string): Promise<string[]>;
+  transaction<T>(fn: (tx: StoreTx) => Promise<T>): Promise<T>;
+
+  readSeal(): Promise<SealRecord | null>;
+  /** Inserts the seal record; false if the cluster was initialised meanwhile. */
+  createSeal(rec: SealRecord): Promise<boolean>;
+  updateKeyring(blob: Buffer): Promise<void>;
+
+  tokens: TokenRepo;
+}
+
+export interface TokenRecord {
+  hmac: Buffer;
+  accessor: string;
+  parentHmac: Buffer | null;
+  policies: string[];
+  tokenType: 'service' | 'batch';
+  displayName: string;
+  path: string;
+  meta: Record<string, string>;
+  orphan: boolean;
+  renewable: boolean;
+  numUses: number;
+  ttlSeconds: number;
+  explicitMaxTtlSeconds: number;
+  periodSeconds: number;
+  role: string | null;
+  entityId: string;
+  createdAt: Date;
+  expiresAt: Date | null;
+}
+
+export interface TokenRepo {
+  insert(rec: TokenRecord): Promise<void>;
+  byHmac(hmac: Buffer): Promise<TokenRecord | null>;
+  byAccessor(accessor: string): Promise<TokenRecord | null>;
+  children(hmac: Buffer): Promise<TokenRecord[]>;
+  /** Returns false if the token was already gone. */
+  delete(hmac: Buffer): Promise<boolean>;
+  /** Decrements num_uses; returns the remaining count, or null if the token is gone. */
+  use(hmac: Buffer): Promise<number | null>;
+  update(hmac: Buffer, patch: Partial<Pick<TokenRecord, 'expiresAt' | 'ttlSeconds'>>): Promise<void>;
+  expired(now: Date, limit: number): Promise<Buffer[]>;
+  accessors(): Promise<string[]>;
+  orphanChildren(hmac: Buffer): Promise<void>;
+}

@@ -1,0 +1,159 @@
+/**
+ * The logical part of the system backend (`sys/...` paths answered with the standard
+ * envelope). The raw endpoints (init, seal, unseal, health, leader) are served by http/.
+ */
+import type { Core } from './core';
+import { InvalidRequest, NotFound, UnsupportedOperation, UnsupportedPath } from './errors';
+import { normalizeMountPath, PROTECTED_MOUNTS, type MountEntry } from './mounts';
+import type { LogicalResponse, RequestContext } from './request';
+
+const SUPPORTED_ENGINES = new Set(['kv']);
+
+export class SysBackend {
+  constructor(private readonly core: Core) {}
+
+  async handle(ctx: RequestContext): Promise<LogicalResponse> {
+    const p = ctx.subpath.replace(/\/$/, '');
+    const op = ctx.req.operation;
+    if (p === 'mounts' && op === 'read') return { data: this.mountMap('secret') };
+    if (p.startsWith('mounts/')) return this.mount(ctx, p.slice('mounts/'.length));
+    if (p === 'rotate' && (op === 'update' || op === 'create')) return this.rotate();
+    if (p === 'key-status' && op === 'read') return this.keyStatus();
+    if (p.startsWith('internal/ui/mounts')) return this.uiMount(p.slice('internal/ui/mounts'.length).replace(/^\//, ''));
+    throw new UnsupportedPath(`unsupported path: sys/${p}`);
+  }
+
+  private mountMap(table: 'secret' | 'auth'): Record<string, unknown> {
+    const out: Record<string, unknown> = {};
+    for (const m of this.core.mounts.list(table)) out[m.path] = describe(m);
+    return out;
+  }
+
+  private async mount(ctx: RequestContext, rest: string): Promise<LogicalResponse> {
+    const op = ctx.req.operation;
+    const tune = rest.endsWith('/tune');
+    const path = normalizeMountPath(tune ? rest.slice(0, -'/tune'.length) : rest);
+    const existing = this.core.mounts.get('secret', path);
+    if (tune) {
+      if (!existing) throw new InvalidRequest(`cannot fetch sysview for path "${path}"`);
+      if (op === 'read') return { data: { ...tuneView(existing) } };
+      return this.tuneMount(existing, ctx.req.data);
+    }
+    switch (op) {
+      case 'read':
+        if (!existing) throw new NotFound();
+        return { data: describe(existing) };
+      case 'create':
+      case 'update':
+        return this.enable(path, ctx.req.data);
+      case 'delete':
+        return this.disable(path, existing);
+      default:
+        throw new UnsupportedOperation();
+    }
+  }
+
+  private async enable(path: string, d: Record<string, unknown>): Promise<LogicalResponse> {
+    const type = String(d.type ?? '');
+    if (!type) throw new InvalidRequest('missing mount type');
+    if (PROTECTED_MOUNTS.has(path)) throw new InvalidRequest(`cannot mount at protected path "${path}"`);
+    let engine = type;
+    const options: Record<string, string> = {};
+    if (type === 'kv-v2') {
+      engine = 'kv';
+      options.version = '2';
+    }
+    if (!SUPPORTED_ENGINES.has(engine)) throw new InvalidRequest(`plugin not found in the catalog: ${type}`);
+    const opts = (d.options ?? {}) as Record<string, unknown>;
+    if (typeof opts !== 'object' || Array.isArray(opts)) throw new InvalidRequest('options must be a map');
+    for (const [k, v] of Object.entries(opts)) options[k] = String(v);
+    if (engine === 'kv') {
+      options.version = options.version ?? '1';
+      if (!['1', '2'].includes(options.version)) throw new InvalidRequest('kv version must be "1" or "2"');
+    }
+    const cfg = (d.config ?? {}) as Record<string, unknown>;
+    const { lastSeq } = await this.core.barrier.transaction((tx) =>
+      this.core.mounts.add(tx, {
+        path,
+        type: engine,
+        description: String(d.description ?? ''),
+        config: { default_lease_ttl: Number(cfg.default_lease_ttl ?? 0) || 0, max_lease_ttl: Number(cfg.max_lease_ttl ?? 0) || 0, force_no_cache: Boolean(cfg.force_no_cache) },
+        options,
+        local: d.local === true || d.local === 'true',
+        seal_wrap: Boolean(d.seal_wrap),
+        external_entropy_access: false,
+        table: 'secret',
+      }),
+    );
+    await this.core.reloadMounts();
+    return { status: 204, walSeq: lastSeq };
+  }
+
+  private async disable(path: string, existing: MountEntry | undefined): Promise<LogicalResponse> {
+    if (PROTECTED_MOUNTS.has(path)) throw new InvalidRequest(`cannot unmount "${path}"`);
+    if (!existing) return { status: 204 };
+    const { lastSeq } = await this.core.barrier.transaction((tx) => this.core.mounts.remove(tx, existing));
+    await this.core.reloadMounts();
+    return { status: 204, walSeq: lastSeq };
+  }
+
+  private async tuneMount(m: MountEntry, d: Record<string, unknown>): Promise<LogicalResponse> {
+    const next: MountEntry = { ...m, config: { ...m.config }, options: { ...m.options } };
+    if (d.description !== undefined) next.description = String(d.description);
+    if (d.default_lease_ttl !== undefined) next.config.default_lease_ttl = Number(d.default_lease_ttl) || 0;
+    if (d.max_lease_ttl !== undefined) next.config.max_lease_ttl = Number(d.max_lease_ttl) || 0;
+    if (d.options && typeof d.options === 'object') {
+      for (const [k, v] of Object.entries(d.options as Record<string, unknown>)) next.options[k] = String(v);
+      if (m.type === 'kv' && m.options.version === '2' && next.options.version === '1') {
+        throw new InvalidRequest('cannot downgrade a versioned K/V mount');
+      }
+    }
+    const { lastSeq } = await this.core.barrier.transaction((tx) => this.core.mounts.update(tx, next));
+    await this.core.reloadMounts();
+    return { status: 204, walSeq: lastSeq };
+  }
+
+  private async rotate(): Promise<LogicalResponse> {
+    await this.core.rotate();
+    return { status: 204 };
+  }
+
+  private keyStatus(): LogicalResponse {
+    const k = this.core.barrier.currentKeyring.active;
+    return { data: { term: k.term, install_time: k.installedAt, encryptions: 0 } };
+  }
+
+  /** The CLI's KV preflight: which mount serves a path, and its type/options. */
+  private uiMount(path: string): LogicalResponse {
+    const route = this.core.mounts.route(path.endsWith('/') || !path ? path : path + '/') ?? this.core.mounts.route(path);
+    if (!route || route.mount.table !== 'secret') throw new InvalidRequest(`preflight capability check returned 403, please ensure client's policies grant access to path "${path}/"`);
+    return { data: { ...describe(route.mount), path: route.prefix } };
+  }
+}
+
+function describe(m: MountEntry): Record<string, unknown> {
+  return {
+    accessor: m.accessor,
+    config: { default_lease_ttl: m.config.default_lease_ttl, max_lease_ttl: m.config.max_lease_ttl, force_no_cache: m.config.force_no_cache },
+    description: m.description,
+    external_entropy_access: m.external_entropy_access,
+    local: m.local,
+    options: Object.keys(m.options).length ? m.options : null,
+    plugin_version: '',
+    running_plugin_version: '',
+    running_sha256: '',
+    seal_wrap: m.seal_wrap,
+    type: m.type,
+    uuid: m.uuid,
+  };
+}
+
+function tuneView(m: MountEntry): Record<string, unknown> {
+  return {
+    default_lease_ttl: m.config.default_lease_ttl || 2764800,
+    max_lease_ttl: m.config.max_lease_ttl || 2764800,
+    force_no_cache: m.config.force_no_cache,
+    description: m.description,
+    options: Object.keys(m.options).length ? m.options : null,
+  };
+}

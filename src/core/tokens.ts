@@ -1,0 +1,108 @@
+/**
+ * The token store. Tokens are local to a cluster (invariant 5) and stored only as a salted
+ * HMAC: a database dump yields no usable token. The HMAC key lives in barrier-encrypted local
+ * storage, so it is only available while unsealed.
+ */
+import { createHmac, randomBytes } from 'node:crypto';
+import type { Clock } from './clock';
+import type { TokenRecord, TokenRepo } from './ports';
+
+export const TOKEN_HMAC_KEY_PATH = 'core/token-hmac-key';
+
+const ALPHABET = 'ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789';
+
+export function randomId(length: number): string {
+  const bytes = randomBytes(length * 2);
+  let out = '';
+  for (let i = 0; out.length < length && i < bytes.length; i++) {
+    // Reject bytes that would bias the distribution (248 = 4 * 62).
+    if (bytes[i] < 248) out += ALPHABET[bytes[i] % 62];
+  }
+  return out.length === length ? out : out + randomId(length - out.length);
+}
+
+export interface CreateTokenParams {
+  policies: string[];
+  parent?: TokenRecord | null;
+  ttlSeconds?: number;
+  explicitMaxTtlSeconds?: number;
+  periodSeconds?: number;
+  numUses?: number;
+  orphan?: boolean;
+  renewable?: boolean;
+  displayName?: string;
+  path?: string;
+  meta?: Record<string, string>;
+  type?: 'service' | 'batch';
+  role?: string | null;
+  /** A caller-chosen id (`-dev-root-token-id`, `id` on create with root). */
+  id?: string;
+}
+
+export class TokenStore {
+  private hmacKey: Buffer | null = null;
+
+  constructor(
+    readonly repo: TokenRepo,
+    private readonly clock: Clock,
+  ) {}
+
+  setKey(key: Buffer | null): void {
+    this.hmacKey = key;
+  }
+
+  digest(token: string): Buffer {
+    if (!this.hmacKey) throw new Error('token store is sealed');
+    return createHmac('sha256', this.hmacKey).update(token).digest();
+  }
+
+  async create(p: CreateTokenParams): Promise<{ token: string; record: TokenRecord }> {
+    const type = p.type ?? 'service';
+    const token = p.id ?? `${type === 'batch' ? 'hvb' : 'hvs'}.${randomId(24)}`;
+    const now = this.clock.now();
+    const ttl = p.periodSeconds || p.ttlSeconds || 0;
+    const record: TokenRecord = {
+      hmac: this.digest(token),
+      accessor: randomId(24),
+      parentHmac: p.orphan ? null : (p.parent?.hmac ?? null),
+      policies: [...new Set(p.policies)].sort(),
+      tokenType: type,
+      displayName: p.displayName ?? 'token',
+      path: p.path ?? 'auth/token/create',
+      meta: p.meta ?? {},
+      orphan: p.orphan ?? !p.parent,
+      renewable: p.renewable ?? ttl > 0,
+      numUses: p.numUses ?? 0,
+      ttlSeconds: ttl,
+      explicitMaxTtlSeconds: p.explicitMaxTtlSeconds ?? 0,
+      periodSeconds: p.periodSeconds ?? 0,
+      role: p.role ?? null,
+      entityId: '',
+      createdAt: now,
+      expiresAt: ttl > 0 ? new Date(now.getTime() + ttl * 1000) : null,
+    };
+    await this.repo.insert(record);
+    return { token, record };
+  }
+
+  /** The live record of `token`, or null if unknown or expired. */
+  async lookup(token: string): Promise<TokenRecord | null> {
+    if (!token || token.length > 512) return null;
+    const rec = await this.repo.byHmac(this.digest(token));
+    if (!rec) return null;
+    if (rec.expiresAt && rec.expiresAt.getTime() <= this.clock.now().getTime()) return null;
+    return rec;
+  }
+
+  /** Revokes a token and, unless it is an orphan-revoke, its descendants. */
+  async revoke(hmac: Buffer, opts: { orphanChildren?: boolean } = {}): Promise<void> {
+    if (opts.orphanChildren) {
+      await this.repo.orphanChildren(hmac);
+    } else {
+      // Depth-first so a crash mid-way leaves no child whose parent is already gone unnoticed:
+      // children go first, the parent last.
+      for (const child of await this.repo.children(hmac)) await this.revoke(child.hmac);
+    }
+    await this.repo.delete(hmac);
+  }
+}

@@ -1,0 +1,287 @@
+/**
+ * The Express app: Vault's HTTP conventions over core. Routes are thin adapters: parse, call
+ * core, render the envelope. Errors become statuses in exactly one place (errors.ts).
+ */
+import { randomUUID } from 'node:crypto';
+import express, { type NextFunction, type Request, type Response } from 'express';
+import type { Logger } from 'pino';
+import type { Core } from '../core/core';
+import { InvalidRequest, PayloadTooLarge, PermissionDenied, Sealed, UnsupportedOperation } from '../core/errors';
+import type { LogicalRequest, LogicalResponse, Operation } from '../core/request';
+import { toHttpError } from './errors';
+import { canonicalPath } from './paths';
+
+export interface NodeStatus {
+  isActive(): boolean;
+  leader(): Promise<{ haEnabled: boolean; isSelf: boolean; activeTime: string; leaderAddress: string; leaderClusterAddress: string }>;
+  stepDown(): Promise<void>;
+}
+
+export interface AppOptions {
+  core: Core;
+  node: NodeStatus;
+  log: Logger;
+  maxRequestSizeBytes: number;
+  version: string;
+}
+
+const TRUE = new Set(['1', 't', 'T', 'TRUE', 'true', 'True']);
+
+export function createApp(o: AppOptions): express.Express {
+  const app = express();
+  app.disable('x-powered-by');
+  app.set('query parser', 'simple');
+  app.set('etag', false);
+
+  app.use((req, res, next) => {
+    const started = process.hrtime.bigint();
+    res.setHeader('Cache-Control', 'no-store');
+    res.on('finish', () => {
+      // Paths and statuses only: never bodies, tokens or query values (invariant 8).
+      o.log.debug({ method: req.method, path: req.path, status: res.statusCode, ms: Number(process.hrtime.bigint() - started) / 1e6 }, 'request');
+    });
+    next();
+  });
+
+  app.use(express.json({ limit: o.maxRequestSizeBytes, type: () => true, strict: false }));
+
+  app.use((req, res, next) => {
+    if (!req.path.startsWith('/v1/')) return sendError(res, 404, ['Missing /v1/ prefix in path. Use /v1/ prefix on path.']);
+    next();
+  });
+
+  const raw = rawSys(o);
+  app.all('/v1/sys/{*rest}', (req, res, next) => {
+    const name = req.path.slice('/v1/sys/'.length).replace(/\/$/, '');
+    const h = raw[name];
+    if (!h) return next();
+    h(req, res).catch((err) => sendCaught(res, err, o.log));
+  });
+
+  app.all('/v1/{*rest}', (req, res) => {
+    logical(o, req, res).catch((err) => sendCaught(res, err, o.log));
+  });
+
+  // Body-parser failures arrive here: malformed JSON is the caller's error, as is size.
+  app.use((err: unknown, _req: Request, res: Response, _next: NextFunction) => {
+    const e = err as { type?: string; status?: number; message?: string };
+    if (e?.type === 'entity.too.large') return sendError(res, 413, [new PayloadTooLarge().message]);
+    if (e?.type === 'entity.parse.failed') return sendError(res, 400, [`failed to parse JSON input: ${e.message}`]);
+    if (e?.status && e.status >= 400 && e.status < 500) return sendError(res, e.status, [e.message ?? 'bad request']);
+    sendCaught(res, err, o.log);
+  });
+  return app;
+}
+
+function sendError(res: Response, status: number, errors: string[]): void {
+  if (res.headersSent) return;
+  res.status(status).json({ errors });
+}
+
+function sendCaught(res: Response, err: unknown, log: Logger): void {
+  const e = toHttpError(err);
+  if (e.status >= 500) log.error({ err: redactError(err) }, 'request failed');
+  sendError(res, e.status, e.errors);
+}
+
+/** Error details for logs: message, code and stack, nothing from the request. */
+function redactError(err: unknown) {
+  const e = err as { message?: string; code?: string; stack?: string };
+  return { message: e?.message, code: e?.code, stack: e?.stack };
+}
+
+function tokenOf(req: Request): string | null {
+  const h = req.header('x-vault-token');
+  if (h) return h;
+  const auth = req.header('authorization');
+  if (auth && auth.startsWith('Bearer ')) return auth.slice(7).trim();
+  return null;
+}
+
+function operationOf(req: Request): Operation {
+  const q = req.query as Record<string, string | undefined>;
+  switch (req.method) {
+    case 'GET':
+      return q.list !== undefined && TRUE.has(String(q.list)) ? 'list' : 'read';
+    case 'POST':
+    case 'PUT':
+      return 'update';
+    case 'DELETE':
+      return 'delete';
+    case 'PATCH':
+      return 'patch';
+    default:
+      throw new UnsupportedOperation();
+  }
+}
+
+function bodyOf(req: Request): Record<string, unknown> {
+  const b = req.body as unknown;
+  if (b === undefined || b === null || (typeof b === 'object' && Object.keys(b as object).length === 0 && !Array.isArray(b))) return {};
+  if (typeof b !== 'object' || Array.isArray(b)) throw new InvalidRequest('failed to parse JSON input: request body must be a JSON object');
+  return b as Record<string, unknown>;
+}
+
+async function logical(o: AppOptions, req: Request, res: Response): Promise<void> {
+  const operation = operationOf(req);
+  let path = canonicalPath(req.path.slice('/v1/'.length));
+  if (operation === 'list' && path && !path.endsWith('/')) path += '/';
+  const lreq: LogicalRequest = {
+    operation,
+    path,
+    data: operation === 'read' || operation === 'list' ? {} : bodyOf(req),
+    query: Object.fromEntries(Object.entries(req.query as Record<string, unknown>).map(([k, v]) => [k, String(v)])),
+    token: tokenOf(req),
+    headers: { 'content-type': req.header('content-type') },
+    remoteAddr: req.socket.remoteAddress,
+  };
+  const out = await o.core.handle(lreq);
+  render(res, lreq, out);
+}
+
+function render(res: Response, req: LogicalRequest, out: LogicalResponse): void {
+  if (out.walSeq) res.setHeader('X-Vault-Index', String(out.walSeq));
+  const hasBody = out.data != null || out.auth != null || (out.warnings?.length ?? 0) > 0;
+  if (!hasBody && (out.status === 204 || out.status === undefined)) {
+    res.status(204).end();
+    return;
+  }
+  const envelope: Record<string, unknown> = {
+    request_id: randomUUID(),
+    lease_id: out.leaseId ?? '',
+    renewable: out.renewable ?? false,
+    lease_duration: out.leaseDuration ?? 0,
+    data: out.data ?? null,
+    wrap_info: null,
+    warnings: out.warnings?.length ? out.warnings : null,
+    auth: out.auth ?? null,
+    mount_type: '',
+  };
+  // Vault copies sys/ data keys to the top level; node-vault users read e.g. `.policies` there.
+  if (req.path.startsWith('sys/') && out.data) {
+    for (const [k, v] of Object.entries(out.data)) if (!(k in envelope)) envelope[k] = v;
+  }
+  res.status(out.status && out.status !== 204 ? out.status : 200).json(envelope);
+}
+
+type RawHandler = (req: Request, res: Response) => Promise<void>;
+
+/** The raw (non-envelope) sys endpoints Vault serves from its HTTP layer. */
+function rawSys(o: AppOptions): Record<string, RawHandler> {
+  const { core } = o;
+  const only = (req: Request, ...methods: string[]) => {
+    if (!methods.includes(req.method)) throw new UnsupportedOperation();
+  };
+  return {
+    init: async (req, res) => {
+      only(req, 'GET', 'PUT', 'POST');
+      if (req.method === 'GET') {
+        res.json({ initialized: (await core.sealStatus()).initialized });
+        return;
+      }
+      const b = bodyOf(req);
+      const recovery = b.recovery_shares !== undefined;
+      const shares = Number(recovery ? b.recovery_shares : b.secret_shares);
+      const threshold = Number(recovery ? b.recovery_threshold : b.secret_threshold);
+      if (b.pgp_keys || b.root_token_pgp_key) throw new InvalidRequest('PGP-encrypted keys are not supported by Coffer');
+      const r = await core.initialize(shares, threshold);
+      const hex = r.keys.map((k) => k.toString('hex'));
+      const b64 = r.keys.map((k) => k.toString('base64'));
+      res.json(r.recovery ? { keys: [], keys_base64: [], recovery_keys: hex, recovery_keys_base64: b64, root_token: r.rootToken } : { keys: hex, keys_base64: b64, root_token: r.rootToken });
+    },
+    'seal-status': async (req, res) => {
+      only(req, 'GET');
+      res.json(await core.sealStatus());
+    },
+    unseal: async (req, res) => {
+      only(req, 'PUT', 'POST');
+      const b = bodyOf(req);
+      if (b.reset === true || b.reset === 'true') {
+        core.sealState.reset();
+      } else {
+        if (typeof b.key !== 'string' || !b.key) throw new InvalidRequest("'key' must be specified in request body as JSON, or 'reset' set to true");
+        await core.unseal(decodeKey(b.key));
+      }
+      res.json(await core.sealStatus());
+    },
+    seal: async (req, res) => {
+      only(req, 'PUT', 'POST');
+      const token = await core.authenticate(tokenOf(req));
+      const acl = await core.aclFor(token);
+      if (!acl.allows('sys/seal', 'update', true)) throw new PermissionDenied();
+      core.sealLocal();
+      res.status(204).end();
+    },
+    'step-down': async (req, res) => {
+      only(req, 'PUT', 'POST');
+      const token = await core.authenticate(tokenOf(req));
+      const acl = await core.aclFor(token);
+      if (!acl.allows('sys/step-down', 'update', true)) throw new PermissionDenied();
+      await o.node.stepDown();
+      res.status(204).end();
+    },
+    health: async (req, res) => {
+      only(req, 'GET', 'HEAD');
+      const { status, body } = await health(o, req.query as Record<string, string>);
+      if (req.method === 'HEAD') {
+        res.status(status).end();
+        return;
+      }
+      res.status(status).json(body);
+    },
+    leader: async (req, res) => {
+      only(req, 'GET');
+      if (core.sealed) throw new Sealed();
+      const l = await o.node.leader();
+      res.json({
+        ha_enabled: l.haEnabled,
+        is_self: l.isSelf,
+        active_time: l.activeTime,
+        leader_address: l.leaderAddress,
+        leader_cluster_address: l.leaderClusterAddress,
+        performance_standby: false,
+        performance_standby_last_remote_wal: 0,
+      });
+    },
+  };
+}
+
+function decodeKey(k: string): Buffer {
+  if (/^[0-9a-fA-F]+$/.test(k) && k.length % 2 === 0) return Buffer.from(k, 'hex');
+  const b = Buffer.from(k, 'base64');
+  if (b.length === 0) throw new InvalidRequest('unseal key is not hex or base64');
+  return b;
+}
+
+/** sys/health, evaluated in Vault's order: uninitialised → sealed → standby → active. */
+async function health(o: AppOptions, q: Record<string, string>) {
+  const st = await o.core.sealStatus();
+  const code = (name: string, dflt: number) => {
+    const v = q[name];
+    const n = v === undefined ? NaN : Number(v);
+    return Number.isInteger(n) && n >= 100 && n <= 999 ? n : dflt;
+  };
+  const active = o.node.isActive();
+  const standby = !st.sealed && !active;
+  let status: number;
+  if (!st.initialized) status = code('uninitcode', 501);
+  else if (st.sealed) status = code('sealedcode', 503);
+  else if (standby && !TRUE.has(q.standbyok ?? '')) status = code('standbycode', 429);
+  else status = code('activecode', 200);
+  const body = {
+    initialized: st.initialized,
+    sealed: st.sealed,
+    standby,
+    performance_standby: false,
+    replication_performance_mode: 'disabled',
+    replication_dr_mode: 'disabled',
+    server_time_utc: Math.floor(Date.now() / 1000),
+    version: o.version,
+    enterprise: false,
+    cluster_name: st.cluster_name ?? '',
+    cluster_id: st.cluster_id ?? '',
+    echo_duration_ms: 0,
+    clock_skew_ms: 0,
+  };
+  return { status, body };
+}

@@ -1,0 +1,144 @@
+/**
+ * The composition root: the one place that wires concrete parts together into a running
+ * server process.
+ */
+import { randomUUID } from 'node:crypto';
+import { readFileSync } from 'node:fs';
+import pino, { type Logger } from 'pino';
+import type { CofferConfig, ListenerConfig } from './cli/config';
+import { systemClock } from './core/clock';
+import { Core } from './core/core';
+import { createApp } from './http/app';
+import { listen, type RunningListener } from './http/list-method';
+import { ActiveNode } from './replication/active-node';
+import { openEmbedded, openPostgres, type Database } from './storage/db';
+import { migrateToLatest } from './storage/migrate';
+import { pgStore } from './storage/pg-store';
+import { VERSION } from './version';
+
+export interface DevOptions {
+  rootTokenId?: string;
+}
+
+export interface RunningServer {
+  core: Core;
+  node: ActiveNode;
+  database: Database;
+  listeners: RunningListener[];
+  apiAddr: string;
+  log: Logger;
+  rootToken?: string;
+  unsealKey?: string;
+  stop(): Promise<void>;
+}
+
+export function createLogger(config: Pick<CofferConfig, 'logLevel' | 'logFormat'>): Logger {
+  return pino({
+    level: config.logLevel,
+    base: { pid: process.pid },
+    // Belt and braces for invariant 8: even if a token or body slipped into a log call, these
+    // fields are censored.
+    redact: { paths: ['token', '*.token', 'body', '*.body', 'headers', '*.headers', 'value', '*.value', 'data', '*.data'], censor: '[redacted]' },
+  }, pino.destination(2));
+}
+
+function splitAddress(address: string): { host: string; port: number } {
+  const i = address.lastIndexOf(':');
+  const host = address.slice(0, i).replace(/^\[|\]$/g, '') || '127.0.0.1';
+  return { host, port: Number(address.slice(i + 1)) };
+}
+
+export async function startServer(config: CofferConfig, dev?: DevOptions): Promise<RunningServer> {
+  const log = createLogger(config);
+  const database = config.storage.type === 'embedded' ? await openEmbedded() : openPostgres(config.storage.connectionUrl, config.storage.maxConnections);
+  try {
+    const applied = await migrateToLatest(database.db);
+    if (applied.length) log.info({ applied }, 'applied migrations');
+
+    const core = new Core({
+      store: pgStore(database.db),
+      clock: systemClock,
+      staticSeal: config.seal
+        ? { keyId: config.seal.currentKeyId, key: config.seal.currentKey, previous: config.seal.previousKey ? { keyId: config.seal.previousKeyId ?? '', key: config.seal.previousKey } : undefined }
+        : undefined,
+      clusterName: config.clusterName,
+      version: VERSION,
+    });
+
+    const first = config.listeners[0];
+    const listenAddr = splitAddress(first.address);
+    const scheme = first.tlsDisable ? 'http' : 'https';
+    const nodeId = randomUUID();
+    const listeners: RunningListener[] = [];
+    // The api_addr is only known once the first listener has its port (port 0 in tests).
+    let apiAddr = config.apiAddr ?? '';
+
+    // Late-bound: the node needs the api_addr, which is known once the first listener has its
+    // port (port 0 in tests); the app needs the node for sys/health.
+    let node: ActiveNode | null = null;
+    const app = createApp({
+      core,
+      node: { isActive: () => node?.isActive() ?? false, leader: () => node!.leader(), stepDown: () => node!.stepDown() },
+      log,
+      maxRequestSizeBytes: first.maxRequestSizeBytes,
+      version: VERSION,
+    });
+    for (const l of config.listeners) listeners.push(await startListener(app, l));
+    if (!apiAddr) apiAddr = `${scheme}://${listeners[0].address.host}:${listeners[0].address.port}`;
+    node = new ActiveNode({
+      db: database.db,
+      connectionString: database.connectionString,
+      nodeId,
+      apiAddr,
+      clusterAddr: config.clusterAddr ?? '',
+      log,
+      singleProcess: database.embedded,
+    });
+    await node!.start();
+
+    const result: RunningServer = {
+      core,
+      node: node!,
+      database,
+      listeners,
+      apiAddr,
+      log,
+      async stop() {
+        clearInterval(autoUnsealTimer);
+        await Promise.all(listeners.map((l) => l.close()));
+        await node!.stop();
+        await database.close();
+      },
+    };
+
+    if (dev) {
+      const init = await core.initialize(1, 1, { rootTokenId: dev.rootTokenId });
+      await core.unseal(init.keys[0]);
+      await core.handle({ operation: 'update', path: 'sys/mounts/secret', data: { type: 'kv', options: { version: '2' }, description: 'key/value secret storage' }, query: {}, token: init.rootToken, headers: {} });
+      result.rootToken = init.rootToken;
+      result.unsealKey = init.keys[0].toString('base64');
+    }
+    // Static seal: unseal at boot, and keep trying while the cluster is not initialised yet
+    // (another process may run sys/init).
+    const autoUnsealTimer = setInterval(() => {
+      if (core.sealed && config.seal) core.autoUnseal().catch((err) => log.warn({ err: err.message }, 'auto-unseal failed'));
+    }, 1000);
+    autoUnsealTimer.unref();
+    if (config.seal) await core.autoUnseal().catch((err) => log.warn({ err: err.message }, 'auto-unseal failed'));
+    log.info({ apiAddr, node: nodeId, storage: config.storage.type }, 'coffer server started');
+    return result;
+  } catch (err) {
+    await database.close().catch(() => undefined);
+    throw err;
+  }
+}
+
+async function startListener(app: ReturnType<typeof createApp>, l: ListenerConfig): Promise<RunningListener> {
+  const { host, port } = splitAddress(l.address);
+  return listen(app, {
+    host,
+    port,
+    requestTimeoutMs: l.requestTimeoutMs,
+    tls: l.tlsDisable ? undefined : { cert: readFileSync(l.tlsCertFile!), key: readFileSync(l.tlsKeyFile!) },
+  });
+}

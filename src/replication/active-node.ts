@@ -1,0 +1,146 @@
+/**
+ * This process's role inside its cluster. Every server serves reads and writes (they share
+ * Postgres); the one holding the active lease also runs the singleton duties — today the WAL
+ * sequencer — and advertises itself in coffer_nodes for `sys/leader`.
+ *
+ *   standby ──lease taken──▶ active ──lease lost / step-down──▶ standby
+ */
+import { sql, type Kysely } from 'kysely';
+import type { Logger } from 'pino';
+import { ActiveLease } from '../storage/active-lease';
+import type { DB } from '../storage/schema';
+import { sequenceWal } from '../storage/wal';
+
+export interface ActiveNodeOptions {
+  db: Kysely<DB>;
+  connectionString: string;
+  nodeId: string;
+  apiAddr: string;
+  clusterAddr: string;
+  log: Logger;
+  /** Embedded dev database: one process, always active, no lease. */
+  singleProcess: boolean;
+  leasePollMs?: number;
+}
+
+export class ActiveNode {
+  private lease: ActiveLease | null = null;
+  private active = false;
+  private activeSince: Date | null = null;
+  private loop: Promise<void> | null = null;
+  private stopping = false;
+  private wake: (() => void) | null = null;
+  /** Last dense WAL position handed out by this node's sequencer. */
+  headLsn = 0;
+
+  constructor(private readonly o: ActiveNodeOptions) {}
+
+  isActive(): boolean {
+    return this.active;
+  }
+
+  async start(): Promise<void> {
+    await this.o.db
+      .insertInto('coffer_nodes')
+      .values({ node_id: this.o.nodeId, api_addr: this.o.apiAddr, cluster_addr: this.o.clusterAddr })
+      .onConflict((oc) => oc.column('node_id').doUpdateSet({ api_addr: this.o.apiAddr, cluster_addr: this.o.clusterAddr, last_seen: new Date() }))
+      .execute();
+    if (this.o.singleProcess) {
+      this.becomeActive();
+      return;
+    }
+    this.lease = new ActiveLease(
+      this.o.connectionString,
+      { onActive: () => this.becomeActive(), onLost: (why) => this.becomeStandby(why) },
+      this.o.leasePollMs ?? 1000,
+    );
+    this.lease.start();
+  }
+
+  private becomeActive(): void {
+    this.active = true;
+    this.activeSince = new Date();
+    this.o.log.info({ node: this.o.nodeId }, 'became the active node');
+    void this.o.db
+      .transaction()
+      .execute(async (tx) => {
+        await tx.updateTable('coffer_nodes').set({ is_active: false }).where('node_id', '<>', this.o.nodeId).execute();
+        await tx.updateTable('coffer_nodes').set({ is_active: true, active_since: this.activeSince, last_seen: new Date() }).where('node_id', '=', this.o.nodeId).execute();
+      })
+      .catch((err) => this.o.log.warn({ err: err.message }, 'could not record active node'));
+    this.loop = this.runDuties();
+  }
+
+  private becomeStandby(why: string): void {
+    if (!this.active) return;
+    this.active = false;
+    this.o.log.warn({ node: this.o.nodeId, why }, 'lost the active lease; now standby');
+    this.wake?.();
+  }
+
+  /** Asks the sequencer to run now (a local write just committed). */
+  poke(): void {
+    this.wake?.();
+  }
+
+  private async runDuties(): Promise<void> {
+    let idleMs = 1;
+    while (this.active && !this.stopping) {
+      let assigned = 0;
+      try {
+        const r = await sequenceWal(this.o.db);
+        assigned = r.assigned;
+        this.headLsn = r.headLsn;
+      } catch (err) {
+        this.o.log.warn({ err: (err as Error).message }, 'WAL sequencing failed; retrying');
+        idleMs = 500;
+      }
+      if (assigned > 0) {
+        idleMs = 1;
+        continue;
+      }
+      await new Promise<void>((resolve) => {
+        const t = setTimeout(resolve, idleMs);
+        this.wake = () => {
+          clearTimeout(t);
+          resolve();
+        };
+      });
+      this.wake = null;
+      idleMs = Math.min(idleMs * 2, 20);
+    }
+  }
+
+  async leader() {
+    const row = await this.o.db
+      .selectFrom('coffer_nodes')
+      .select(['node_id', 'api_addr', 'cluster_addr', 'active_since'])
+      .where('is_active', '=', true)
+      .executeTakeFirst();
+    return {
+      haEnabled: !this.o.singleProcess,
+      isSelf: this.active,
+      activeTime: (this.active ? this.activeSince : row?.active_since)?.toISOString() ?? '0001-01-01T00:00:00Z',
+      leaderAddress: this.active ? this.o.apiAddr : (row?.api_addr ?? ''),
+      leaderClusterAddress: this.active ? this.o.clusterAddr : (row?.cluster_addr ?? ''),
+    };
+  }
+
+  /** Gives up the lease; another process takes it (or this one again after a poll). */
+  async stepDown(): Promise<void> {
+    if (!this.lease || !this.active) return;
+    const lease = this.lease;
+    await lease.stop();
+    await this.loop;
+    if (!this.stopping) setTimeout(() => lease.start(), 2000);
+  }
+
+  async stop(): Promise<void> {
+    this.stopping = true;
+    this.wake?.();
+    await this.lease?.stop();
+    this.active = false;
+    await this.loop;
+    await sql`UPDATE coffer_nodes SET is_active = false WHERE node_id = ${this.o.nodeId}`.execute(this.o.db).catch(() => undefined);
+  }
+}

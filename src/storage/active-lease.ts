@@ -1,0 +1,90 @@
+/**
+ * The cluster's active lease: a session-level Postgres advisory lock held on a dedicated
+ * connection. Whoever holds it runs the singleton duties (WAL ordering, later merkle flush and
+ * shipping coordination). When the holder dies its connection closes and Postgres releases the
+ * lock at once; a standby polling with pg_try_advisory_lock takes it within one poll interval.
+ *
+ * States: standby → active (lock taken) → standby (connection lost or released).
+ */
+import pg from 'pg';
+
+const ACTIVE_LOCK = 0x636f666665726163n; // "cofferac"
+
+export interface ActiveLeaseEvents {
+  onActive(): void;
+  onLost(reason: string): void;
+}
+
+export class ActiveLease {
+  private client: pg.Client | null = null;
+  private timer: NodeJS.Timeout | null = null;
+  private stopped = false;
+  private held = false;
+
+  constructor(
+    private readonly connectionString: string,
+    private readonly events: ActiveLeaseEvents,
+    private readonly pollMs = 1000,
+  ) {}
+
+  get isActive(): boolean {
+    return this.held;
+  }
+
+  start(): void {
+    this.stopped = false;
+    void this.tick();
+  }
+
+  private schedule(): void {
+    if (!this.stopped) this.timer = setTimeout(() => void this.tick(), this.pollMs);
+  }
+
+  private async tick(): Promise<void> {
+    try {
+      if (!this.client) await this.connect();
+      if (this.held) {
+        // Liveness check: a dead connection means the lock is gone too.
+        await this.client!.query('SELECT 1');
+      } else {
+        const r = await this.client!.query('SELECT pg_try_advisory_lock($1) AS ok', [ACTIVE_LOCK.toString()]);
+        if (r.rows[0].ok && !this.stopped) {
+          this.held = true;
+          this.events.onActive();
+        }
+      }
+    } catch (err) {
+      this.drop(`active lease connection failed: ${(err as Error).message}`);
+    }
+    this.schedule();
+  }
+
+  private async connect(): Promise<void> {
+    const client = new pg.Client({ connectionString: this.connectionString, application_name: 'coffer-active-lease' });
+    client.on('error', (err) => this.drop(`active lease connection error: ${err.message}`));
+    await client.connect();
+    this.client = client;
+  }
+
+  private drop(reason: string): void {
+    const c = this.client;
+    this.client = null;
+    c?.end().catch(() => undefined);
+    if (this.held) {
+      this.held = false;
+      this.events.onLost(reason);
+    }
+  }
+
+  /** Gives up the lease (step-down, shutdown). */
+  async stop(): Promise<void> {
+    this.stopped = true;
+    if (this.timer) clearTimeout(this.timer);
+    const wasHeld = this.held;
+    this.held = false;
+    const c = this.client;
+    this.client = null;
+    if (c) await c.end().catch(() => undefined);
+    if (wasHeld) this.events.onLost('stopped');
+  }
+}

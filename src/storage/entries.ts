@@ -1,0 +1,98 @@
+/**
+ * Replicated storage: encrypted entries and their WAL rows.
+ *
+ * Invariant 1 (atomic WAL) is structural here: every mutation and its WAL row are ONE SQL
+ * statement (a data-modifying CTE), so neither can commit without the other, whatever
+ * transaction the caller runs it in. The hot-path statements are kept together so they can be
+ * reviewed as text.
+ */
+import { createHash } from 'node:crypto';
+import { sql, type Kysely, type Transaction } from 'kysely';
+import type { DB } from './schema';
+
+export interface WrittenRow {
+  /** The WAL row's insertion number (not yet its dense LSN; the sequencer assigns that). */
+  seq: number;
+  keyVersion: number;
+}
+
+const PUT_WITH_WAL = (path: string, value: Buffer, hash: Buffer) => sql<{ seq: number; key_version: number }>`
+  WITH e AS (
+    INSERT INTO coffer_entries AS cur (path, version, value, value_hash, updated_at)
+    VALUES (${path}, 1, ${value}, ${hash}, clock_timestamp())
+    ON CONFLICT (path) DO UPDATE
+       SET version = cur.version + 1, value = EXCLUDED.value,
+           value_hash = EXCLUDED.value_hash, updated_at = EXCLUDED.updated_at
+    RETURNING path, version, value_hash, octet_length(value) AS size
+  )
+  INSERT INTO coffer_wal (path, op, key_version, value_hash, value_size)
+  SELECT path, 'put', version, value_hash, size FROM e
+  RETURNING seq, key_version`;
+
+const DELETE_WITH_WAL = (path: string) => sql<{ seq: number; key_version: number }>`
+  WITH e AS (
+    UPDATE coffer_entries
+       SET version = version + 1, value = NULL, value_hash = NULL, updated_at = clock_timestamp()
+     WHERE path = ${path} AND value IS NOT NULL
+    RETURNING path, version
+  )
+  INSERT INTO coffer_wal (path, op, key_version)
+  SELECT path, 'delete', version FROM e
+  RETURNING seq, key_version`;
+
+/** SHA-256 of the stored (encrypted) bytes: what the WAL and the merkle index see. */
+export function valueHash(value: Buffer): Buffer {
+  return createHash('sha256').update(value).digest();
+}
+
+export async function putEntry(tx: Transaction<DB>, path: string, value: Buffer): Promise<WrittenRow> {
+  const { rows } = await PUT_WITH_WAL(path, value, valueHash(value)).execute(tx);
+  return { seq: rows[0].seq, keyVersion: rows[0].key_version };
+}
+
+/** Deletes `path` if it holds a value; returns null (and writes no WAL row) if it did not. */
+export async function deleteEntry(tx: Transaction<DB>, path: string): Promise<WrittenRow | null> {
+  const { rows } = await DELETE_WITH_WAL(path).execute(tx);
+  return rows.length ? { seq: rows[0].seq, keyVersion: rows[0].key_version } : null;
+}
+
+export async function getEntry(db: Kysely<DB>, path: string): Promise<Buffer | null> {
+  const row = await db
+    .selectFrom('coffer_entries')
+    .select('value')
+    .where('path', '=', path)
+    .executeTakeFirst();
+  return row?.value ?? null;
+}
+
+/** Upper bound for a prefix range scan under COLLATE "C" (U+10FFFF sorts after any path byte). */
+export function prefixEnd(prefix: string): string {
+  return prefix + '\u{10FFFF}';
+}
+
+/**
+ * Vault LIST semantics: the immediate children of `prefix`, folders with a trailing `/`,
+ * sorted. `prefix` is '' or ends with '/'.
+ */
+export async function listChildren(
+  db: Kysely<DB> | Transaction<DB>,
+  table: 'coffer_entries' | 'coffer_local_entries',
+  prefix: string,
+): Promise<string[]> {
+  const rows = await db
+    .selectFrom(table)
+    .select('path')
+    .where('path', '>=', prefix)
+    .where('path', '<', prefixEnd(prefix))
+    .$if(table === 'coffer_entries', (q) => q.where(sql<boolean>`value IS NOT NULL`))
+    .orderBy('path')
+    .execute();
+  const out: string[] = [];
+  for (const { path } of rows) {
+    const rest = path.slice(prefix.length);
+    const slash = rest.indexOf('/');
+    const child = slash === -1 ? rest : rest.slice(0, slash + 1);
+    if (child && out[out.length - 1] !== child) out.push(child);
+  }
+  return out;
+}

@@ -1,0 +1,174 @@
+/** Store (src/core/ports.ts) on Postgres through kysely. */
+import { sql, type Kysely, type Transaction } from 'kysely';
+import type { SealRecord, Store, StoreTx, TokenRecord, TokenRepo } from '../core/ports';
+import { deleteEntry, getEntry, listChildren, putEntry } from './entries';
+import { deleteLocal, getLocal, putLocal } from './local';
+import type { DB } from './schema';
+
+function txStore(tx: Transaction<DB>): StoreTx {
+  return {
+    get: async (path) => {
+      const row = await tx.selectFrom('coffer_entries').select('value').where('path', '=', path).executeTakeFirst();
+      return row?.value ?? null;
+    },
+    list: (prefix) => listChildren(tx, 'coffer_entries', prefix),
+    put: async (path, value) => (await putEntry(tx, path, value)).seq,
+    delete: async (path) => (await deleteEntry(tx, path))?.seq ?? null,
+    lock: async (key) => {
+      await sql`SELECT pg_advisory_xact_lock(hashtextextended(${key}, 0))`.execute(tx);
+    },
+    getLocal: (path) => getLocal(tx, path),
+    putLocal: (path, value) => putLocal(tx, path, value),
+    deleteLocal: (path) => deleteLocal(tx, path),
+    listLocal: (prefix) => listChildren(tx, 'coffer_local_entries', prefix),
+  };
+}
+
+
+function toToken(r: any): TokenRecord {
+  return {
+    hmac: r.token_hmac,
+    accessor: r.accessor,
+    parentHmac: r.parent_hmac,
+    policies: r.policies,
+    tokenType: r.token_type,
+    displayName: r.display_name,
+    path: r.path,
+    meta: r.meta ?? {},
+    orphan: r.orphan,
+    renewable: r.renewable,
+    numUses: r.num_uses,
+    ttlSeconds: Number(r.ttl_seconds),
+    explicitMaxTtlSeconds: Number(r.explicit_max_ttl_seconds),
+    periodSeconds: Number(r.period_seconds),
+    role: r.role,
+    entityId: r.entity_id,
+    createdAt: r.created_at,
+    expiresAt: r.expires_at,
+  };
+}
+
+function tokenRepo(db: Kysely<DB>): TokenRepo {
+  const t = () => db.selectFrom('coffer_tokens').selectAll();
+  return {
+    async insert(rec) {
+      await db
+        .insertInto('coffer_tokens')
+        .values({
+          token_hmac: rec.hmac,
+          accessor: rec.accessor,
+          parent_hmac: rec.parentHmac,
+          policies: rec.policies,
+          token_type: rec.tokenType,
+          display_name: rec.displayName,
+          path: rec.path,
+          meta: JSON.stringify(rec.meta),
+          orphan: rec.orphan,
+          renewable: rec.renewable,
+          num_uses: rec.numUses,
+          ttl_seconds: rec.ttlSeconds,
+          explicit_max_ttl_seconds: rec.explicitMaxTtlSeconds,
+          period_seconds: rec.periodSeconds,
+          role: rec.role,
+          entity_id: rec.entityId,
+          created_at: rec.createdAt,
+          expires_at: rec.expiresAt,
+        })
+        .execute();
+    },
+    byHmac: async (h) => {
+      const r = await t().where('token_hmac', '=', h).executeTakeFirst();
+      return r ? toToken(r) : null;
+    },
+    byAccessor: async (a) => {
+      const r = await t().where('accessor', '=', a).executeTakeFirst();
+      return r ? toToken(r) : null;
+    },
+    children: async (h) => (await t().where('parent_hmac', '=', h).execute()).map(toToken),
+    delete: async (h) => {
+      const r = await db.deleteFrom('coffer_tokens').where('token_hmac', '=', h).executeTakeFirst();
+      return Number(r.numDeletedRows) > 0;
+    },
+    use: async (h) => {
+      const r = await db
+        .updateTable('coffer_tokens')
+        .set({ num_uses: sql`num_uses - 1` })
+        .where('token_hmac', '=', h)
+        .where('num_uses', '>', 0)
+        .returning('num_uses')
+        .executeTakeFirst();
+      return r ? r.num_uses : null;
+    },
+    update: async (h, patch) => {
+      await db
+        .updateTable('coffer_tokens')
+        .set({
+          ...(patch.expiresAt !== undefined ? { expires_at: patch.expiresAt } : {}),
+          ...(patch.ttlSeconds !== undefined ? { ttl_seconds: patch.ttlSeconds } : {}),
+        })
+        .where('token_hmac', '=', h)
+        .execute();
+    },
+    expired: async (now, limit) =>
+      (
+        await db
+          .selectFrom('coffer_tokens')
+          .select('token_hmac')
+          .where('expires_at', '<=', now)
+          .orderBy('expires_at')
+          .limit(limit)
+          .execute()
+      ).map((r) => r.token_hmac),
+    accessors: async () => (await db.selectFrom('coffer_tokens').select('accessor').orderBy('accessor').execute()).map((r) => r.accessor),
+    orphanChildren: async (h) => {
+      await db.updateTable('coffer_tokens').set({ parent_hmac: null, orphan: true }).where('parent_hmac', '=', h).execute();
+    },
+  };
+}
+
+export function pgStore(db: Kysely<DB>): Store {
+  return {
+    get: (path) => getEntry(db, path),
+    list: (prefix) => listChildren(db, 'coffer_entries', prefix),
+    getLocal: (path) => getLocal(db, path),
+    listLocal: (prefix) => listChildren(db, 'coffer_local_entries', prefix),
+    transaction: (fn) => db.transaction().execute((tx) => fn(txStore(tx))),
+
+    async readSeal() {
+      const r = await db.selectFrom('coffer_seal').selectAll().where('id', '=', 1).executeTakeFirst();
+      if (!r) return null;
+      return {
+        sealType: r.seal_type as SealRecord['sealType'],
+        secretShares: r.secret_shares,
+        secretThreshold: r.secret_threshold,
+        wrappedRootKey: r.wrapped_root_key,
+        sealKeyId: r.seal_key_id,
+        keyring: r.keyring,
+        clusterId: r.cluster_id,
+        clusterName: r.cluster_name,
+      };
+    },
+    async createSeal(rec) {
+      const r = await db
+        .insertInto('coffer_seal')
+        .values({
+          id: 1,
+          seal_type: rec.sealType,
+          secret_shares: rec.secretShares,
+          secret_threshold: rec.secretThreshold,
+          wrapped_root_key: rec.wrappedRootKey,
+          seal_key_id: rec.sealKeyId,
+          keyring: rec.keyring,
+          cluster_id: rec.clusterId,
+          cluster_name: rec.clusterName,
+        })
+        .onConflict((oc) => oc.column('id').doNothing())
+        .executeTakeFirst();
+      return Number(r.numInsertedOrUpdatedRows ?? 0) > 0;
+    },
+    async updateKeyring(blob) {
+      await db.updateTable('coffer_seal').set({ keyring: blob }).where('id', '=', 1).execute();
+    },
+    tokens: tokenRepo(db),
+  };
+}

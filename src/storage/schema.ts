@@ -1,0 +1,91 @@
+/** Table types for kysely. Keep in step with db/migrations. */
+import type { ColumnType, Generated } from 'kysely';
+
+type Timestamp = ColumnType<Date, Date | string | undefined, Date | string>;
+// int8 is parsed to a JS number (src/storage/db.ts).
+type Int8 = ColumnType<number, number | bigint | string, number | bigint | string>;
+
+export interface EntriesTable {
+  path: string;
+  version: Int8;
+  value: Buffer | null;
+  value_hash: Buffer | null;
+  updated_at: Timestamp;
+}
+
+export interface WalTable {
+  seq: ColumnType<number, never, never>;
+  xid: Generated<string>;
+  lsn: Int8 | null;
+  path: string;
+  op: 'put' | 'delete';
+  key_version: Int8;
+  value_hash: Buffer | null;
+  value_size: number;
+  written_at: Timestamp;
+  ordered_at: Timestamp | null;
+}
+
+export interface WalHeadTable {
+  id: number;
+  last_lsn: Int8;
+}
+
+export interface LocalEntriesTable {
+  path: string;
+  value: Buffer;
+  updated_at: Timestamp;
+}
+
+export interface SealTable {
+  id: number;
+  seal_type: string;
+  secret_shares: number;
+  secret_threshold: number;
+  wrapped_root_key: Buffer | null;
+  seal_key_id: string | null;
+  keyring: Buffer;
+  cluster_id: string;
+  cluster_name: string;
+  initialized_at: Timestamp;
+}
+
+export interface TokensTable {
+  token_hmac: Buffer;
+  accessor: string;
+  parent_hmac: Buffer | null;
+  policies: string[];
+  token_type: string;
+  display_name: string;
+  path: string;
+  meta: ColumnType<Record<string, string>, string, string>;
+  orphan: boolean;
+  renewable: boolean;
+  num_uses: number;
+  ttl_seconds: Int8;
+  explicit_max_ttl_seconds: Int8;
+  period_seconds: Int8;
+  role: string | null;
+  entity_id: string;
+  created_at: Timestamp;
+  expires_at: Date | null;
+}
+
+export interface NodesTable {
+  node_id: string;
+  api_addr: string;
+  cluster_addr: string;
+  is_active: ColumnType<boolean, boolean | undefined, boolean>;
+  active_since: ColumnType<Date | null, Date | null | undefined, Date | null>;
+  last_seen: Timestamp;
+}
+
+export interface DB {
+  coffer_entries: EntriesTable;
+  coffer_wal: WalTable;
+  coffer_wal_head: WalHeadTable;
+  coffer_local_entries: LocalEntriesTable;
+  coffer_seal: SealTable;
+  coffer_tokens: TokensTable;
+  coffer_nodes: NodesTable;
+}

@@ -1,0 +1,131 @@
+/**
+ * WAL ordering and reading.
+ *
+ * Writers insert WAL rows with a plain sequence number and their transaction id, without any
+ * lock between them. The sequencer (run only by the active node, and serialised by an advisory
+ * lock so an overlapping takeover cannot interleave) turns them into dense, commit-ordered
+ * positions (DESIGN.md invariant 2):
+ *
+ *  - A row is eligible only when its xid is below the snapshot's xmin horizon: every transaction
+ *    that could still commit an older row has finished, so nothing can later appear "behind" a
+ *    position that was handed out. A slow transaction delays ordering; it is never skipped.
+ *  - The horizon can release version v+1 of a key before version v (T2 took its xid first, then
+ *    waited on T1's row lock). Versions are bumped under the row lock, so per key they ARE the
+ *    commit order: a row is held back while an older version of its key is still unordered, and
+ *    within a batch a key's rows take the key's slots in version order.
+ *
+ * The horizon is Postgres-server-wide: a long transaction in ANY database of the same server
+ * delays ordering here. `coffer_wal_status.oldest_unordered_at` shows it.
+ */
+import { sql, type Kysely } from 'kysely';
+import type { DB } from './schema';
+
+/** Advisory-lock key of the sequencer ("coffer-wal" as ASCII, fits in int8). */
+const SEQUENCER_LOCK = 0x636f666665727761n;
+
+export interface SequenceResult {
+  assigned: number;
+  headLsn: number;
+}
+
+interface Candidate {
+  seq: number;
+  path: string;
+  key_version: number;
+}
+
+/** Pure: the order in which an eligible batch takes its positions. Exported for unit tests. */
+export function orderBatch(batch: Candidate[], olderOutside: Map<string, number>): Candidate[] {
+  const eligible = batch.filter((r) => {
+    const blocker = olderOutside.get(r.path);
+    return blocker === undefined || r.key_version < blocker;
+  });
+  // Keep the (xid, seq) slots, but give each key's slots to its rows in version order.
+  const byPath = new Map<string, Candidate[]>();
+  for (const r of eligible) {
+    const list = byPath.get(r.path) ?? [];
+    list.push(r);
+    byPath.set(r.path, list);
+  }
+  for (const list of byPath.values()) list.sort((a, b) => a.key_version - b.key_version);
+  const taken = new Map<string, number>();
+  return eligible.map((r) => {
+    const i = taken.get(r.path) ?? 0;
+    taken.set(r.path, i + 1);
+    return byPath.get(r.path)![i];
+  });
+}
+
+export async function sequenceWal(db: Kysely<DB>, maxRows = 5000): Promise<SequenceResult> {
+  return db.transaction().execute(async (tx) => {
+    await sql`SELECT pg_advisory_xact_lock(${SEQUENCER_LOCK})`.execute(tx);
+    const head = await tx.selectFrom('coffer_wal_head').select('last_lsn').where('id', '=', 1).executeTakeFirstOrThrow();
+    const headLsn = Number(head.last_lsn);
+    // Statements in READ COMMITTED take a fresh snapshot each: this one runs after the lock.
+    const { rows: batch } = await sql<Candidate>`
+      SELECT seq, path, key_version FROM coffer_wal
+       WHERE lsn IS NULL AND xid < pg_snapshot_xmin(pg_current_snapshot())
+       ORDER BY xid, seq
+       LIMIT ${maxRows}`.execute(tx);
+    if (batch.length === 0) return { assigned: 0, headLsn };
+
+    const paths = [...new Set(batch.map((r) => r.path))];
+    const seqs = batch.map((r) => r.seq);
+    const { rows: older } = await sql<{ path: string; min_version: number }>`
+      SELECT path, min(key_version) AS min_version FROM coffer_wal
+       WHERE lsn IS NULL AND path = ANY(${paths}::text[]) AND seq <> ALL(${seqs}::bigint[])
+       GROUP BY path`.execute(tx);
+    const ordered = orderBatch(batch, new Map(older.map((o) => [o.path, Number(o.min_version)])));
+    if (ordered.length === 0) return { assigned: 0, headLsn };
+
+    const lsns = ordered.map((_, i) => headLsn + 1 + i);
+    await sql`
+      UPDATE coffer_wal w SET lsn = v.lsn, ordered_at = clock_timestamp()
+        FROM unnest(${ordered.map((r) => r.seq)}::bigint[], ${lsns}::bigint[]) AS v(seq, lsn)
+       WHERE w.seq = v.seq`.execute(tx);
+    const newHead = headLsn + ordered.length;
+    await tx.updateTable('coffer_wal_head').set({ last_lsn: newHead }).where('id', '=', 1).execute();
+    return { assigned: ordered.length, headLsn: newHead };
+  });
+}
+
+export interface WalRecord {
+  lsn: number;
+  path: string;
+  op: 'put' | 'delete';
+  keyVersion: number;
+  valueHash: Buffer | null;
+  valueSize: number;
+  writtenAt: Date;
+}
+
+/** Ordered WAL after `afterLsn`: dense, so a reader can resume from its last position. */
+export async function readWal(db: Kysely<DB>, afterLsn: number, limit: number): Promise<WalRecord[]> {
+  const rows = await db
+    .selectFrom('coffer_wal')
+    .select(['lsn', 'path', 'op', 'key_version', 'value_hash', 'value_size', 'written_at'])
+    .where('lsn', '>', afterLsn)
+    .orderBy('lsn')
+    .limit(limit)
+    .execute();
+  return rows.map((r) => ({
+    lsn: Number(r.lsn),
+    path: r.path,
+    op: r.op,
+    keyVersion: Number(r.key_version),
+    valueHash: r.value_hash,
+    valueSize: r.value_size,
+    writtenAt: r.written_at,
+  }));
+}
+
+export async function walHead(db: Kysely<DB>): Promise<number> {
+  const head = await db.selectFrom('coffer_wal_head').select('last_lsn').where('id', '=', 1).executeTakeFirstOrThrow();
+  return Number(head.last_lsn);
+}
+
+/** Has the WAL row with insertion number `seq` been given a position yet? Returns it if so. */
+export async function lsnOfSeq(db: Kysely<DB>, seq: number): Promise<number | null> {
+  const row = await db.selectFrom('coffer_wal').select('lsn').where('seq', '=', seq).executeTakeFirst();
+  return row?.lsn == null ? null : Number(row.lsn);
+}
