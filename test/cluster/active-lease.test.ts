@@ -1,0 +1,56 @@
+/**
+ * Several server processes on one database: each serves reads and writes, one is active.
+ * Killing the active one (kill -9) hands the lease to a standby within seconds.
+ */
+import { createTestDatabase, type TestDatabase } from '../helpers/pg';
+import { initAndUnseal, mountKv2, startCoffer, stopAllCoffers, type CofferProcess } from '../helpers/coffer-process';
+import { vault } from '../helpers/http';
+import { waitFor } from '../helpers/wait';
+
+let db: TestDatabase;
+afterAll(async () => {
+  await stopAllCoffers();
+  await db?.drop();
+});
+
+async function healthCode(p: CofferProcess): Promise<number> {
+  return (await fetch(`${p.addr}/v1/sys/health`, { method: 'HEAD' })).status;
+}
+
+test('kill -9 of the active process: a standby takes over and sys/health says so', async () => {
+  db = await createTestDatabase('lease');
+  const a = await startCoffer({ dbUrl: db.url });
+  const b = await startCoffer({ dbUrl: db.url });
+  const { rootToken } = await initAndUnseal([a, b]);
+  await mountKv2(a.addr, rootToken);
+
+  const active = await waitFor('one active node', async () => {
+    const codes = await Promise.all([a, b].map(healthCode));
+    return codes.includes(200) && codes.includes(429) ? (codes[0] === 200 ? a : b) : null;
+  });
+  const standby = active === a ? b : a;
+
+  // Both serve writes and reads.
+  for (const [i, p] of [a, b].entries()) {
+    const w = await vault(p.addr, 'POST', `secret/data/k${i}`, { token: rootToken, body: { data: { i } } });
+    expect(w.status).toBe(200);
+  }
+  const leader = await vault(standby.addr, 'GET', 'sys/leader');
+  expect(leader.body).toMatchObject({ ha_enabled: true, is_self: false, leader_address: active.addr });
+  const standbyHealth = await vault(standby.addr, 'GET', 'sys/health?standbyok=true');
+  expect(standbyHealth.status).toBe(200);
+  expect(standbyHealth.body.standby).toBe(true);
+
+  await active.kill('SIGKILL');
+  await waitFor('standby to become active', async () => (await healthCode(standby)) === 200, { timeoutMs: 15_000 });
+  const h = await vault(standby.addr, 'GET', 'sys/health');
+  expect(h.body).toMatchObject({ standby: false, sealed: false, initialized: true });
+  const l = await vault(standby.addr, 'GET', 'sys/leader');
+  expect(l.body).toMatchObject({ is_self: true, leader_address: standby.addr });
+
+  // The new active node orders WAL: a write after takeover gets a dense position.
+  const w = await vault(standby.addr, 'POST', 'secret/data/after', { token: rootToken, body: { data: { x: 1 } } });
+  expect(w.status).toBe(200);
+  const r = await vault(standby.addr, 'GET', 'secret/data/k0', { token: rootToken });
+  expect(r.body.data.data).toEqual({ i: 0 });
+});

@@ -1,0 +1,115 @@
+/**
+ * Real `coffer server` processes for cluster and fault tests. Every process started here is
+ * registered and killed by `stopAllCoffers()` (call it in afterAll) and at exit.
+ */
+import { spawn, type ChildProcess } from 'node:child_process';
+import { mkdtempSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { vault } from './http';
+import { waitFor } from './wait';
+
+const ROOT = join(__dirname, '..', '..');
+const BIN = join(ROOT, 'bin', 'coffer.js');
+
+export interface CofferProcess {
+  proc: ChildProcess;
+  addr: string;
+  pid: number;
+  /** stdout + stderr so far. */
+  output(): string;
+  kill(signal?: NodeJS.Signals): Promise<number | null>;
+  exited: Promise<number | null>;
+}
+
+const running = new Set<CofferProcess>();
+
+export interface StartOptions {
+  dbUrl: string;
+  /** Extra HCL appended to the generated config. */
+  extraHcl?: string;
+  logLevel?: string;
+  env?: Record<string, string>;
+  /** Static seal key (hex), for unattended unseal. */
+  staticSealKeyHex?: string;
+  clusterName?: string;
+}
+
+export function writeConfig(o: StartOptions): string {
+  const dir = mkdtempSync(join(tmpdir(), 'coffer-test-'));
+  const file = join(dir, 'server.hcl');
+  const seal = o.staticSealKeyHex ? `seal "static" {\n  current_key_id = "test-key-1"\n  current_key = "${o.staticSealKeyHex}"\n}\n` : '';
+  writeFileSync(
+    file,
+    `storage "postgresql" {\n  connection_url = "${o.dbUrl}"\n}\n` +
+      `listener "tcp" {\n  address = "127.0.0.1:0"\n  tls_disable = true\n}\n` +
+      (o.clusterName ? `cluster_name = "${o.clusterName}"\n` : '') +
+      `log_level = "${o.logLevel ?? 'info'}"\n` +
+      seal +
+      (o.extraHcl ?? ''),
+  );
+  return file;
+}
+
+export async function startCoffer(o: StartOptions): Promise<CofferProcess> {
+  const config = writeConfig(o);
+  const proc = spawn(process.execPath, [BIN, 'server', `-config=${config}`], {
+    env: { ...process.env, ...(o.env ?? {}) },
+    stdio: ['ignore', 'pipe', 'pipe'],
+  });
+  let out = '';
+  proc.stdout!.on('data', (d) => (out += d.toString()));
+  proc.stderr!.on('data', (d) => (out += d.toString()));
+  const exited = new Promise<number | null>((resolve) => proc.on('exit', (code, sig) => resolve(code ?? (sig ? -1 : null))));
+  const cp: CofferProcess = {
+    proc,
+    addr: '',
+    pid: proc.pid!,
+    output: () => out,
+    exited,
+    async kill(signal = 'SIGKILL') {
+      if (proc.exitCode === null && proc.signalCode === null) proc.kill(signal);
+      const code = await exited;
+      running.delete(cp);
+      return code;
+    },
+  };
+  running.add(cp);
+  const addr = await Promise.race([
+    waitFor('coffer server to start', () => /started on (https?:\/\/[\d.:]+)/.exec(out)?.[1], { timeoutMs: 30_000, intervalMs: 25 }),
+    exited.then((code) => {
+      throw new Error(`coffer server exited with ${code} before starting:\n${out}`);
+    }),
+  ]);
+  cp.addr = addr;
+  return cp;
+}
+
+export async function stopAllCoffers(): Promise<void> {
+  await Promise.all([...running].map((p) => p.kill('SIGKILL')));
+}
+
+process.on('exit', () => {
+  for (const p of running) p.proc.kill('SIGKILL');
+});
+
+/** Initialises the cluster through the API (1 share) and unseals `procs` with it. */
+export async function initAndUnseal(procs: CofferProcess[], shares = 1, threshold = 1) {
+  const init = await vault(procs[0].addr, 'PUT', 'sys/init', { body: { secret_shares: shares, secret_threshold: threshold } });
+  if (init.status !== 200) throw new Error(`init failed: ${init.status} ${JSON.stringify(init.body)}`);
+  const keys: string[] = init.body.keys;
+  for (const p of procs) await unseal(p, keys.slice(0, threshold));
+  return { rootToken: init.body.root_token as string, keys };
+}
+
+export async function unseal(p: CofferProcess, keys: string[]): Promise<void> {
+  for (const key of keys) {
+    const r = await vault(p.addr, 'PUT', 'sys/unseal', { body: { key } });
+    if (r.status !== 200) throw new Error(`unseal failed: ${r.status} ${JSON.stringify(r.body)}`);
+  }
+}
+
+export async function mountKv2(addr: string, token: string, path = 'secret'): Promise<void> {
+  const r = await vault(addr, 'POST', `sys/mounts/${path}`, { token, body: { type: 'kv', options: { version: '2' } } });
+  if (r.status !== 204) throw new Error(`mount failed: ${r.status} ${JSON.stringify(r.body)}`);
+}
