@@ -9,6 +9,7 @@ import { InvalidRequest, NotInitialized, PermissionDenied, Sealed, UnsupportedPa
 import { openKeyring, sealKeyring, type Keyring } from './keyring';
 import { KvEngine } from './kv';
 import { MountTable, type MountEntry } from './mounts';
+import type { RouteTable } from './framework';
 import { Acl, requiresSudo, type Capability, type Policy } from './policy';
 import type { Store, TokenRecord } from './ports';
 import type { LogicalRequest, LogicalResponse, RequestContext } from './request';
@@ -41,9 +42,6 @@ export interface SealStatus {
   cluster_name?: string;
   cluster_id?: string;
 }
-
-/** Unauthenticated logical paths (Vault's list, those we serve). */
-const UNAUTHENTICATED = [/^sys\/internal\/ui\/mounts(\/.*)?$/, /^sys\/wrapping\/lookup$/, /^sys\/internal\/specs\/openapi$/];
 
 export const DEFAULT_POLICY: Policy = {
   name: 'default',
@@ -207,28 +205,42 @@ export class Core {
 
   async handle(req: LogicalRequest): Promise<LogicalResponse> {
     if (this.sealed) throw new Sealed();
-    const unauthenticated = UNAUTHENTICATED.some((r) => r.test(req.path));
-    const token = unauthenticated ? null : await this.authenticate(req.token);
     let route = this.mounts.route(req.path);
     if (!route || Date.now() - this.mountsLoadedAt > 5000) {
       // Another process may have mounted something: the table is re-read on a miss and every 5 s.
       await this.reloadMounts();
       route = this.mounts.route(req.path);
     }
-    if (!unauthenticated) await this.authorize(token!, req);
-    if (!route) throw new UnsupportedPath(`no handler for route "${req.path}". route entry not found.`);
+    const table = route ? this.routesFor(route.mount) : null;
+    const matched = table?.match(route!.subpath) ?? null;
+    const token = matched?.def.unauthenticated ? null : await this.authenticate(req.token);
+    if (!route || !table || !matched) {
+      // Vault checks the token before saying a route does not exist, so an anonymous caller
+      // learns nothing about mounts.
+      throw new UnsupportedPath(`no handler for route "${req.path}". route entry not found.`);
+    }
     const ctx: RequestContext = { req, token, subpath: route.subpath };
-    return this.dispatch(ctx, route.mount);
+    if (token) {
+      let op = req.operation;
+      if (op === 'update' && matched.def.exists) {
+        op = (await matched.def.exists({ ...ctx, params: matched.params, fields: {} })) ? 'update' : 'create';
+        req = { ...req, operation: op };
+        ctx.req = req;
+      }
+      await this.authorize(token, req, Boolean(matched.def.sudo));
+    }
+    return table.dispatch(ctx);
   }
 
-  private async dispatch(ctx: RequestContext, mount: MountEntry): Promise<LogicalResponse> {
+  /** The route table serving a mount. */
+  routesFor(mount: MountEntry): RouteTable | null {
     switch (mount.type) {
       case 'system':
-        return this.sys.handle(ctx);
+        return this.sys.table;
       case 'kv':
-        return this.kv.handle(ctx, mount);
+        return this.kv.routes(mount);
       default:
-        throw new UnsupportedPath(`no handler for route "${ctx.req.path}"`);
+        return null;
     }
   }
 
@@ -252,11 +264,11 @@ export class Core {
     return new Acl(policies);
   }
 
-  private async authorize(token: TokenRecord, req: LogicalRequest): Promise<void> {
+  private async authorize(token: TokenRecord, req: LogicalRequest, sudo: boolean): Promise<void> {
     const acl = await this.aclFor(token);
     if (acl.root) return;
     const cap: Capability = req.operation;
-    if (!acl.allows(req.path, cap, requiresSudo(req.path, req.operation))) throw new PermissionDenied();
+    if (!acl.allows(req.path, cap, sudo || requiresSudo(req.path, req.operation))) throw new PermissionDenied();
   }
 
   assertInput(cond: boolean, msg: string): void {

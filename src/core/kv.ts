@@ -16,6 +16,7 @@ import { CasMismatch, InvalidRequest, NotFound, UnsupportedMediaType, Unsupporte
 import type { MountEntry } from './mounts';
 import { mountStoragePrefix } from './mounts';
 import type { LogicalResponse, RequestContext } from './request';
+import { RouteTable, type RouteContext, type RouteDef } from './framework';
 
 interface VersionMeta {
   created_time: string;
@@ -50,76 +51,133 @@ export function isKvV2(m: MountEntry): boolean {
 }
 
 export class KvEngine {
+  private readonly tables = new Map<string, RouteTable>();
+
   constructor(
     private readonly barrier: Barrier,
     private readonly clock: Clock,
   ) {}
 
-  async handle(ctx: RequestContext, mount: MountEntry): Promise<LogicalResponse> {
-    const base = mountStoragePrefix(mount);
-    return isKvV2(mount) ? this.v2(ctx, base) : this.v1(ctx, base);
+  /** The route table of one KV mount (v1 or v2), cached per mount. */
+  routes(mount: MountEntry): RouteTable {
+    const key = `${mount.uuid}:${isKvV2(mount) ? 2 : 1}`;
+    let t = this.tables.get(key);
+    if (!t) {
+      t = new RouteTable(isKvV2(mount) ? this.v2Routes(mountStoragePrefix(mount)) : this.v1Routes(mountStoragePrefix(mount)));
+      this.tables.set(key, t);
+    }
+    return t;
   }
 
   // ---------------------------------------------------------------- v1
 
-  private async v1(ctx: RequestContext, base: string): Promise<LogicalResponse> {
-    const { req, subpath } = ctx;
-    const path = base + 'data/' + subpath;
-    switch (req.operation) {
-      case 'read': {
-        if (!subpath) throw new UnsupportedOperation();
-        const data = await this.barrier.get<Record<string, unknown>>(path);
-        if (!data) throw new NotFound();
-        return { data };
-      }
-      case 'list': {
-        const keys = await this.barrier.list(path);
-        if (keys.length === 0) throw new NotFound();
-        return { data: { keys } };
-      }
-      case 'create':
-      case 'update': {
-        if (!subpath || subpath.endsWith('/')) throw new InvalidRequest('missing key');
-        if (Object.keys(req.data).length === 0) throw new InvalidRequest('no data provided');
-        const { lastSeq } = await this.barrier.transaction((tx) => tx.put(path, req.data));
-        return { status: 204, walSeq: lastSeq };
-      }
-      case 'delete': {
-        const { lastSeq } = await this.barrier.transaction((tx) => tx.delete(path));
-        return { status: 204, walSeq: lastSeq };
-      }
-      default:
-        throw new UnsupportedOperation();
-    }
+  private v1Routes(base: string): RouteDef[] {
+    const at = (ctx: RouteContext) => base + 'data/' + ctx.params.path;
+    return [
+      {
+        pattern: ':path*',
+        summary: 'Pass-through secret storage (KV version 1).',
+        exists: async (ctx) => (await this.barrier.get(at(ctx))) !== null,
+        operations: {
+          read: async (ctx) => {
+            if (!ctx.params.path || ctx.params.path.endsWith('/')) throw new UnsupportedOperation();
+            const data = await this.barrier.get<Record<string, unknown>>(at(ctx));
+            if (!data) throw new NotFound();
+            return { data };
+          },
+          list: async (ctx) => {
+            const keys = await this.barrier.list(at(ctx));
+            if (keys.length === 0) throw new NotFound();
+            return { data: { keys } };
+          },
+          update: async (ctx) => {
+            if (!ctx.params.path || ctx.params.path.endsWith('/')) throw new InvalidRequest('missing key');
+            if (Object.keys(ctx.req.data).length === 0) throw new InvalidRequest('no data provided');
+            const { lastSeq } = await this.barrier.transaction((tx) => tx.put(at(ctx), ctx.req.data));
+            return { status: 204, walSeq: lastSeq };
+          },
+          delete: async (ctx) => {
+            const { lastSeq } = await this.barrier.transaction((tx) => tx.delete(at(ctx)));
+            return { status: 204, walSeq: lastSeq };
+          },
+        },
+      },
+    ];
   }
 
   // ---------------------------------------------------------------- v2
 
-  private async v2(ctx: RequestContext, base: string): Promise<LogicalResponse> {
-    const { subpath } = ctx;
-    const slash = subpath.indexOf('/');
-    const head = slash === -1 ? subpath : subpath.slice(0, slash);
-    const key = slash === -1 ? '' : subpath.slice(slash + 1);
-    const op = ctx.req.operation;
-    switch (head) {
-      case 'config':
-        if (key) break;
-        return this.config(ctx, base);
-      case 'data':
-        if (op === 'list') throw new UnsupportedOperation();
-        return this.data(ctx, base, requireKey(key));
-      case 'metadata':
-        return this.metadata(ctx, base, key);
-      case 'delete':
-      case 'undelete':
-      case 'destroy':
-        if (op !== 'create' && op !== 'update') throw new UnsupportedOperation();
-        return this.versionsOp(ctx, base, head, requireKey(key));
-      case 'subkeys':
-        if (op !== 'read') throw new UnsupportedOperation();
-        return this.subkeys(ctx, base, requireKey(key));
-    }
-    return { status: 404, data: null, warnings: [VERSIONED_PATH_WARNING] };
+  private v2Routes(base: string): RouteDef[] {
+    const keyMetaExists = async (ctx: RouteContext) => (await this.barrier.get(this.metaPath(base, ctx.params.path))) !== null;
+    const versionsOp = (op: 'delete' | 'undelete' | 'destroy', summary: string): RouteDef => ({
+      pattern: `${op}/:path+`,
+      summary,
+      fields: { versions: { type: 'any', required: true, description: 'The versions to act on.' } },
+      operations: { update: (ctx) => this.versionsOp(ctx, base, op, requireKey(ctx.params.path)) },
+    });
+    return [
+      {
+        pattern: 'config',
+        summary: 'Configures settings for the KV store.',
+        fields: {
+          max_versions: { type: 'int', description: 'The number of versions to keep for each key.' },
+          cas_required: { type: 'bool', description: 'If true, the backend requires the cas parameter on every write.' },
+          delete_version_after: { type: 'string', description: 'If set, versions are deleted after this duration.' },
+        },
+        operations: { read: (ctx) => this.config(ctx, base), update: (ctx) => this.config(ctx, base) },
+      },
+      {
+        pattern: 'data/:path+',
+        summary: 'Write, Patch, Read, and Delete data in the Key-Value Store.',
+        fields: {
+          data: { type: 'map', description: 'The contents of the data map will be stored and returned on read.' },
+          options: { type: 'map', description: 'Options for writing a KV entry (cas).' },
+          version: { type: 'int', description: 'If provided during a read, the value at the version number will be returned.' },
+        },
+        exists: keyMetaExists,
+        operations: {
+          read: (ctx) => this.data(ctx, base, requireKey(ctx.params.path)),
+          update: (ctx) => this.data(ctx, base, requireKey(ctx.params.path)),
+          patch: (ctx) => this.data(ctx, base, requireKey(ctx.params.path)),
+          delete: (ctx) => this.data(ctx, base, requireKey(ctx.params.path)),
+        },
+      },
+      {
+        pattern: 'metadata/:path*',
+        summary: 'Configures settings for the KV store.',
+        fields: {
+          max_versions: { type: 'int', description: 'The number of versions to keep.' },
+          cas_required: { type: 'bool', description: 'If true the key will require the cas parameter to be set on all write requests.' },
+          delete_version_after: { type: 'string', description: 'The length of time before a version is deleted.' },
+          custom_metadata: { type: 'any', description: 'User-provided key-value pairs that are used to describe arbitrary and version-agnostic information about a secret.' },
+        },
+        exists: keyMetaExists,
+        operations: {
+          read: (ctx) => this.metadata(ctx, base, ctx.params.path),
+          list: (ctx) => this.metadata(ctx, base, ctx.params.path),
+          update: (ctx) => this.metadata(ctx, base, ctx.params.path),
+          patch: (ctx) => this.metadata(ctx, base, ctx.params.path),
+          delete: (ctx) => this.metadata(ctx, base, ctx.params.path),
+        },
+      },
+      versionsOp('delete', 'Marks one or more versions as deleted in the KV store.'),
+      versionsOp('undelete', 'Undeletes one or more versions from the KV store.'),
+      versionsOp('destroy', 'Permanently removes one or more versions in the KV store.'),
+      {
+        pattern: 'subkeys/:path+',
+        summary: 'Read the structure of a secret entry from the Key-Value store with the values removed.',
+        fields: { version: { type: 'int' }, depth: { type: 'int' } },
+        operations: { read: (ctx) => this.subkeys(ctx, base, requireKey(ctx.params.path)) },
+      },
+      {
+        // Anything else on a v2 mount: Vault answers 404 with this warning.
+        pattern: ':path*',
+        summary: 'Paths outside the versioned K/V API.',
+        operations: Object.fromEntries(
+          (['read', 'list', 'update', 'delete', 'patch'] as const).map((op) => [op, async () => ({ status: 404, data: null, warnings: [VERSIONED_PATH_WARNING] })]),
+        ),
+      },
+    ];
   }
 
   private async engineConfig(base: string, tx?: BarrierTx): Promise<EngineConfig> {
@@ -156,7 +214,7 @@ export class KvEngine {
       case 'read': {
         const meta = await this.barrier.get<KeyMetadata>(this.metaPath(base, key));
         if (!meta) throw new NotFound();
-        const n = req.query.version ? positiveInt(req.query.version, 'version') : meta.current_version;
+        const n = req.query.version && req.query.version !== '0' ? positiveInt(req.query.version, 'version') : meta.current_version;
         const vm = meta.versions[String(n)];
         if (!vm) throw new NotFound();
         const metadata = versionResponse(meta, n, vm);
@@ -342,7 +400,7 @@ export class KvEngine {
   private async subkeys(ctx: RequestContext, base: string, key: string): Promise<LogicalResponse> {
     const meta = await this.barrier.get<KeyMetadata>(this.metaPath(base, key));
     if (!meta) throw new NotFound();
-    const n = ctx.req.query.version ? positiveInt(ctx.req.query.version, 'version') : meta.current_version;
+    const n = ctx.req.query.version && ctx.req.query.version !== '0' ? positiveInt(ctx.req.query.version, 'version') : meta.current_version;
     const vm = meta.versions[String(n)];
     if (!vm) throw new NotFound();
     const metadata = versionResponse(meta, n, vm);

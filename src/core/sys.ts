@@ -3,54 +3,75 @@
  * envelope). The raw endpoints (init, seal, unseal, health, leader) are served by http/.
  */
 import type { Core } from './core';
-import { InvalidRequest, NotFound, UnsupportedOperation, UnsupportedPath } from './errors';
+import { InvalidRequest, NotFound } from './errors';
 import { normalizeMountPath, PROTECTED_MOUNTS, type MountEntry } from './mounts';
-import type { LogicalResponse, RequestContext } from './request';
+import { RouteTable, type RouteDef } from './framework';
+import type { LogicalResponse } from './request';
 
 const SUPPORTED_ENGINES = new Set(['kv']);
 
 export class SysBackend {
-  constructor(private readonly core: Core) {}
+  readonly table: RouteTable;
 
-  async handle(ctx: RequestContext): Promise<LogicalResponse> {
-    const p = ctx.subpath.replace(/\/$/, '');
-    const op = ctx.req.operation;
-    if (p === 'mounts' && op === 'read') return { data: this.mountMap('secret') };
-    if (p.startsWith('mounts/')) return this.mount(ctx, p.slice('mounts/'.length));
-    if (p === 'rotate' && (op === 'update' || op === 'create')) return this.rotate();
-    if (p === 'key-status' && op === 'read') return this.keyStatus();
-    if (p.startsWith('internal/ui/mounts')) return this.uiMount(p.slice('internal/ui/mounts'.length).replace(/^\//, ''));
-    throw new UnsupportedPath(`unsupported path: sys/${p}`);
+  constructor(private readonly core: Core) {
+    this.table = new RouteTable(this.routeDefs());
+  }
+
+  private routeDefs(): RouteDef[] {
+    const mountFields = {
+      type: { type: 'string', description: 'The type of the backend. Example: "kv"' },
+      description: { type: 'string', description: 'User-friendly description for this mount.' },
+      config: { type: 'map', description: 'Configuration for this mount, such as default_lease_ttl and max_lease_ttl.' },
+      options: { type: 'map', description: 'The options to pass into the backend. Should be a json object with string keys and values.' },
+      local: { type: 'bool', description: 'Mark the mount as a local mount, which is not replicated and is unaffected by replication.' },
+      seal_wrap: { type: 'bool', description: 'Whether to turn on seal wrapping for the mount.' },
+    } as const;
+    return [
+      { pattern: 'mounts', summary: 'List the currently mounted backends.', operations: { read: async () => ({ data: this.mountMap('secret') }) } },
+      {
+        pattern: 'mounts/:path+/tune',
+        summary: 'Tune backend configuration parameters for this mount.',
+        fields: { description: { type: 'string' }, default_lease_ttl: { type: 'duration' }, max_lease_ttl: { type: 'duration' }, options: { type: 'map' } },
+        operations: {
+          read: async (ctx) => ({ data: { ...tuneView(this.existingMount(ctx.params.path)) } }),
+          update: async (ctx) => this.tuneMount(this.existingMount(ctx.params.path), ctx.fields),
+        },
+      },
+      {
+        pattern: 'mounts/:path+',
+        summary: 'Mount a new backend at a new path.',
+        fields: mountFields as never,
+        operations: {
+          read: async (ctx) => {
+            const m = this.core.mounts.get('secret', normalizeMountPath(ctx.params.path));
+            if (!m) throw new NotFound();
+            return { data: describe(m) };
+          },
+          update: async (ctx) => this.enable(normalizeMountPath(ctx.params.path), ctx.fields),
+          delete: async (ctx) => this.disable(normalizeMountPath(ctx.params.path), this.core.mounts.get('secret', normalizeMountPath(ctx.params.path))),
+        },
+      },
+      { pattern: 'rotate', summary: 'Rotates the backend encryption key used to persist data.', sudo: true, operations: { update: () => this.rotate() } },
+      { pattern: 'key-status', summary: 'Provides information about the backend encryption key.', sudo: true, operations: { read: async () => this.keyStatus() } },
+      {
+        pattern: 'internal/ui/mounts/:path*',
+        summary: 'Information about a mount, for the CLI\'s KV preflight.',
+        unauthenticated: true,
+        operations: { read: async (ctx) => (ctx.params.path ? this.uiMount(ctx.params.path) : { data: { secret: this.mountMap('secret'), auth: this.mountMap('auth') } }) },
+      },
+    ];
+  }
+
+  private existingMount(path: string): MountEntry {
+    const m = this.core.mounts.get('secret', normalizeMountPath(path));
+    if (!m) throw new InvalidRequest(`cannot fetch sysview for path "${normalizeMountPath(path)}"`);
+    return m;
   }
 
   private mountMap(table: 'secret' | 'auth'): Record<string, unknown> {
     const out: Record<string, unknown> = {};
     for (const m of this.core.mounts.list(table)) out[m.path] = describe(m);
     return out;
-  }
-
-  private async mount(ctx: RequestContext, rest: string): Promise<LogicalResponse> {
-    const op = ctx.req.operation;
-    const tune = rest.endsWith('/tune');
-    const path = normalizeMountPath(tune ? rest.slice(0, -'/tune'.length) : rest);
-    const existing = this.core.mounts.get('secret', path);
-    if (tune) {
-      if (!existing) throw new InvalidRequest(`cannot fetch sysview for path "${path}"`);
-      if (op === 'read') return { data: { ...tuneView(existing) } };
-      return this.tuneMount(existing, ctx.req.data);
-    }
-    switch (op) {
-      case 'read':
-        if (!existing) throw new NotFound();
-        return { data: describe(existing) };
-      case 'create':
-      case 'update':
-        return this.enable(path, ctx.req.data);
-      case 'delete':
-        return this.disable(path, existing);
-      default:
-        throw new UnsupportedOperation();
-    }
   }
 
   private async enable(path: string, d: Record<string, unknown>): Promise<LogicalResponse> {
@@ -100,8 +121,8 @@ export class SysBackend {
   private async tuneMount(m: MountEntry, d: Record<string, unknown>): Promise<LogicalResponse> {
     const next: MountEntry = { ...m, config: { ...m.config }, options: { ...m.options } };
     if (d.description !== undefined) next.description = String(d.description);
-    if (d.default_lease_ttl !== undefined) next.config.default_lease_ttl = Number(d.default_lease_ttl) || 0;
-    if (d.max_lease_ttl !== undefined) next.config.max_lease_ttl = Number(d.max_lease_ttl) || 0;
+    if (d.default_lease_ttl !== undefined) next.config.default_lease_ttl = Number(d.default_lease_ttl);
+    if (d.max_lease_ttl !== undefined) next.config.max_lease_ttl = Number(d.max_lease_ttl);
     if (d.options && typeof d.options === 'object') {
       for (const [k, v] of Object.entries(d.options as Record<string, unknown>)) next.options[k] = String(v);
       if (m.type === 'kv' && m.options.version === '2' && next.options.version === '1') {

@@ -184,6 +184,8 @@ export class ListRequestRewriter {
   private state: State = 'request-start';
   /** Bytes of a request line held back while they could still be the start of `LIST `. */
   private held = '';
+  /** Where in the current chunk the held bytes start; -1 when they came with an earlier chunk. */
+  private heldStart = -1;
   /** The current line so far (latin1), for head, chunk-size and trailer lines. */
   private line = '';
   private sectionBytes = 0;
@@ -199,6 +201,7 @@ export class ListRequestRewriter {
 
   transform(chunk: Buffer): Buffer {
     const out = new Output(chunk);
+    this.heldStart = -1;
     let i = 0;
     while (i < chunk.length) i = this.step(chunk, i, out);
     return out.result();
@@ -231,9 +234,12 @@ export class ListRequestRewriter {
 
   private requestStart(chunk: Buffer, i: number, out: Output): number {
     const byte = chunk[i];
-    if (this.held === '' && (byte === CR || byte === LF)) {
-      out.pass(i, i + 1); // llhttp skips blank lines before a request
-      return i + 1;
+    if (this.held === '') {
+      if (byte === CR || byte === LF) {
+        out.pass(i, i + 1); // llhttp skips blank lines before a request
+        return i + 1;
+      }
+      this.heldStart = i;
     }
     this.held += String.fromCharCode(byte);
     if (this.held === LIST_PREFIX) {
@@ -243,7 +249,8 @@ export class ListRequestRewriter {
       this.state = 'list-target';
       this.held = '';
     } else if (!LIST_PREFIX.startsWith(this.held)) {
-      out.insert(Buffer.from(this.held, 'latin1'));
+      if (this.heldStart >= 0) out.pass(this.heldStart, i + 1);
+      else out.insert(Buffer.from(this.held, 'latin1'));
       this.line = this.held;
       this.countSection(this.held.length);
       this.state = 'head-line';
@@ -411,6 +418,7 @@ class ListRewritingSocket extends Duplex {
   private readonly rewriter: ListRequestRewriter;
   /** The callback of a write waiting for the raw socket to drain. */
   private pendingWrite: ((error?: Error | null) => void) | null = null;
+  private receivedData = false;
 
   constructor(
     readonly raw: net.Socket,
@@ -455,6 +463,11 @@ class ListRewritingSocket extends Duplex {
   }
   get authorized(): boolean | undefined {
     return this.raw instanceof tls.TLSSocket ? this.raw.authorized : undefined;
+  }
+
+  /** False until the client has sent a byte: such a connection has no request to finish. */
+  get hasReceivedData(): boolean {
+    return this.receivedData;
   }
 
   getPeerCertificate(detailed?: boolean): tls.PeerCertificate | tls.DetailedPeerCertificate | null {
@@ -523,6 +536,7 @@ class ListRewritingSocket extends Duplex {
   }
 
   private onRawData(chunk: Buffer): void {
+    this.receivedData = true;
     const rewritten = this.rewriter.transform(chunk);
     if (rewritten.length > 0 && !this.push(rewritten)) this.raw.pause();
   }
@@ -544,19 +558,28 @@ class ListRewritingSocket extends Duplex {
 // Listening and graceful close
 // ---------------------------------------------------------------------------------------
 
-/** Tracks responses so that, once draining, every connection closes as soon as it is idle. */
+/** Tracks connections and responses so that, once draining, every connection closes as soon as it is idle. */
 class ConnectionDrain {
+  private readonly sockets = new Set<ListRewritingSocket>();
   private readonly inFlight = new Set<http.ServerResponse>();
-  private draining = false;
+  draining = false;
 
   constructor(private readonly server: http.Server) {
     server.on('request', (_req: http.IncomingMessage, res: http.ServerResponse) => this.track(res));
   }
 
+  adopt(socket: ListRewritingSocket): void {
+    this.sockets.add(socket);
+    socket.once('close', () => this.sockets.delete(socket));
+  }
+
   start(): void {
     this.draining = true;
     for (const res of this.inFlight) this.closeAfter(res);
+    // Idle between requests, by Node's own bookkeeping.
     this.server.closeIdleConnections();
+    // Node counts a connection that has not sent anything yet as busy; it is not.
+    for (const socket of this.sockets) if (!socket.hasReceivedData) socket.destroy();
   }
 
   private track(res: http.ServerResponse): void {
@@ -611,7 +634,11 @@ export async function listen(handler: http.RequestListener, opts: ListenOptions)
   const socketServer = createSocketServer(opts);
   const upgradeAccepted = (): boolean => httpServer.listenerCount('upgrade') > 0;
   socketServer.on(opts.tls ? 'secureConnection' : 'connection', (raw: net.Socket) => {
-    httpServer.emit('connection', new ListRewritingSocket(raw, upgradeAccepted));
+    // A TLS handshake can complete after close() has begun: too late.
+    if (drain.draining) return void raw.destroy();
+    const socket = new ListRewritingSocket(raw, upgradeAccepted);
+    drain.adopt(socket);
+    httpServer.emit('connection', socket);
   });
 
   let address: net.AddressInfo;
