@@ -14,9 +14,16 @@ import { Acl, requiresSudo, type Capability, type Policy } from './policy';
 import type { Store, TokenRecord } from './ports';
 import type { LogicalRequest, LogicalResponse, RequestContext } from './request';
 import { SealState, type StaticSealKey } from './seal';
-import { SysBackend } from './sys';
+import { SysBackend } from './sys/index';
 import { TokenStore, TOKEN_HMAC_KEY_PATH } from './tokens';
 import { randomBytes } from 'node:crypto';
+import { AppRoleBackend } from './auth/approle';
+import { TokenBackend } from './auth/token';
+import { UserpassBackend } from './auth/userpass';
+import { noScheduler, type ExpiryScheduler } from './expiry';
+import { LeaseManager } from './leases';
+import { parseDurationSeconds } from './units';
+import { Wrapping } from './wrapping';
 
 export interface CoreOptions {
   store: Store;
@@ -24,6 +31,7 @@ export interface CoreOptions {
   staticSeal?: StaticSealKey;
   clusterName?: string;
   version: string;
+  scheduler?: ExpiryScheduler;
 }
 
 export interface SealStatus {
@@ -68,6 +76,13 @@ export class Core {
   readonly sealState: SealState;
   readonly kv: KvEngine;
   readonly sys: SysBackend;
+  readonly leases: LeaseManager;
+  readonly wrapping: Wrapping;
+  readonly tokenBackend: TokenBackend;
+  readonly userpass: UserpassBackend;
+  readonly approle: AppRoleBackend;
+  /** Engine and auth-method types → the route table serving a mount of that type. */
+  readonly backends: Map<string, (m: MountEntry) => RouteTable>;
   private clusterId = '';
   private clusterNameValue = '';
   private mountsLoadedAt = 0;
@@ -78,7 +93,21 @@ export class Core {
     this.tokens = new TokenStore(opts.store.tokens, opts.clock);
     this.sealState = new SealState(opts.store, opts.staticSeal);
     this.kv = new KvEngine(this.barrier, opts.clock);
+    this.leases = new LeaseManager(opts.store.leases, opts.clock, opts.scheduler ?? noScheduler);
+    this.tokens.scheduler = opts.scheduler ?? noScheduler;
+    this.tokens.onRevoke = (hmac) => this.leases.revokeForToken(hmac);
+    this.wrapping = new Wrapping(this);
     this.sys = new SysBackend(this);
+    this.tokenBackend = new TokenBackend(this);
+    this.userpass = new UserpassBackend(this);
+    this.approle = new AppRoleBackend(this);
+    this.backends = new Map<string, (m: MountEntry) => RouteTable>([
+      ['system', () => this.sys.table],
+      ['kv', (m) => this.kv.routes(m)],
+      ['token', () => this.tokenBackend.table],
+      ['userpass', (m) => this.userpass.routes(m)],
+      ['approle', (m) => this.approle.routes(m)],
+    ]);
   }
 
   get sealed(): boolean {
@@ -229,19 +258,17 @@ export class Core {
       }
       await this.authorize(token, req, Boolean(matched.def.sudo));
     }
-    return table.dispatch(ctx);
+    const out = await table.dispatch(ctx);
+    const wrapTtl = req.headers['x-vault-wrap-ttl'];
+    if (wrapTtl && !out.wrapInfo && (out.data || out.auth)) {
+      return this.wrapping.wrap(out, parseDurationSeconds(wrapTtl), req.path);
+    }
+    return out;
   }
 
   /** The route table serving a mount. */
   routesFor(mount: MountEntry): RouteTable | null {
-    switch (mount.type) {
-      case 'system':
-        return this.sys.table;
-      case 'kv':
-        return this.kv.routes(mount);
-      default:
-        return null;
-    }
+    return this.backends.get(mount.type)?.(mount) ?? null;
   }
 
   async authenticate(token: string | null): Promise<TokenRecord> {

@@ -43,6 +43,8 @@ export interface Store {
   updateKeyring(blob: Buffer): Promise<void>;
 
   tokens: TokenRepo;
+  leases: LeaseRepo;
+  wrapped: WrapRepo;
 }
 
 export interface TokenRecord {
@@ -79,4 +81,45 @@ export interface TokenRepo {
   expired(now: Date, limit: number): Promise<Buffer[]>;
   accessors(): Promise<string[]>;
   orphanChildren(hmac: Buffer): Promise<void>;
+}
+
+export interface LeaseRecord {
+  leaseId: string;
+  tokenHmac: Buffer | null;
+  kind: 'auth' | 'secret';
+  path: string;
+  issuedAt: Date;
+  lastRenewal: Date | null;
+  expiresAt: Date | null;
+  ttlSeconds: number;
+  maxExpiresAt: Date | null;
+  renewable: boolean;
+}
+
+export interface LeaseRepo {
+  insert(rec: LeaseRecord): Promise<void>;
+  get(leaseId: string): Promise<LeaseRecord | null>;
+  update(leaseId: string, patch: Partial<Pick<LeaseRecord, 'expiresAt' | 'lastRenewal' | 'ttlSeconds'>>): Promise<void>;
+  delete(leaseId: string): Promise<boolean>;
+  byToken(hmac: Buffer): Promise<LeaseRecord[]>;
+  /** Lease ids under a prefix (`auth/userpass/login/` …). */
+  idsWithPrefix(prefix: string): Promise<string[]>;
+  expired(now: Date, limit: number): Promise<string[]>;
+}
+
+export interface WrappedRecord {
+  tokenHmac: Buffer;
+  accessor: string;
+  creationPath: string;
+  createdAt: Date;
+  expiresAt: Date;
+  payload: Buffer;
+}
+
+export interface WrapRepo {
+  insert(rec: WrappedRecord): Promise<void>;
+  get(hmac: Buffer): Promise<WrappedRecord | null>;
+  /** Deletes and returns the record: a wrapping token is single use. */
+  take(hmac: Buffer): Promise<WrappedRecord | null>;
+  deleteExpired(now: Date): Promise<number>;
 }

@@ -40,6 +40,8 @@ export interface LogicalResponse {
   status?: number;
   /** Highest WAL insertion number this request wrote (X-Vault-Index). */
   walSeq?: number;
+  /** Set when the response was wrapped: the envelope carries only this. */
+  wrapInfo?: import('./wrapping').WrapInfo;
 }
 
 /** What a backend handler sees: the request, the caller's token record, and the mount. */

@@ -5,6 +5,7 @@
  */
 import { createHmac, randomBytes } from 'node:crypto';
 import type { Clock } from './clock';
+import { noScheduler, type ExpiryScheduler } from './expiry';
 import type { TokenRecord, TokenRepo } from './ports';
 
 export const TOKEN_HMAC_KEY_PATH = 'core/token-hmac-key';
@@ -42,9 +43,13 @@ export interface CreateTokenParams {
 export class TokenStore {
   private hmacKey: Buffer | null = null;
 
+  /** Runs before a token row is deleted (revokes its leases). */
+  onRevoke: (hmac: Buffer) => Promise<void> = async () => undefined;
+
   constructor(
     readonly repo: TokenRepo,
     private readonly clock: Clock,
+    public scheduler: ExpiryScheduler = noScheduler,
   ) {}
 
   setKey(key: Buffer | null): void {
@@ -82,7 +87,36 @@ export class TokenStore {
       expiresAt: ttl > 0 ? new Date(now.getTime() + ttl * 1000) : null,
     };
     await this.repo.insert(record);
+    if (record.expiresAt) await this.scheduler.schedule('token', record.accessor, record.expiresAt);
     return { token, record };
+  }
+
+  /** Extends a token's life (renew), rescheduling its expiry check. */
+  async setExpiry(rec: TokenRecord, expiresAt: Date | null, ttlSeconds: number): Promise<void> {
+    await this.repo.update(rec.hmac, { expiresAt, ttlSeconds });
+    if (expiresAt) await this.scheduler.schedule('token', rec.accessor, expiresAt);
+  }
+
+  /** Revokes `accessor`'s token if it has expired (the expiry job and the sweep call this). */
+  async expireByAccessor(accessor: string): Promise<boolean> {
+    const rec = await this.repo.byAccessor(accessor);
+    if (!rec || !rec.expiresAt || rec.expiresAt.getTime() > this.clock.now().getTime()) return false;
+    await this.revoke(rec.hmac);
+    return true;
+  }
+
+  /** The backstop: revokes every expired token, oldest first, in bounded batches. */
+  async sweep(limit = 500): Promise<number> {
+    let n = 0;
+    for (;;) {
+      const batch = await this.repo.expired(this.clock.now(), limit);
+      for (const h of batch) {
+        // A child may already be gone with its parent.
+        if (await this.repo.byHmac(h)) await this.revoke(h);
+        n++;
+      }
+      if (batch.length < limit) return n;
+    }
   }
 
   /** The live record of `token`, or null if unknown or expired. */
@@ -103,6 +137,7 @@ export class TokenStore {
       // children go first, the parent last.
       for (const child of await this.repo.children(hmac)) await this.revoke(child.hmac);
     }
+    await this.onRevoke(hmac);
     await this.repo.delete(hmac);
   }
 }

@@ -132,7 +132,11 @@ async function logical(o: AppOptions, req: Request, res: Response): Promise<void
     data: operation === 'read' || operation === 'list' ? {} : bodyOf(req),
     query: Object.fromEntries(Object.entries(req.query as Record<string, unknown>).map(([k, v]) => [k, String(v)])),
     token: tokenOf(req),
-    headers: { 'content-type': req.header('content-type') },
+    headers: {
+      'content-type': req.header('content-type'),
+      'x-vault-wrap-ttl': req.header('x-vault-wrap-ttl'),
+      'x-vault-wrap-format': req.header('x-vault-wrap-format'),
+    },
     remoteAddr: req.socket.remoteAddress,
   };
   const out = await o.core.handle(lreq);
@@ -141,7 +145,7 @@ async function logical(o: AppOptions, req: Request, res: Response): Promise<void
 
 function render(res: Response, req: LogicalRequest, out: LogicalResponse): void {
   if (out.walSeq) res.setHeader('X-Vault-Index', String(out.walSeq));
-  const hasBody = out.data != null || out.auth != null || (out.warnings?.length ?? 0) > 0;
+  const hasBody = out.data != null || out.auth != null || out.wrapInfo != null || (out.warnings?.length ?? 0) > 0;
   if (!hasBody && (out.status === 204 || out.status === undefined)) {
     res.status(204).end();
     return;
@@ -152,7 +156,7 @@ function render(res: Response, req: LogicalRequest, out: LogicalResponse): void 
     renewable: out.renewable ?? false,
     lease_duration: out.leaseDuration ?? 0,
     data: out.data ?? null,
-    wrap_info: null,
+    wrap_info: out.wrapInfo ?? null,
     warnings: out.warnings?.length ? out.warnings : null,
     auth: out.auth ?? null,
     mount_type: '',

@@ -79,6 +79,9 @@ interface RequestHead {
   upgrade: boolean;
 }
 
+/** The headers whose values (possibly repeated, possibly folded) we keep. */
+type ListedHeader = 'contentLength' | 'transferEncoding' | 'connection';
+
 type BodyFraming =
   | { kind: 'length'; bytes: number }
   | { kind: 'chunked' }
@@ -192,7 +195,7 @@ export class ListRequestRewriter {
   private inRequestLine = true;
   private targetHasQuery = false;
   private head = emptyHead();
-  private lastHeader: keyof RequestHead | undefined;
+  private lastHeader: ListedHeader | undefined;
   /** Body or chunk bytes still to pass through. */
   private remaining = 0;
 
@@ -339,13 +342,13 @@ export class ListRequestRewriter {
     else if (name === 'transfer-encoding') this.lastHeader = 'transferEncoding';
     else if (name === 'connection') this.lastHeader = 'connection';
     else if (name === 'upgrade') this.head.upgrade = true;
-    if (this.lastHeader) (this.head[this.lastHeader] as string[]).push(value);
+    if (this.lastHeader) this.head[this.lastHeader].push(value);
   }
 
   /** An obsolete folded header line: part of the previous header's value. */
   private continueHeader(line: string): void {
     if (!this.lastHeader) return;
-    const values = this.head[this.lastHeader] as string[];
+    const values = this.head[this.lastHeader];
     values[values.length - 1] += ' ' + line.trim();
   }
 

@@ -4,9 +4,11 @@
  */
 import { Migrator, type Kysely, type Migration, type MigrationProvider } from 'kysely';
 import * as m0001 from '../../db/migrations/0001_initial';
+import * as m0002 from '../../db/migrations/0002_leases';
 
 const migrations: Record<string, Migration> = {
   '0001_initial': m0001,
+  '0002_leases': m0002,
 };
 
 const provider: MigrationProvider = { getMigrations: async () => migrations };

@@ -1,7 +1,7 @@
 /** Store (src/core/ports.ts) on Postgres through kysely. */
 import { sql, type Kysely, type Transaction } from 'kysely';
-import type { SealRecord, Store, StoreTx, TokenRecord, TokenRepo } from '../core/ports';
-import { deleteEntry, getEntry, listChildren, putEntry } from './entries';
+import type { LeaseRecord, LeaseRepo, SealRecord, Store, StoreTx, TokenRecord, TokenRepo, WrapRepo, WrappedRecord } from '../core/ports';
+import { deleteEntry, getEntry, listChildren, prefixEnd, putEntry } from './entries';
 import { deleteLocal, getLocal, putLocal } from './local';
 import type { DB } from './schema';
 
@@ -170,5 +170,97 @@ export function pgStore(db: Kysely<DB>): Store {
       await db.updateTable('coffer_seal').set({ keyring: blob }).where('id', '=', 1).execute();
     },
     tokens: tokenRepo(db),
+    leases: leaseRepo(db),
+    wrapped: wrapRepo(db),
+  };
+}
+
+function toLease(r: any): LeaseRecord {
+  return {
+    leaseId: r.lease_id,
+    tokenHmac: r.token_hmac,
+    kind: r.kind,
+    path: r.path,
+    issuedAt: r.issued_at,
+    lastRenewal: r.last_renewal,
+    expiresAt: r.expires_at,
+    ttlSeconds: Number(r.ttl_seconds),
+    maxExpiresAt: r.max_expires_at,
+    renewable: r.renewable,
+  };
+}
+
+function leaseRepo(db: Kysely<DB>): LeaseRepo {
+  return {
+    async insert(rec) {
+      await db
+        .insertInto('coffer_leases')
+        .values({
+          lease_id: rec.leaseId,
+          token_hmac: rec.tokenHmac,
+          kind: rec.kind,
+          path: rec.path,
+          issued_at: rec.issuedAt,
+          last_renewal: rec.lastRenewal,
+          expires_at: rec.expiresAt,
+          ttl_seconds: rec.ttlSeconds,
+          max_expires_at: rec.maxExpiresAt,
+          renewable: rec.renewable,
+        })
+        .execute();
+    },
+    get: async (id) => {
+      const r = await db.selectFrom('coffer_leases').selectAll().where('lease_id', '=', id).executeTakeFirst();
+      return r ? toLease(r) : null;
+    },
+    update: async (id, patch) => {
+      await db
+        .updateTable('coffer_leases')
+        .set({
+          ...(patch.expiresAt !== undefined ? { expires_at: patch.expiresAt } : {}),
+          ...(patch.lastRenewal !== undefined ? { last_renewal: patch.lastRenewal } : {}),
+          ...(patch.ttlSeconds !== undefined ? { ttl_seconds: patch.ttlSeconds } : {}),
+        })
+        .where('lease_id', '=', id)
+        .execute();
+    },
+    delete: async (id) => Number((await db.deleteFrom('coffer_leases').where('lease_id', '=', id).executeTakeFirst()).numDeletedRows) > 0,
+    byToken: async (h) => (await db.selectFrom('coffer_leases').selectAll().where('token_hmac', '=', h).execute()).map(toLease),
+    idsWithPrefix: async (prefix) =>
+      (
+        await db
+          .selectFrom('coffer_leases')
+          .select('lease_id')
+          .where('lease_id', '>=', prefix)
+          .where('lease_id', '<', prefixEnd(prefix))
+          .orderBy('lease_id')
+          .execute()
+      ).map((r) => r.lease_id),
+    expired: async (now, limit) =>
+      (await db.selectFrom('coffer_leases').select('lease_id').where('expires_at', '<=', now).orderBy('expires_at').limit(limit).execute()).map((r) => r.lease_id),
+  };
+}
+
+function toWrapped(r: any): WrappedRecord {
+  return { tokenHmac: r.token_hmac, accessor: r.accessor, creationPath: r.creation_path, createdAt: r.created_at, expiresAt: r.expires_at, payload: r.payload };
+}
+
+function wrapRepo(db: Kysely<DB>): WrapRepo {
+  return {
+    async insert(rec) {
+      await db
+        .insertInto('coffer_wrapped')
+        .values({ token_hmac: rec.tokenHmac, accessor: rec.accessor, creation_path: rec.creationPath, created_at: rec.createdAt, expires_at: rec.expiresAt, payload: rec.payload })
+        .execute();
+    },
+    get: async (h) => {
+      const r = await db.selectFrom('coffer_wrapped').selectAll().where('token_hmac', '=', h).executeTakeFirst();
+      return r ? toWrapped(r) : null;
+    },
+    take: async (h) => {
+      const r = await db.deleteFrom('coffer_wrapped').where('token_hmac', '=', h).returningAll().executeTakeFirst();
+      return r ? toWrapped(r) : null;
+    },
+    deleteExpired: async (now) => Number((await db.deleteFrom('coffer_wrapped').where('expires_at', '<=', now).executeTakeFirst()).numDeletedRows),
   };
 }

@@ -80,7 +80,31 @@ export interface NodesTable {
   last_seen: Timestamp;
 }
 
+export interface LeasesTable {
+  lease_id: string;
+  token_hmac: Buffer | null;
+  kind: 'auth' | 'secret';
+  path: string;
+  issued_at: Timestamp;
+  last_renewal: Date | null;
+  expires_at: Date | null;
+  ttl_seconds: Int8;
+  max_expires_at: Date | null;
+  renewable: boolean;
+}
+
+export interface WrappedTable {
+  token_hmac: Buffer;
+  accessor: string;
+  creation_path: string;
+  created_at: Timestamp;
+  expires_at: Date;
+  payload: Buffer;
+}
+
 export interface DB {
+  coffer_leases: LeasesTable;
+  coffer_wrapped: WrappedTable;
   coffer_entries: EntriesTable;
   coffer_wal: WalTable;
   coffer_wal_head: WalHeadTable;

@@ -2,11 +2,15 @@
  * The logical part of the system backend (`sys/...` paths answered with the standard
  * envelope). The raw endpoints (init, seal, unseal, health, leader) are served by http/.
  */
-import type { Core } from './core';
-import { InvalidRequest, NotFound } from './errors';
-import { normalizeMountPath, PROTECTED_MOUNTS, type MountEntry } from './mounts';
-import { RouteTable, type RouteDef } from './framework';
-import type { LogicalResponse } from './request';
+import type { Core } from '../core';
+import { InvalidRequest, NotFound } from '../errors';
+import { normalizeMountPath, PROTECTED_MOUNTS, type MountEntry } from '../mounts';
+import { RouteTable, type RouteDef } from '../framework';
+import { authRoutes } from './auth';
+import { leasesRoutes } from './leases';
+import { policyRoutes } from './policies';
+import { wrappingRoutes } from './wrapping';
+import type { LogicalResponse } from '../request';
 
 const SUPPORTED_ENGINES = new Set(['kv']);
 
@@ -14,7 +18,7 @@ export class SysBackend {
   readonly table: RouteTable;
 
   constructor(private readonly core: Core) {
-    this.table = new RouteTable(this.routeDefs());
+    this.table = new RouteTable([...this.routeDefs(), ...policyRoutes(core), ...authRoutes(core), ...leasesRoutes(core), ...wrappingRoutes(core)]);
   }
 
   private routeDefs(): RouteDef[] {
