@@ -15,6 +15,10 @@ import { openEmbedded, openPostgres, type Database } from './storage/db';
 import { migrateToLatest } from './storage/migrate';
 import { pgStore } from './storage/pg-store';
 import { VERSION } from './version';
+import { BullQueue, redisConnection } from './queue/bullmq';
+import { processExpiry, queueScheduler } from './queue/expiry';
+import type { JobQueue } from './queue/jobs';
+import { MemoryQueue } from './queue/memory';
 
 export interface DevOptions {
   rootTokenId?: string;
@@ -55,7 +59,11 @@ export async function startServer(config: CofferConfig, dev?: DevOptions): Promi
     const applied = await migrateToLatest(database.db);
     if (applied.length) log.info({ applied }, 'applied migrations');
 
+    const queue: JobQueue = config.queue
+      ? new BullQueue(redisConnection(config.queue.url), config.queue.prefix, (err) => log.warn({ err: err.message }, 'queue error'))
+      : new MemoryQueue();
     const core = new Core({
+      scheduler: queueScheduler(queue, (err) => log.warn({ err: err.message }, 'could not schedule an expiry job; the sweep will catch it')),
       store: pgStore(database.db),
       clock: systemClock,
       staticSeal: config.seal
@@ -105,6 +113,8 @@ export async function startServer(config: CofferConfig, dev?: DevOptions): Promi
       log,
       async stop() {
         clearInterval(autoUnsealTimer);
+        clearInterval(sweepTimer);
+        await queue.close().catch(() => undefined);
         await Promise.all(listeners.map((l) => l.close()));
         await node!.stop();
         await database.close();
@@ -125,7 +135,14 @@ export async function startServer(config: CofferConfig, dev?: DevOptions): Promi
     }, 1000);
     autoUnsealTimer.unref();
     if (config.seal) await core.autoUnseal().catch((err) => log.warn({ err: err.message }, 'auto-unseal failed'));
-    log.info({ apiAddr, node: nodeId, storage: config.storage.type }, 'coffer server started');
+    // Workers run in every server by default; `coffer worker` processes add capacity.
+    processExpiry(queue, core);
+    // The backstop sweep runs on the active node only (the queue's jobs may have been lost).
+    const sweepTimer = setInterval(() => {
+      if (node!.isActive()) core.sweep().catch((err) => log.warn({ err: err.message }, 'expiry sweep failed'));
+    }, config.expirySweepIntervalMs);
+    sweepTimer.unref();
+    log.info({ apiAddr, node: nodeId, storage: config.storage.type, queue: config.queue ? 'redis' : 'in-process' }, 'coffer server started');
     return result;
   } catch (err) {
     await database.close().catch(() => undefined);
@@ -141,4 +158,27 @@ async function startListener(app: ReturnType<typeof createApp>, l: ListenerConfi
     requestTimeoutMs: l.requestTimeoutMs,
     tls: l.tlsDisable ? undefined : { cert: readFileSync(l.tlsCertFile!), key: readFileSync(l.tlsKeyFile!) },
   });
+}
+
+/**
+ * `coffer worker`: queue workers without an API listener, to add capacity. It needs no
+ * unseal: expiry works on local tables by accessor and lease id.
+ */
+export async function startWorker(config: CofferConfig): Promise<{ stop(): Promise<void> }> {
+  const log = createLogger(config);
+  if (config.storage.type !== 'postgresql' || !config.queue) {
+    throw new Error('coffer worker needs storage "postgresql" and queue "redis" blocks');
+  }
+  const database = openPostgres(config.storage.connectionUrl, config.storage.maxConnections);
+  await migrateToLatest(database.db);
+  const queue = new BullQueue(redisConnection(config.queue.url), config.queue.prefix, (err) => log.warn({ err: err.message }, 'queue error'));
+  const core = new Core({ store: pgStore(database.db), clock: systemClock, version: VERSION, scheduler: queueScheduler(queue, () => undefined) });
+  processExpiry(queue, core);
+  log.info({ queue: config.queue.prefix }, 'coffer worker started');
+  return {
+    async stop() {
+      await queue.close();
+      await database.close();
+    },
+  };
 }

@@ -40,6 +40,9 @@ export interface CofferConfig {
   seal?: { type: 'static'; currentKeyId: string; currentKey: Buffer; previousKeyId?: string; previousKey?: Buffer };
   queue?: { type: 'redis'; url: string; prefix: string };
   ui: boolean;
+  /** How often the active node sweeps Postgres for expired tokens and leases (the backstop
+   * behind the queue's delayed jobs). Coffer-specific: `expiry_sweep_interval`. */
+  expirySweepIntervalMs: number;
   logLevel: LogLevel;
   logFormat: LogFormat;
   replication: { bestEffortWalWaitDurationMs: number; logshipperBufferLength: number; logshipperBufferSizeBytes: number };
@@ -104,6 +107,7 @@ const DEFAULTS = {
   maxConnections: 10,
   queuePrefix: 'coffer',
   ui: false,
+  expirySweepIntervalMs: 30_000,
   logLevel: 'info',
   logFormat: 'standard',
   replication: { bestEffortWalWaitDurationMs: 2_000, logshipperBufferLength: 16_384, logshipperBufferSizeBytes: 64 * MiB },
@@ -477,7 +481,7 @@ async function readOneTyped<T>(
 // One file → Layer
 // ---------------------------------------------------------------------------------------------
 
-type Settings = Pick<CofferConfig, 'apiAddr' | 'clusterAddr' | 'clusterName' | 'ui' | 'logLevel' | 'logFormat'>;
+type Settings = Pick<CofferConfig, 'apiAddr' | 'clusterAddr' | 'clusterName' | 'ui' | 'logLevel' | 'logFormat' | 'expirySweepIntervalMs'>;
 type StorageLayer = { type: 'postgresql'; connectionUrl?: string; maxConnections?: number } | { type: 'embedded' };
 type QueueLayer = { type: 'redis'; url?: string; prefix?: string };
 type SealConfig = NonNullable<CofferConfig['seal']>;
@@ -501,6 +505,7 @@ const SETTINGS_FIELDS = {
   cluster_addr: httpUrl,
   cluster_name: text,
   ui: bool,
+  expiry_sweep_interval: positiveDurationMs,
   log_level: logLevel,
   log_format: logFormat,
 };
@@ -517,6 +522,7 @@ async function readLayer(doc: Document, env: NodeJS.ProcessEnv, problems: Proble
       clusterAddr: f.cluster_addr,
       clusterName: f.cluster_name,
       ui: f.ui,
+      expirySweepIntervalMs: f.expiry_sweep_interval,
       logLevel: f.log_level,
       logFormat: f.log_format,
     }),
@@ -773,6 +779,7 @@ function buildConfig(layer: Layer, problems: Problems): CofferConfig | undefined
     seal: layer.seal,
     queue,
     ui: settings.ui ?? DEFAULTS.ui,
+    expirySweepIntervalMs: settings.expirySweepIntervalMs ?? DEFAULTS.expirySweepIntervalMs,
     logLevel: settings.logLevel ?? DEFAULTS.logLevel,
     logFormat: settings.logFormat ?? DEFAULTS.logFormat,
     replication: { ...DEFAULTS.replication, ...layer.replication },

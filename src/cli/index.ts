@@ -4,7 +4,7 @@
  */
 import { Command, Option } from 'commander';
 import { ConfigError, loadConfig, type CofferConfig } from './config';
-import { createLogger, startServer, type RunningServer } from '../main';
+import { createLogger, startServer, startWorker, type RunningServer } from '../main';
 import { openPostgres } from '../storage/db';
 import { migrateToLatest } from '../storage/migrate';
 import { VERSION } from '../version';
@@ -21,6 +21,7 @@ function devConfig(o: { devListenAddress: string; devStorage?: string; devRedis?
     clusterName: 'coffer-dev',
     queue: o.devRedis ? { type: 'redis', url: o.devRedis, prefix: 'coffer-dev' } : undefined,
     ui: false,
+    expirySweepIntervalMs: 30_000,
     logLevel: (o.logLevel as CofferConfig['logLevel']) ?? 'info',
     logFormat: 'standard',
     replication: { bestEffortWalWaitDurationMs: 2000, logshipperBufferLength: 16384, logshipperBufferSizeBytes: 64 * 1024 * 1024 },
@@ -125,6 +126,20 @@ export function buildProgram(): Command {
         await db.close();
         log.info({ applied }, applied.length ? 'migrations applied' : 'schema is up to date');
         process.stdout.write(applied.length ? `Applied: ${applied.join(', ')}\n` : 'Schema is up to date.\n');
+      } catch (err) {
+        fail(err);
+      }
+    });
+
+  program
+    .command('worker')
+    .description('Run queue workers (expiry; replication shipping) without an API listener')
+    .requiredOption('--config <path...>', 'config file or directory')
+    .action(async (o) => {
+      try {
+        const w = await startWorker(await loadConfig(o.config));
+        process.stdout.write('==> Coffer worker started\n');
+        onSignals(() => w.stop());
       } catch (err) {
         fail(err);
       }

@@ -20,7 +20,7 @@ import { randomBytes } from 'node:crypto';
 import { AppRoleBackend } from './auth/approle';
 import { TokenBackend } from './auth/token';
 import { UserpassBackend } from './auth/userpass';
-import { noScheduler, type ExpiryScheduler } from './expiry';
+import { noScheduler, type ExpiryScheduler, type ExpiryTarget } from './expiry';
 import { LeaseManager } from './leases';
 import { parseDurationSeconds } from './units';
 import { Wrapping } from './wrapping';
@@ -69,7 +69,17 @@ export const DEFAULT_POLICY: Policy = {
   ],
 };
 
-export class Core {
+/** The policy of response-wrapping tokens: they can only be unwrapped, looked up or rewrapped. */
+export const RESPONSE_WRAPPING_POLICY: Policy = {
+  name: 'response-wrapping',
+  rules: [
+    { path: 'sys/wrapping/unwrap', capabilities: ['update'] },
+    { path: 'sys/wrapping/lookup', capabilities: ['update'] },
+    { path: 'sys/wrapping/rewrap', capabilities: ['update'] },
+  ],
+};
+
+export class Core implements ExpiryTarget {
   readonly barrier: Barrier;
   readonly mounts: MountTable;
   readonly tokens: TokenStore;
@@ -282,7 +292,8 @@ export class Core {
     const policies: Policy[] = [];
     for (const name of token.policies) {
       if (name === 'root') policies.push({ name: 'root', rules: [] });
-      else if (name === 'default') policies.push(DEFAULT_POLICY);
+      else if (name === 'response-wrapping') policies.push(RESPONSE_WRAPPING_POLICY);
+      else if (name === 'default') policies.push((await this.barrier.get<Policy>('core/policies/acl/default')) ?? DEFAULT_POLICY);
       else {
         const p = await this.barrier.get<Policy>(`core/policies/acl/${name}`);
         if (p) policies.push(p);
@@ -298,7 +309,31 @@ export class Core {
     if (!acl.allows(req.path, cap, sudo || requiresSudo(req.path, req.operation))) throw new PermissionDenied();
   }
 
-  assertInput(cond: boolean, msg: string): void {
-    if (!cond) throw new InvalidRequest(msg);
+  // ------------------------------------------------------------------ expiry (ExpiryTarget)
+
+  expireToken(accessor: string): Promise<boolean> {
+    return this.tokens.expireByAccessor(accessor);
+  }
+
+  async expireLease(leaseId: string): Promise<boolean> {
+    const lease = await this.leases.repo.get(leaseId);
+    if (!lease?.expiresAt || lease.expiresAt > this.opts.clock.now()) return false;
+    // A login's lease is its token's: expiring it revokes the token (and the token's children).
+    if (lease.kind === 'auth' && lease.tokenHmac) await this.tokens.revoke(lease.tokenHmac);
+    await this.leases.repo.delete(leaseId);
+    return true;
+  }
+
+  /** The backstop behind the queue's delayed jobs; the active node runs it periodically. */
+  async sweep(): Promise<{ tokens: number; leases: number; wrapped: number }> {
+    const tokens = await this.tokens.sweep();
+    let leases = 0;
+    for (;;) {
+      const ids = await this.leases.repo.expired(this.opts.clock.now(), 500);
+      for (const id of ids) if (await this.expireLease(id)) leases++;
+      if (ids.length < 500) break;
+    }
+    const wrapped = await this.opts.store.wrapped.deleteExpired(this.opts.clock.now());
+    return { tokens, leases, wrapped };
   }
 }

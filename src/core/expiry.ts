@@ -10,3 +10,10 @@ export interface ExpiryScheduler {
 }
 
 export const noScheduler: ExpiryScheduler = { schedule: async () => undefined };
+
+/** The checks the expiry jobs and the sweep run; they re-read Postgres, so repeats are harmless. */
+export interface ExpiryTarget {
+  expireToken(accessor: string): Promise<boolean>;
+  expireLease(leaseId: string): Promise<boolean>;
+  sweep(): Promise<{ tokens: number; leases: number; wrapped: number }>;
+}

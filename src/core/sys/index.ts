@@ -5,7 +5,8 @@
 import type { Core } from '../core';
 import { InvalidRequest, NotFound } from '../errors';
 import { normalizeMountPath, PROTECTED_MOUNTS, type MountEntry } from '../mounts';
-import { RouteTable, type RouteDef } from '../framework';
+import { openApiPaths, RouteTable, type RouteDef } from '../framework';
+import { VERSION } from '../../version';
 import { authRoutes } from './auth';
 import { leasesRoutes } from './leases';
 import { policyRoutes } from './policies';
@@ -58,12 +59,34 @@ export class SysBackend {
       { pattern: 'rotate', summary: 'Rotates the backend encryption key used to persist data.', sudo: true, operations: { update: () => this.rotate() } },
       { pattern: 'key-status', summary: 'Provides information about the backend encryption key.', sudo: true, operations: { read: async () => this.keyStatus() } },
       {
+        pattern: 'internal/specs/openapi',
+        summary: 'Generate an OpenAPI 3 document of all mounted paths.',
+        unauthenticated: true,
+        operations: { read: async () => ({ data: this.openApi() }) },
+      },
+      {
         pattern: 'internal/ui/mounts/:path*',
         summary: 'Information about a mount, for the CLI\'s KV preflight.',
         unauthenticated: true,
         operations: { read: async (ctx) => (ctx.params.path ? this.uiMount(ctx.params.path) : { data: { secret: this.mountMap('secret'), auth: this.mountMap('auth') } }) },
       },
     ];
+  }
+
+  /** The OpenAPI document, generated from the same route tables that validate requests. */
+  private openApi(): Record<string, unknown> {
+    let paths: Record<string, unknown> = {};
+    for (const table of ['secret', 'auth'] as const) {
+      for (const m of this.core.mounts.list(table)) {
+        const routes = this.core.routesFor(m);
+        if (routes) paths = { ...paths, ...openApiPaths(table === 'auth' ? `auth/${m.path}` : m.path, routes) };
+      }
+    }
+    return {
+      openapi: '3.0.2',
+      info: { title: 'Coffer API', description: 'HTTP API that gives you full access to Coffer (Vault-compatible).', version: VERSION, license: { name: 'MPL-2.0' } },
+      paths,
+    };
   }
 
   private existingMount(path: string): MountEntry {
