@@ -3,14 +3,14 @@
  * registered and killed by `stopAllCoffers()` (call it in afterAll) and at exit.
  */
 import { spawn, type ChildProcess } from 'node:child_process';
-import { mkdtempSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdtempSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { vault } from './http';
 import { waitFor } from './wait';
 
-const ROOT = join(__dirname, '..', '..');
-const BIN = join(ROOT, 'bin', 'coffer.js');
+// test/helpers under Jest, dist/test/helpers when compiled (bench): find the repo's bin/.
+const BIN = [join(__dirname, '..', '..', 'bin', 'coffer.js'), join(__dirname, '..', '..', '..', 'bin', 'coffer.js')].find((p) => existsSync(p))!;
 
 export interface CofferProcess {
   proc: ChildProcess;
