@@ -79,6 +79,14 @@ export const RESPONSE_WRAPPING_POLICY: Policy = {
   ],
 };
 
+function assertDuration(v: string, name: string): void {
+  try {
+    if (parseDurationSeconds(v) <= 0) throw new Error('must be positive');
+  } catch (err) {
+    throw new InvalidRequest(`${name}: ${(err as Error).message}`);
+  }
+}
+
 export class Core implements ExpiryTarget {
   readonly barrier: Barrier;
   readonly mounts: MountTable;
@@ -105,7 +113,10 @@ export class Core implements ExpiryTarget {
     this.kv = new KvEngine(this.barrier, opts.clock);
     this.leases = new LeaseManager(opts.store.leases, opts.clock, opts.scheduler ?? noScheduler);
     this.tokens.scheduler = opts.scheduler ?? noScheduler;
-    this.tokens.onRevoke = (hmac) => this.leases.revokeForToken(hmac);
+    this.tokens.onRevoke = async (hmac) => {
+      await this.leases.revokeForToken(hmac);
+      await this.wrapping.discard(hmac);
+    };
     this.wrapping = new Wrapping(this);
     this.sys = new SysBackend(this);
     this.tokenBackend = new TokenBackend(this);
@@ -268,10 +279,12 @@ export class Core implements ExpiryTarget {
       }
       await this.authorize(token, req, Boolean(matched.def.sudo));
     }
-    const out = await table.dispatch(ctx);
     const wrapTtl = req.headers['x-vault-wrap-ttl'];
+    // A bad wrap TTL is refused before the request runs, so a write is never done unwrapped.
+    if (wrapTtl) assertDuration(wrapTtl, 'X-Vault-Wrap-TTL');
+    const out = await table.dispatch(ctx);
     if (wrapTtl && !out.wrapInfo && (out.data || out.auth)) {
-      return this.wrapping.wrap(out, parseDurationSeconds(wrapTtl), req.path);
+      return this.wrapping.wrap(out, wrapTtl, req.path);
     }
     return out;
   }

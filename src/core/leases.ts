@@ -8,6 +8,14 @@ import type { ExpiryScheduler } from './expiry';
 import type { LeaseRecord, LeaseRepo, TokenRecord } from './ports';
 import { randomId } from './tokens';
 
+/**
+ * Go's RFC3339Nano, as Vault writes times in JSON: trailing zeros of the fraction dropped,
+ * and no fraction at all when it is zero ("2024-05-01T10:00:00Z", "…:00.12Z").
+ */
+export function rfc3339Nano(d: Date): string {
+  return d.toISOString().replace(/\.(\d*?)0*Z$/, (_m, frac: string) => (frac ? `.${frac}Z` : 'Z'));
+}
+
 /** Vault's system default and maximum TTL (32 days). */
 export const SYSTEM_MAX_TTL_SECONDS = 32 * 24 * 3600;
 
@@ -70,6 +78,20 @@ export class LeaseManager {
 
   async revokeForToken(hmac: Buffer): Promise<void> {
     for (const l of await this.repo.byToken(hmac)) await this.repo.delete(l.leaseId);
+  }
+
+  /**
+   * Vault-style folder listing of lease ids under `prefix` ('' or ending in '/'): the ids
+   * directly under it and its sub-prefixes with a trailing '/', sorted, without duplicates.
+   */
+  async listFolder(prefix: string): Promise<string[]> {
+    const keys = new Set<string>();
+    for (const id of await this.repo.idsWithPrefix(prefix)) {
+      const rest = id.slice(prefix.length);
+      const slash = rest.indexOf('/');
+      keys.add(slash >= 0 ? rest.slice(0, slash + 1) : rest);
+    }
+    return [...keys].sort();
   }
 
   remainingSeconds(rec: LeaseRecord): number {

@@ -162,7 +162,7 @@ function render(res: Response, req: LogicalRequest, out: LogicalResponse): void 
     mount_type: '',
   };
   // Vault copies sys/ data keys to the top level; node-vault users read e.g. `.policies` there.
-  if (req.path.startsWith('sys/') && out.data) {
+  if (req.path.startsWith('sys/') && req.path !== 'sys/wrapping/unwrap' && out.data) {
     for (const [k, v] of Object.entries(out.data)) if (!(k in envelope)) envelope[k] = v;
   }
   res.status(out.status && out.status !== 204 ? out.status : 200).json(envelope);

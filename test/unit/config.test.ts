@@ -120,6 +120,7 @@ describe('parseConfig: complete files', () => {
     seal: { type: 'static', currentKeyId: 'k2', currentKey: KEY, previousKeyId: 'k1', previousKey: OLD_KEY },
     queue: { type: 'redis', url: 'redis://cache.internal:6379/2', prefix: 'coffer-prod' },
     ui: true,
+    expirySweepIntervalMs: 30_000,
     logLevel: 'debug',
     logFormat: 'json',
     replication: { bestEffortWalWaitDurationMs: 5000, logshipperBufferLength: 1000, logshipperBufferSizeBytes: 128 * MiB },
@@ -187,6 +188,13 @@ describe('parseConfig: complete files', () => {
   });
 });
 
+describe('parseConfig: expiry_sweep_interval', () => {
+  it('reads a duration and refuses zero', async () => {
+    expect((await parseConfig(MINIMAL + '\nexpiry_sweep_interval = "5s"\n', 'coffer.hcl', {})).expirySweepIntervalMs).toBe(5000);
+    await expect(parseConfig(MINIMAL + '\nexpiry_sweep_interval = "0s"\n', 'coffer.hcl', {})).rejects.toThrow(/expiry_sweep_interval/);
+  });
+});
+
 describe('parseConfig: defaults', () => {
   it('fills every default around the minimal config', async () => {
     const config = await parseConfig(MINIMAL, 'coffer.hcl', {});
@@ -194,6 +202,7 @@ describe('parseConfig: defaults', () => {
       storage: { type: 'postgresql', connectionUrl: 'postgres://coffer@db/coffer', maxConnections: 10 },
       listeners: [{ address: '0.0.0.0:8200', tlsDisable: true, maxRequestSizeBytes: 32 * MiB, requestTimeoutMs: 90_000 }],
       ui: false,
+      expirySweepIntervalMs: 30_000,
       logLevel: 'info',
       logFormat: 'standard',
       replication: { bestEffortWalWaitDurationMs: 2000, logshipperBufferLength: 16_384, logshipperBufferSizeBytes: 64 * MiB },
