@@ -270,6 +270,7 @@ export class Core implements ExpiryTarget {
       throw new UnsupportedPath(`no handler for route "${req.path}". route entry not found.`);
     }
     const ctx: RequestContext = { req, token, subpath: route.subpath };
+    let use: 'ok' | 'last' | 'exhausted' = 'ok';
     if (token) {
       let op = req.operation;
       if (op === 'update' && matched.def.exists) {
@@ -278,11 +279,20 @@ export class Core implements ExpiryTarget {
         ctx.req = req;
       }
       await this.authorize(token, req, Boolean(matched.def.sudo));
+      // num_uses: spend one use per authorised request; the last use revokes the token after
+      // the request, whether or not it succeeded (as Vault does).
+      use = await this.tokens.use(token);
+      if (use === 'exhausted') throw new PermissionDenied();
     }
     const wrapTtl = req.headers['x-vault-wrap-ttl'];
     // A bad wrap TTL is refused before the request runs, so a write is never done unwrapped.
     if (wrapTtl) assertDuration(wrapTtl, 'X-Vault-Wrap-TTL');
-    const out = await table.dispatch(ctx);
+    let out: LogicalResponse;
+    try {
+      out = await table.dispatch(ctx);
+    } finally {
+      if (use === 'last') await this.tokens.revoke(token!.hmac);
+    }
     if (wrapTtl && !out.wrapInfo && (out.data || out.auth)) {
       return this.wrapping.wrap(out, wrapTtl, req.path);
     }

@@ -43,8 +43,12 @@ export interface RouteDef {
 
 interface Compiled {
   def: RouteDef;
-  segments: string[];
+  /** Segments before the rest parameter (or all of them when there is none). */
+  head: string[];
+  /** A multi-segment parameter (`:name*` or `:name+`), anywhere in the pattern. */
   rest: { name: string; nonEmpty: boolean } | null;
+  /** Segments after the rest parameter (e.g. `tune` in `mounts/:path+/tune`). */
+  tail: string[];
   schema: z.ZodType<Record<string, unknown>>;
 }
 
@@ -78,15 +82,16 @@ function fieldSchema(f: FieldSchema): z.ZodTypeAny {
 
 function compile(def: RouteDef): Compiled {
   const parts = def.pattern.split('/').filter(Boolean);
-  let rest: Compiled['rest'] = null;
-  const last = parts[parts.length - 1];
-  if (last && /^:\w+[*+]$/.test(last)) {
-    rest = { name: last.slice(1, -1), nonEmpty: last.endsWith('+') };
-    parts.pop();
-  }
+  const restAt = parts.findIndex((p) => /^:\w+[*+]$/.test(p));
   const shape: Record<string, z.ZodTypeAny> = {};
   for (const [name, f] of Object.entries(def.fields ?? {})) shape[name] = fieldSchema(f);
-  return { def, segments: parts, rest, schema: z.object(shape).passthrough() as never };
+  return {
+    def,
+    head: restAt === -1 ? parts : parts.slice(0, restAt),
+    rest: restAt === -1 ? null : { name: parts[restAt].slice(1, -1), nonEmpty: parts[restAt].endsWith('+') },
+    tail: restAt === -1 ? [] : parts.slice(restAt + 1),
+    schema: z.object(shape).passthrough() as never,
+  };
 }
 
 export class RouteTable {
@@ -125,21 +130,26 @@ export class RouteTable {
   }
 }
 
+function matchOne(pattern: string, part: string | undefined, params: Record<string, string>): boolean {
+  if (pattern.startsWith(':')) {
+    if (!part) return false;
+    params[pattern.slice(1)] = part;
+    return true;
+  }
+  return pattern === part;
+}
+
 function matchSegments(c: Compiled, parts: string[], trailingSlash: boolean): Record<string, string> | null {
   const params: Record<string, string> = {};
-  if (c.rest ? parts.length < c.segments.length : parts.length !== c.segments.length) return null;
-  for (let i = 0; i < c.segments.length; i++) {
-    const s = c.segments[i];
-    if (s.startsWith(':')) {
-      if (!parts[i]) return null;
-      params[s.slice(1)] = parts[i];
-    } else if (s !== parts[i]) return null;
-  }
+  const fixed = c.head.length + c.tail.length;
+  if (c.rest ? parts.length < fixed : parts.length !== fixed) return null;
+  for (let i = 0; i < c.head.length; i++) if (!matchOne(c.head[i], parts[i], params)) return null;
+  for (let i = 0; i < c.tail.length; i++) if (!matchOne(c.tail[i], parts[parts.length - c.tail.length + i], params)) return null;
   if (c.rest) {
-    const tail = parts.slice(c.segments.length).join('/');
-    const value = tail + (trailingSlash && tail ? '/' : '');
-    if (c.rest.nonEmpty && !tail) return null;
-    params[c.rest.name] = value;
+    const middle = parts.slice(c.head.length, parts.length - c.tail.length).join('/');
+    if (c.rest.nonEmpty && !middle) return null;
+    // A trailing slash belongs to the rest parameter only when it ends the path.
+    params[c.rest.name] = middle + (trailingSlash && middle && c.tail.length === 0 ? '/' : '');
   }
   return params;
 }

@@ -75,12 +75,22 @@ export interface TokenRepo {
   children(hmac: Buffer): Promise<TokenRecord[]>;
   /** Returns false if the token was already gone. */
   delete(hmac: Buffer): Promise<boolean>;
-  /** Decrements num_uses; returns the remaining count, or null if the token is gone. */
+  /**
+   * Spends one use of a token with num_uses > 0 and returns the uses left; the last use stores
+   * -1 (revocation pending) and returns 0. Null if the token is gone or had no use left.
+   */
   use(hmac: Buffer): Promise<number | null>;
   update(hmac: Buffer, patch: Partial<Pick<TokenRecord, 'expiresAt' | 'ttlSeconds'>>): Promise<void>;
   expired(now: Date, limit: number): Promise<Buffer[]>;
+  /** Accessors of service tokens (batch tokens have none), sorted. */
   accessors(): Promise<string[]>;
   orphanChildren(hmac: Buffer): Promise<void>;
+  /** Tokens whose parent no longer exists (a child created while its parent was being revoked). */
+  withMissingParent(limit: number): Promise<Buffer[]>;
+  /** Tokens whose last use was spent but whose revocation never ran (num_uses = -1). */
+  usedUp(limit: number): Promise<Buffer[]>;
+  /** Leases owned by a token that no longer exists. */
+  leaseIdsOfMissingTokens(limit: number): Promise<string[]>;
 }
 
 export interface LeaseRecord {

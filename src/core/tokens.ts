@@ -119,13 +119,39 @@ export class TokenStore {
     }
   }
 
-  /** The live record of `token`, or null if unknown or expired. */
+  /** The live record of `token`, or null if unknown, expired or out of uses. */
   async lookup(token: string): Promise<TokenRecord | null> {
     if (!token || token.length > 512) return null;
-    const rec = await this.repo.byHmac(this.digest(token));
+    return this.live(await this.repo.byHmac(this.digest(token)));
+  }
+
+  /** The live record of the token with this accessor (batch tokens have none, as in Vault). */
+  async lookupByAccessor(accessor: string): Promise<TokenRecord | null> {
+    if (!accessor) return null;
+    const rec = this.live(await this.repo.byAccessor(accessor));
+    return rec && rec.tokenType === 'service' ? rec : null;
+  }
+
+  private live(rec: TokenRecord | null): TokenRecord | null {
     if (!rec) return null;
     if (rec.expiresAt && rec.expiresAt.getTime() <= this.clock.now().getTime()) return null;
+    // -1: the last use was spent and revocation is pending (see use()).
+    if (rec.numUses < 0) return null;
     return rec;
+  }
+
+  /**
+   * Spends one use of a use-limited token (Vault's UseToken); unlimited tokens (num_uses 0) are
+   * untouched. 'last': this request took the final use; serve it, then revoke the token.
+   * 'exhausted': nothing was left (a concurrent request took the last use); refuse the request.
+   * The last use leaves num_uses at -1, never 0, because 0 means unlimited: a crash before the
+   * revocation must leave a dead token, not an immortal one.
+   */
+  async use(rec: TokenRecord): Promise<'ok' | 'last' | 'exhausted'> {
+    if (rec.numUses === 0) return 'ok';
+    const left = await this.repo.use(rec.hmac);
+    if (left === null) return 'exhausted';
+    return left === 0 ? 'last' : 'ok';
   }
 
   /** Revokes a token and, unless it is an orphan-revoke, its descendants. */

@@ -90,14 +90,15 @@ function tokenRepo(db: Kysely<DB>): TokenRepo {
       return Number(r.numDeletedRows) > 0;
     },
     use: async (h) => {
+      // 1 → -1, not 0: 0 means unlimited (see TokenStore.use).
       const r = await db
         .updateTable('coffer_tokens')
-        .set({ num_uses: sql`num_uses - 1` })
+        .set({ num_uses: sql`CASE WHEN num_uses = 1 THEN -1 ELSE num_uses - 1 END` })
         .where('token_hmac', '=', h)
         .where('num_uses', '>', 0)
         .returning('num_uses')
         .executeTakeFirst();
-      return r ? r.num_uses : null;
+      return r ? Math.max(0, r.num_uses) : null;
     },
     update: async (h, patch) => {
       await db
@@ -119,10 +120,38 @@ function tokenRepo(db: Kysely<DB>): TokenRepo {
           .limit(limit)
           .execute()
       ).map((r) => r.token_hmac),
-    accessors: async () => (await db.selectFrom('coffer_tokens').select('accessor').orderBy('accessor').execute()).map((r) => r.accessor),
+    accessors: async () =>
+      (await db.selectFrom('coffer_tokens').select('accessor').where('token_type', '=', 'service').orderBy('accessor').execute()).map((r) => r.accessor),
     orphanChildren: async (h) => {
       await db.updateTable('coffer_tokens').set({ parent_hmac: null, orphan: true }).where('parent_hmac', '=', h).execute();
     },
+    withMissingParent: async (limit) =>
+      (
+        await db
+          .selectFrom('coffer_tokens as t')
+          .select('t.token_hmac')
+          .where('t.parent_hmac', 'is not', null)
+          .where(({ not, exists, selectFrom }) =>
+            not(exists(selectFrom('coffer_tokens as p').select('p.token_hmac').whereRef('p.token_hmac', '=', 't.parent_hmac'))),
+          )
+          .limit(limit)
+          .execute()
+      ).map((r) => r.token_hmac),
+    usedUp: async (limit) =>
+      (await db.selectFrom('coffer_tokens').select('token_hmac').where('num_uses', '<', 0).limit(limit).execute()).map((r) => r.token_hmac),
+    leaseIdsOfMissingTokens: async (limit) =>
+      (
+        await db
+          .selectFrom('coffer_leases as l')
+          .select('l.lease_id')
+          .where('l.token_hmac', 'is not', null)
+          .where(({ not, exists, selectFrom }) =>
+            not(exists(selectFrom('coffer_tokens as t').select('t.token_hmac').whereRef('t.token_hmac', '=', 'l.token_hmac'))),
+          )
+          .orderBy('l.lease_id')
+          .limit(limit)
+          .execute()
+      ).map((r) => r.lease_id),
   };
 }
 
