@@ -3,7 +3,7 @@
  * bound to its storage path (invariant 8). While sealed there is no keyring and every call
  * throws Sealed.
  */
-import { Sealed } from './errors';
+import { KeyringStale, Sealed } from './errors';
 import { Keyring, UnknownTerm } from './keyring';
 import type { Store, StoreTx } from './ports';
 
@@ -93,6 +93,18 @@ export class Barrier {
 
   /** Runs `fn` in one storage transaction; the use case owns it. */
   async transaction<T>(fn: (tx: BarrierTx) => Promise<T>): Promise<{ result: T; lastSeq: number }> {
+    try {
+      return await this.attempt(fn);
+    } catch (err) {
+      // Another process rotated the key: reload the keyring and run the use case again (the
+      // failed attempt committed nothing).
+      if (!(err instanceof KeyringStale) || !this.reloadKeyring) throw err;
+      this.keyring = await this.reloadKeyring();
+      return this.attempt(fn);
+    }
+  }
+
+  private async attempt<T>(fn: (tx: BarrierTx) => Promise<T>): Promise<{ result: T; lastSeq: number }> {
     this.currentKeyring;
     let lastSeq = 0;
     const result = await this.store.transaction(async (raw: StoreTx) => {

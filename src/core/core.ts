@@ -10,7 +10,7 @@ import { openKeyring, sealKeyring, type Keyring } from './keyring';
 import { KvEngine } from './kv';
 import { MountTable, type MountEntry } from './mounts';
 import type { RouteTable } from './framework';
-import { Acl, requiresSudo, type Capability, type Policy } from './policy';
+import { Acl, DEFAULT_POLICY, requiresSudo, RESPONSE_WRAPPING_POLICY, type Capability, type Policy } from './policy';
 import type { Store, TokenRecord } from './ports';
 import type { LogicalRequest, LogicalResponse, RequestContext } from './request';
 import { SealState, type StaticSealKey } from './seal';
@@ -50,34 +50,6 @@ export interface SealStatus {
   cluster_name?: string;
   cluster_id?: string;
 }
-
-export const DEFAULT_POLICY: Policy = {
-  name: 'default',
-  rules: [
-    { path: 'auth/token/lookup-self', capabilities: ['read'] },
-    { path: 'auth/token/renew-self', capabilities: ['update'] },
-    { path: 'auth/token/revoke-self', capabilities: ['update'] },
-    { path: 'sys/capabilities-self', capabilities: ['update'] },
-    { path: 'sys/internal/ui/resultant-acl', capabilities: ['read'] },
-    { path: 'sys/leases/renew', capabilities: ['update'] },
-    { path: 'sys/leases/lookup', capabilities: ['update'] },
-    { path: 'sys/renew', capabilities: ['update'] },
-    { path: 'sys/wrapping/wrap', capabilities: ['update'] },
-    { path: 'sys/wrapping/lookup', capabilities: ['update'] },
-    { path: 'sys/wrapping/unwrap', capabilities: ['update'] },
-    { path: 'cubbyhole/*', capabilities: ['create', 'read', 'update', 'delete', 'list'] },
-  ],
-};
-
-/** The policy of response-wrapping tokens: they can only be unwrapped, looked up or rewrapped. */
-export const RESPONSE_WRAPPING_POLICY: Policy = {
-  name: 'response-wrapping',
-  rules: [
-    { path: 'sys/wrapping/unwrap', capabilities: ['update'] },
-    { path: 'sys/wrapping/lookup', capabilities: ['update'] },
-    { path: 'sys/wrapping/rewrap', capabilities: ['update'] },
-  ],
-};
 
 function assertDuration(v: string, name: string): void {
   try {
@@ -241,7 +213,7 @@ export class Core implements ExpiryTarget {
     if (!rec) throw new NotInitialized();
     // Start from the stored keyring (another process may have rotated already).
     const next = openKeyring(this.rootKey, rec.keyring).rotate(this.opts.clock.now());
-    await this.opts.store.updateKeyring(sealKeyring(this.rootKey, next));
+    await this.opts.store.updateKeyring(sealKeyring(this.rootKey, next), next.activeTerm);
     this.barrier.setKeyring(next);
     return next;
   }
@@ -283,6 +255,7 @@ export class Core implements ExpiryTarget {
       // the request, whether or not it succeeded (as Vault does).
       use = await this.tokens.use(token);
       if (use === 'exhausted') throw new PermissionDenied();
+      if (token.numUses > 0) ctx.token = { ...token, numUses: token.numUses - 1 };
     }
     const wrapTtl = req.headers['x-vault-wrap-ttl'];
     // A bad wrap TTL is refused before the request runs, so a write is never done unwrapped.
@@ -313,7 +286,7 @@ export class Core implements ExpiryTarget {
 
   async aclFor(token: TokenRecord): Promise<Acl> {
     const policies: Policy[] = [];
-    for (const name of token.policies) {
+    for (const name of token.policies.map((n) => n.trim().toLowerCase())) {
       if (name === 'root') policies.push({ name: 'root', rules: [] });
       else if (name === 'response-wrapping') policies.push(RESPONSE_WRAPPING_POLICY);
       else if (name === 'default') policies.push((await this.barrier.get<Policy>('core/policies/acl/default')) ?? DEFAULT_POLICY);

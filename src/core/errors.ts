@@ -70,6 +70,14 @@ export class Conflict extends kind('conflict') {}
 /** A precondition on cluster state (e.g. X-Vault-Index not reached yet). */
 export class PreconditionFailed extends kind('precondition_failed') {}
 
+/** Internal: a write used a keyring term another process has since rotated away from. The
+ * barrier reloads its keyring and retries; callers never see it. */
+export class KeyringStale extends kind('keyring_stale') {
+  constructor() {
+    super('keyring term is stale');
+  }
+}
+
 export type DomainError =
   | InvalidRequest
   | PermissionDenied

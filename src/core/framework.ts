@@ -180,7 +180,11 @@ export function openApiPaths(prefix: string, table: RouteTable): Record<string, 
     for (const op of Object.keys(def.operations) as Operation[]) {
       const id = `${prefix}${def.pattern}`.replace(/[^a-zA-Z0-9]+/g, '-').replace(/-$/, '');
       if (op === 'read') item.get = { operationId: `read-${id}`, responses: ok };
-      if (op === 'list') item.get = { ...(item.get as object), parameters: [{ name: 'list', in: 'query', required: true, schema: { type: 'string', enum: ['true'] } }], operationId: `list-${id}`, responses: ok };
+      if (op === 'list') {
+        // A path that also reads takes `list` as an optional switch; a list-only path requires it.
+        const readable = Boolean(def.operations.read);
+        item.get = { ...(item.get as object), parameters: [{ name: 'list', in: 'query', required: !readable, schema: { type: 'string', enum: ['true'] } }], ...(readable ? {} : { operationId: `list-${id}` }), responses: ok };
+      }
       if (op === 'update' || op === 'create') item.post = { operationId: `write-${id}`, requestBody: body, responses: ok };
       if (op === 'patch') item.patch = { operationId: `patch-${id}`, requestBody: { ...body, content: { 'application/merge-patch+json': body.content['application/json'] } }, responses: ok };
       if (op === 'delete') item.delete = { operationId: `delete-${id}`, responses: ok };

@@ -35,12 +35,14 @@ export interface Store {
   list(prefix: string): Promise<string[]>;
   getLocal(path: string): Promise<Buffer | null>;
   listLocal(prefix: string): Promise<string[]>;
+  /** Throws KeyringStale if a put used a superseded keyring term (nothing is committed). */
   transaction<T>(fn: (tx: StoreTx) => Promise<T>): Promise<T>;
 
   readSeal(): Promise<SealRecord | null>;
   /** Inserts the seal record; false if the cluster was initialised meanwhile. */
   createSeal(rec: SealRecord): Promise<boolean>;
-  updateKeyring(blob: Buffer): Promise<void>;
+  /** Stores the keyring and its active term (writes under older terms are then refused). */
+  updateKeyring(blob: Buffer, activeTerm: number): Promise<void>;
 
   tokens: TokenRepo;
   leases: LeaseRepo;

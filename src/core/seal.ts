@@ -92,7 +92,13 @@ export class SealState {
     if (this.shares.length < rec.secretThreshold) return null;
     const shares = this.shares;
     this.reset();
-    const rootKey = rec.secretThreshold === 1 ? shares[0] : Buffer.from(await combine(shares.map((s) => new Uint8Array(s))));
+    let rootKey: Buffer;
+    try {
+      rootKey = rec.secretThreshold === 1 ? shares[0] : Buffer.from(await combine(shares.map((s) => new Uint8Array(s))));
+    } catch (err) {
+      // Malformed shares (wrong length, repeated x-coordinate) are the caller's error.
+      throw new InvalidRequest(`invalid unseal key: ${(err as Error).message}`);
+    }
     return { keyring: openKeyring(rootKey, rec.keyring), rootKey };
   }
 

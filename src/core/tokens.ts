@@ -5,6 +5,7 @@
  */
 import { createHmac, randomBytes } from 'node:crypto';
 import type { Clock } from './clock';
+import { Sealed } from './errors';
 import { noScheduler, type ExpiryScheduler } from './expiry';
 import type { TokenRecord, TokenRepo } from './ports';
 
@@ -57,7 +58,7 @@ export class TokenStore {
   }
 
   digest(token: string): Buffer {
-    if (!this.hmacKey) throw new Error('token store is sealed');
+    if (!this.hmacKey) throw new Sealed();
     return createHmac('sha256', this.hmacKey).update(token).digest();
   }
 

@@ -80,7 +80,7 @@ function sendError(res: Response, status: number, errors: string[]): void {
 
 function sendCaught(res: Response, err: unknown, log: Logger): void {
   const e = toHttpError(err);
-  if (e.status >= 500) log.error({ err: redactError(err) }, 'request failed');
+  if (e.status === 500) log.error({ err: redactError(err) }, 'request failed');
   sendError(res, e.status, e.errors);
 }
 
@@ -115,8 +115,22 @@ function operationOf(req: Request): Operation {
   }
 }
 
+/** Vault's JSON decoder refuses nesting beyond this; deeper values would overflow later. */
+const MAX_JSON_DEPTH = 500;
+
+function tooDeep(v: unknown): boolean {
+  const stack: [unknown, number][] = [[v, 0]];
+  while (stack.length) {
+    const [x, d] = stack.pop()!;
+    if (d > MAX_JSON_DEPTH) return true;
+    if (x && typeof x === 'object') for (const c of Object.values(x)) if (c && typeof c === 'object') stack.push([c, d + 1]);
+  }
+  return false;
+}
+
 function bodyOf(req: Request): Record<string, unknown> {
   const b = req.body as unknown;
+  if (tooDeep(b)) throw new InvalidRequest(`failed to parse JSON input: nesting deeper than ${MAX_JSON_DEPTH} levels`);
   if (b === undefined || b === null || (typeof b === 'object' && Object.keys(b as object).length === 0 && !Array.isArray(b))) return {};
   if (typeof b !== 'object' || Array.isArray(b)) throw new InvalidRequest('failed to parse JSON input: request body must be a JSON object');
   return b as Record<string, unknown>;

@@ -16,10 +16,13 @@ export interface WrittenRow {
   keyVersion: number;
 }
 
-const PUT_WITH_WAL = (path: string, value: Buffer, hash: Buffer) => sql<{ seq: number; key_version: number }>`
+// The term guard: a value encrypted under a keyring term older than the active one is not
+// written (no row comes back) and the caller reloads its keyring and retries.
+const PUT_WITH_WAL = (path: string, value: Buffer, hash: Buffer, term: number) => sql<{ seq: number; key_version: number }>`
   WITH e AS (
     INSERT INTO coffer_entries AS cur (path, version, value, value_hash, updated_at)
-    VALUES (${path}, 1, ${value}, ${hash}, clock_timestamp())
+    SELECT ${path}, 1, ${value}, ${hash}, clock_timestamp()
+     WHERE NOT EXISTS (SELECT 1 FROM coffer_seal WHERE id = 1 AND active_term > ${term})
     ON CONFLICT (path) DO UPDATE
        SET version = cur.version + 1, value = EXCLUDED.value,
            value_hash = EXCLUDED.value_hash, updated_at = EXCLUDED.updated_at
@@ -45,8 +48,16 @@ export function valueHash(value: Buffer): Buffer {
   return createHash('sha256').update(value).digest();
 }
 
-export async function putEntry(tx: Transaction<DB>, path: string, value: Buffer): Promise<WrittenRow> {
-  const { rows } = await PUT_WITH_WAL(path, value, valueHash(value)).execute(tx);
+/** Thrown when a write was encrypted under a keyring term that is no longer the active one. */
+export class StaleKeyTerm extends Error {
+  constructor() {
+    super('value encrypted under a superseded keyring term');
+  }
+}
+
+export async function putEntry(tx: Transaction<DB>, path: string, value: Buffer, term: number): Promise<WrittenRow> {
+  const { rows } = await PUT_WITH_WAL(path, value, valueHash(value), term).execute(tx);
+  if (rows.length === 0) throw new StaleKeyTerm();
   return { seq: rows[0].seq, keyVersion: rows[0].key_version };
 }
 

@@ -1,5 +1,6 @@
 /** Local (never replicated) barrier storage: writes here have no WAL row (invariant 5). */
-import type { Kysely, Transaction } from 'kysely';
+import { sql, type Kysely, type Transaction } from 'kysely';
+import { StaleKeyTerm } from './entries';
 import type { DB } from './schema';
 
 type Q = Kysely<DB> | Transaction<DB>;
@@ -9,12 +10,15 @@ export async function getLocal(db: Q, path: string): Promise<Buffer | null> {
   return row?.value ?? null;
 }
 
-export async function putLocal(db: Q, path: string, value: Buffer): Promise<void> {
-  await db
-    .insertInto('coffer_local_entries')
-    .values({ path, value })
-    .onConflict((oc) => oc.column('path').doUpdateSet({ value, updated_at: new Date() }))
-    .execute();
+/** Same term guard as replicated puts (entries.ts). */
+export async function putLocal(db: Q, path: string, value: Buffer, term: number): Promise<void> {
+  const { rows } = await sql<{ path: string }>`
+    INSERT INTO coffer_local_entries AS cur (path, value, updated_at)
+    SELECT ${path}, ${value}, clock_timestamp()
+     WHERE NOT EXISTS (SELECT 1 FROM coffer_seal WHERE id = 1 AND active_term > ${term})
+    ON CONFLICT (path) DO UPDATE SET value = EXCLUDED.value, updated_at = EXCLUDED.updated_at
+    RETURNING path`.execute(db);
+  if (rows.length === 0) throw new StaleKeyTerm();
 }
 
 export async function deleteLocal(db: Q, path: string): Promise<void> {

@@ -5,10 +5,12 @@
 import { Migrator, type Kysely, type Migration, type MigrationProvider } from 'kysely';
 import * as m0001 from '../../db/migrations/0001_initial';
 import * as m0002 from '../../db/migrations/0002_leases';
+import * as m0003 from '../../db/migrations/0003_keyring_term';
 
 const migrations: Record<string, Migration> = {
   '0001_initial': m0001,
   '0002_leases': m0002,
+  '0003_keyring_term': m0003,
 };
 
 const provider: MigrationProvider = { getMigrations: async () => migrations };

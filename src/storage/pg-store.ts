@@ -1,7 +1,9 @@
 /** Store (src/core/ports.ts) on Postgres through kysely. */
 import { sql, type Kysely, type Transaction } from 'kysely';
 import type { LeaseRecord, LeaseRepo, SealRecord, Store, StoreTx, TokenRecord, TokenRepo, WrapRepo, WrappedRecord } from '../core/ports';
-import { deleteEntry, getEntry, listChildren, prefixEnd, putEntry } from './entries';
+import { deleteEntry, getEntry, listChildren, prefixEnd, putEntry, StaleKeyTerm } from './entries';
+import { KeyringStale } from '../core/errors';
+import { termOf } from '../core/keyring';
 import { deleteLocal, getLocal, putLocal } from './local';
 import type { DB } from './schema';
 
@@ -12,13 +14,13 @@ function txStore(tx: Transaction<DB>): StoreTx {
       return row?.value ?? null;
     },
     list: (prefix) => listChildren(tx, 'coffer_entries', prefix),
-    put: async (path, value) => (await putEntry(tx, path, value)).seq,
+    put: async (path, value) => (await putEntry(tx, path, value, termOf(value))).seq,
     delete: async (path) => (await deleteEntry(tx, path))?.seq ?? null,
     lock: async (key) => {
       await sql`SELECT pg_advisory_xact_lock(hashtextextended(${key}, 0))`.execute(tx);
     },
     getLocal: (path) => getLocal(tx, path),
-    putLocal: (path, value) => putLocal(tx, path, value),
+    putLocal: (path, value) => putLocal(tx, path, value, termOf(value)),
     deleteLocal: (path) => deleteLocal(tx, path),
     listLocal: (prefix) => listChildren(tx, 'coffer_local_entries', prefix),
   };
@@ -161,7 +163,14 @@ export function pgStore(db: Kysely<DB>): Store {
     list: (prefix) => listChildren(db, 'coffer_entries', prefix),
     getLocal: (path) => getLocal(db, path),
     listLocal: (prefix) => listChildren(db, 'coffer_local_entries', prefix),
-    transaction: (fn) => db.transaction().execute((tx) => fn(txStore(tx))),
+    transaction: async (fn) => {
+      try {
+        return await db.transaction().execute((tx) => fn(txStore(tx)));
+      } catch (err) {
+        if (err instanceof StaleKeyTerm) throw new KeyringStale();
+        throw err;
+      }
+    },
 
     async readSeal() {
       const r = await db.selectFrom('coffer_seal').selectAll().where('id', '=', 1).executeTakeFirst();
@@ -195,8 +204,8 @@ export function pgStore(db: Kysely<DB>): Store {
         .executeTakeFirst();
       return Number(r.numInsertedOrUpdatedRows ?? 0) > 0;
     },
-    async updateKeyring(blob) {
-      await db.updateTable('coffer_seal').set({ keyring: blob }).where('id', '=', 1).execute();
+    async updateKeyring(blob, activeTerm) {
+      await db.updateTable('coffer_seal').set({ keyring: blob, active_term: activeTerm }).where('id', '=', 1).execute();
     },
     tokens: tokenRepo(db),
     leases: leaseRepo(db),

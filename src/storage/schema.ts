@@ -48,6 +48,7 @@ export interface SealTable {
   cluster_id: string;
   cluster_name: string;
   initialized_at: Timestamp;
+  active_term: ColumnType<number, number | undefined, number>;
 }
 
 export interface TokensTable {

@@ -297,7 +297,8 @@ test('custom ids need root or sudo and must be new', async () => {
 });
 
 test('num_uses: the last use leaves a dead token (not an unlimited one) that tidy revokes', async () => {
-  const t = await create({ policies: ['creator'], num_uses: 2 });
+  const t = await create({ policies: ['creator'], num_uses: 3 });
+  // A refused request still spends a use (as in Vault): 2 left.
   await fails(create({}, t.client_token), 'invalid_request', 'restricted use token cannot generate child tokens');
   const rec = (await core.tokens.lookup(t.client_token))!;
   expect(await core.tokens.use(rec)).toBe('ok');
@@ -306,6 +307,14 @@ test('num_uses: the last use leaves a dead token (not an unlimited one) that tid
   expect(await core.tokens.use(rec)).toBe('exhausted');
   await call('update', 'tidy', root);
   expect(await core.tokens.repo.byHmac(rec.hmac)).toBeNull();
+});
+
+test('num_uses through requests: the last authorised request revokes the token', async () => {
+  const t = await create({ policies: ['creator'], num_uses: 2 });
+  expect((await call('read', 'lookup-self', t.client_token)).data!.num_uses).toBe(1);
+  await call('read', 'lookup-self', t.client_token);
+  expect(await core.tokens.lookup(t.client_token)).toBeNull();
+  await fails(call('read', 'lookup-self', t.client_token), 'permission_denied');
 });
 
 test('tidy revokes tokens whose parent is gone and leases whose token is gone', async () => {

@@ -57,7 +57,7 @@ export class SysBackend {
         },
       },
       { pattern: 'rotate', summary: 'Rotates the backend encryption key used to persist data.', sudo: true, operations: { update: () => this.rotate() } },
-      { pattern: 'key-status', summary: 'Provides information about the backend encryption key.', sudo: true, operations: { read: async () => this.keyStatus() } },
+      { pattern: 'key-status', summary: 'Provides information about the backend encryption key.', operations: { read: async () => this.keyStatus() } },
       {
         pattern: 'internal/specs/openapi',
         summary: 'Generate an OpenAPI 3 document of all mounted paths.',
