@@ -244,13 +244,17 @@ export class Core implements ExpiryTarget {
     const ctx: RequestContext = { req, token, subpath: route.subpath };
     let use: 'ok' | 'last' | 'exhausted' = 'ok';
     if (token) {
-      let op = req.operation;
-      if (op === 'update' && matched.def.exists) {
-        op = (await matched.def.exists({ ...ctx, params: matched.params, fields: {} })) ? 'update' : 'create';
+      const acl = await this.aclFor(token);
+      // The existence check decides create vs update for the ACL; root is allowed either way,
+      // so it skips the extra storage read.
+      if (req.operation === 'update' && matched.def.exists && !acl.root) {
+        const op = (await matched.def.exists({ ...ctx, params: matched.params, fields: {} })) ? 'update' : 'create';
         req = { ...req, operation: op };
         ctx.req = req;
       }
-      await this.authorize(token, req, Boolean(matched.def.sudo));
+      if (!acl.allows(req.path, req.operation as Capability, Boolean(matched.def.sudo) || requiresSudo(req.path, req.operation))) {
+        throw new PermissionDenied();
+      }
       // num_uses: spend one use per authorised request; the last use revokes the token after
       // the request, whether or not it succeeded (as Vault does).
       use = await this.tokens.use(token);
@@ -298,12 +302,6 @@ export class Core implements ExpiryTarget {
     return new Acl(policies);
   }
 
-  private async authorize(token: TokenRecord, req: LogicalRequest, sudo: boolean): Promise<void> {
-    const acl = await this.aclFor(token);
-    if (acl.root) return;
-    const cap: Capability = req.operation;
-    if (!acl.allows(req.path, cap, sudo || requiresSudo(req.path, req.operation))) throw new PermissionDenied();
-  }
 
   // ------------------------------------------------------------------ expiry (ExpiryTarget)
 

@@ -62,20 +62,30 @@ export async function sequenceWal(db: Kysely<DB>, maxRows = 5000): Promise<Seque
     const head = await tx.selectFrom('coffer_wal_head').select('last_lsn').where('id', '=', 1).executeTakeFirstOrThrow();
     const headLsn = Number(head.last_lsn);
     // Statements in READ COMMITTED take a fresh snapshot each: this one runs after the lock.
-    const { rows: batch } = await sql<Candidate>`
-      SELECT seq, path, key_version FROM coffer_wal
-       WHERE lsn IS NULL AND xid < pg_snapshot_xmin(pg_current_snapshot())
-       ORDER BY xid, seq
-       LIMIT ${maxRows}`.execute(tx);
-    if (batch.length === 0) return { assigned: 0, headLsn };
+    // It returns the next batch below the horizon AND every other unordered row of the same
+    // keys: older versions of a key that fall beyond the LIMIT must join the batch (else a
+    // batch full of held-back rows would never progress), and rows still above the horizon
+    // are the blockers that hold newer versions back.
+    const { rows } = await sql<Candidate & { eligible: boolean }>`
+      WITH h AS (SELECT pg_snapshot_xmin(pg_current_snapshot()) AS x),
+           b AS (SELECT w.seq, w.path FROM coffer_wal w, h
+                  WHERE w.lsn IS NULL AND w.xid < h.x
+                  ORDER BY w.xid, w.seq
+                  LIMIT ${maxRows})
+      SELECT w.seq, w.path, w.key_version, (w.xid < h.x) AS eligible
+        FROM coffer_wal w, h
+       WHERE w.lsn IS NULL AND (w.seq IN (SELECT seq FROM b) OR w.path IN (SELECT path FROM b))
+       ORDER BY w.xid, w.seq`.execute(tx);
+    if (rows.length === 0) return { assigned: 0, headLsn };
 
-    const paths = [...new Set(batch.map((r) => r.path))];
-    const seqs = batch.map((r) => r.seq);
-    const { rows: older } = await sql<{ path: string; min_version: number }>`
-      SELECT path, min(key_version) AS min_version FROM coffer_wal
-       WHERE lsn IS NULL AND path = ANY(${paths}::text[]) AND seq <> ALL(${seqs}::bigint[])
-       GROUP BY path`.execute(tx);
-    const ordered = orderBatch(batch, new Map(older.map((o) => [o.path, Number(o.min_version)])));
+    const blockers = new Map<string, number>();
+    for (const r of rows) {
+      if (!r.eligible) blockers.set(r.path, Math.min(blockers.get(r.path) ?? Infinity, Number(r.key_version)));
+    }
+    const ordered = orderBatch(
+      rows.filter((r) => r.eligible),
+      blockers,
+    );
     if (ordered.length === 0) return { assigned: 0, headLsn };
 
     const lsns = ordered.map((_, i) => headLsn + 1 + i);
