@@ -9,7 +9,7 @@ import { InvalidRequest, NotInitialized, PermissionDenied, Sealed, UnsupportedPa
 import { openKeyring, sealKeyring, type Keyring } from './keyring';
 import { KvEngine } from './kv';
 import { MountTable, type MountEntry } from './mounts';
-import type { RouteTable } from './framework';
+import { openApiPaths, RouteTable } from './framework';
 import { Acl, DEFAULT_POLICY, requiresSudo, RESPONSE_WRAPPING_POLICY, type Capability, type Policy } from './policy';
 import type { Store, TokenRecord } from './ports';
 import type { LogicalRequest, LogicalResponse, RequestContext } from './request';
@@ -50,6 +50,8 @@ export interface SealStatus {
   cluster_name?: string;
   cluster_id?: string;
 }
+
+const TRUE_VALUES = new Set(['1', 't', 'true', 'T', 'TRUE', 'True']);
 
 function assertDuration(v: string, name: string): void {
   try {
@@ -242,6 +244,10 @@ export class Core implements ExpiryTarget {
       throw new UnsupportedPath(`no handler for route "${req.path}". route entry not found.`);
     }
     const ctx: RequestContext = { req, token, subpath: route.subpath };
+    if (req.operation === 'read' && TRUE_VALUES.has(req.query.help ?? '')) {
+      // `?help=1`: the route's description and its OpenAPI item, from the same route table.
+      return { data: { help: `## ${matched.def.summary}\n`, openapi: { openapi: '3.0.2', paths: openApiPaths(route.prefix, new RouteTable([matched.def])) } } };
+    }
     let use: 'ok' | 'last' | 'exhausted' = 'ok';
     if (token) {
       const acl = await this.aclFor(token);

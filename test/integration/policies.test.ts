@@ -294,3 +294,11 @@ describe('capabilities endpoints', () => {
     expect((await call('update', 'sys/capabilities-accessor', { accessor: appAccessor, paths: ['secret/data/other/x'] }, t)).data).toMatchObject({ capabilities: ['deny'] });
   });
 });
+
+describe('?help=1', () => {
+  it('answers with the route description and its OpenAPI item, not the data', async () => {
+    const out = await core.handle({ operation: 'read', path: 'secret/data/app/x', data: {}, query: { help: '1' }, token: root, headers: {} });
+    expect(out.data!.help).toMatch(/Key-Value/);
+    expect(Object.keys((out.data!.openapi as { paths: object }).paths)).toEqual(['/secret/data/{path}']);
+  });
+});
