@@ -9,7 +9,10 @@ import type { Store, StoreTx } from './ports';
 
 export interface BarrierTx {
   get<T = unknown>(path: string): Promise<T | null>;
+  getMany(paths: string[]): Promise<unknown[]>;
   put(path: string, value: unknown): Promise<void>;
+  /** Several puts in one round trip (each still with its WAL row). */
+  putMany(entries: [string, unknown][]): Promise<void>;
   delete(path: string): Promise<boolean>;
   list(prefix: string): Promise<string[]>;
   lock(key: string): Promise<void>;
@@ -81,6 +84,16 @@ export class Barrier {
     return this.store.list(prefix);
   }
 
+  /** The entry at `path` and the last live entry under `prefix`, decrypted, in one round trip. */
+  async getWithLast<A, B>(path: string, prefix: string): Promise<{ value: A | null; last: { path: string; value: B } | null }> {
+    this.currentKeyring;
+    const r = await this.store.getWithLast(path, prefix);
+    return {
+      value: await this.decrypt<A>(path, r.value),
+      last: r.last ? { path: r.last.path, value: (await this.decrypt<B>(r.last.path, r.last.value))! } : null,
+    };
+  }
+
   async getLocal<T = unknown>(path: string): Promise<T | null> {
     this.currentKeyring;
     return this.decrypt<T>(path, await this.store.getLocal(path));
@@ -110,8 +123,16 @@ export class Barrier {
     const result = await this.store.transaction(async (raw: StoreTx) => {
       const tx: BarrierTx = {
         get: async (p) => this.decrypt(p, await raw.get(p)),
+        getMany: async (ps) => {
+          const blobs = await raw.getMany(ps);
+          return Promise.all(blobs.map((b, i) => this.decrypt(ps[i], b)));
+        },
         put: async (p, v) => {
           lastSeq = Math.max(lastSeq, await raw.put(p, this.encrypt(p, v)));
+        },
+        putMany: async (entries) => {
+          if (entries.length === 0) return;
+          lastSeq = Math.max(lastSeq, await raw.putMany(entries.map(([p, v]) => [p, this.encrypt(p, v)])));
         },
         delete: async (p) => {
           const seq = await raw.delete(p);

@@ -204,22 +204,29 @@ export class KvEngine {
     return `${base}metadata/${key}`;
   }
 
+  private versionsPrefix(base: string, key: string): string {
+    return `${base}versions/${createHash('sha256').update(key).digest('hex')}/`;
+  }
+
+  /** Zero-padded so path order is version order (the latest version is the last path). */
   private versionPath(base: string, key: string, n: number): string {
-    return `${base}versions/${createHash('sha256').update(key).digest('hex')}/${n}`;
+    return this.versionsPrefix(base, key) + String(n).padStart(20, '0');
   }
 
   private async data(ctx: RequestContext, base: string, key: string): Promise<LogicalResponse> {
     const { req } = ctx;
     switch (req.operation) {
       case 'read': {
-        const meta = await this.barrier.get<KeyMetadata>(this.metaPath(base, key));
+        // One round trip for the common case: the metadata and the newest stored version.
+        const { value: meta, last } = await this.barrier.getWithLast<KeyMetadata, Record<string, unknown>>(this.metaPath(base, key), this.versionsPrefix(base, key));
         if (!meta) throw new NotFound();
         const n = req.query.version && req.query.version !== '0' ? positiveInt(req.query.version, 'version') : meta.current_version;
         const vm = meta.versions[String(n)];
         if (!vm) throw new NotFound();
         const metadata = versionResponse(meta, n, vm);
         if (vm.deletion_time || vm.destroyed) return { status: 404, data: { data: null, metadata } };
-        const data = await this.barrier.get<Record<string, unknown>>(this.versionPath(base, key, n));
+        const path = this.versionPath(base, key, n);
+        const data = last?.path === path ? last.value : await this.barrier.get<Record<string, unknown>>(path);
         return { data: { data: data ?? null, metadata } };
       }
       case 'create':
@@ -269,9 +276,10 @@ export class KvEngine {
     const { result, lastSeq } = await this.barrier.transaction(async (tx) => {
       const metaPath = this.metaPath(base, key);
       await tx.lock(metaPath);
-      const cfg = await this.engineConfig(base, tx);
+      const [storedCfg, storedMeta] = (await tx.getMany([base + 'config', metaPath])) as [EngineConfig | null, KeyMetadata | null];
+      const cfg = { ...DEFAULT_CONFIG, ...(storedCfg ?? {}) };
       const now = this.now();
-      const meta: KeyMetadata = (await tx.get<KeyMetadata>(metaPath)) ?? {
+      const meta: KeyMetadata = storedMeta ?? {
         created_time: now,
         updated_time: now,
         current_version: 0,
@@ -297,7 +305,6 @@ export class KvEngine {
       meta.updated_time = now;
       if (meta.oldest_version === 0) meta.oldest_version = 1;
       meta.versions[String(n)] = { created_time: now, deletion_time: '', destroyed: false };
-      await tx.put(this.versionPath(base, key, n), data);
       // Prune beyond max_versions (key setting, else engine setting, else Vault's default 10).
       const max = meta.max_versions || cfg.max_versions || 10;
       while (n - meta.oldest_version + 1 > max) {
@@ -305,7 +312,11 @@ export class KvEngine {
         await tx.delete(this.versionPath(base, key, meta.oldest_version));
         meta.oldest_version += 1;
       }
-      await tx.put(metaPath, meta);
+      // The new version and the metadata in one statement (each with its WAL row).
+      await tx.putMany([
+        [this.versionPath(base, key, n), data],
+        [metaPath, meta],
+      ]);
       return versionResponse(meta, n, meta.versions[String(n)]);
     });
     return { data: result, walSeq: lastSeq };

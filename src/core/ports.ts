@@ -6,9 +6,13 @@
 /** A transaction on replicated storage. Values are already barrier-encrypted. */
 export interface StoreTx {
   get(path: string): Promise<Buffer | null>;
+  /** Several entries in one round trip, in the order asked. */
+  getMany(paths: string[]): Promise<(Buffer | null)[]>;
   list(prefix: string): Promise<string[]>;
   /** Writes the entry and its WAL row together; returns the WAL row's insertion number. */
   put(path: string, value: Buffer): Promise<number>;
+  /** Several puts (each with its WAL row) in one statement; returns the highest WAL seq. */
+  putMany(entries: [string, Buffer][]): Promise<number>;
   delete(path: string): Promise<number | null>;
   /** Serialises read-modify-write of one logical key for the rest of the transaction. */
   lock(key: string): Promise<void>;
@@ -32,6 +36,8 @@ export interface SealRecord {
 
 export interface Store {
   get(path: string): Promise<Buffer | null>;
+  /** The entry at `path` and the last live entry (in path order) under `prefix`, in one round trip. */
+  getWithLast(path: string, prefix: string): Promise<{ value: Buffer | null; last: { path: string; value: Buffer } | null }>;
   list(prefix: string): Promise<string[]>;
   getLocal(path: string): Promise<Buffer | null>;
   listLocal(prefix: string): Promise<string[]>;

@@ -48,6 +48,21 @@ export function valueHash(value: Buffer): Buffer {
   return createHash('sha256').update(value).digest();
 }
 
+const PUT_MANY_WITH_WAL = (paths: string[], values: Buffer[], hashes: Buffer[], term: number) => sql<{ seq: number; path: string }>`
+  WITH e AS (
+    INSERT INTO coffer_entries AS cur (path, version, value, value_hash, updated_at)
+    SELECT p, 1, v, h, clock_timestamp()
+      FROM unnest(${paths}::text[], ${values}::bytea[], ${hashes}::bytea[]) AS x(p, v, h)
+     WHERE NOT EXISTS (SELECT 1 FROM coffer_seal WHERE id = 1 AND active_term > ${term})
+    ON CONFLICT (path) DO UPDATE
+       SET version = cur.version + 1, value = EXCLUDED.value,
+           value_hash = EXCLUDED.value_hash, updated_at = EXCLUDED.updated_at
+    RETURNING path, version, value_hash, octet_length(value) AS size
+  )
+  INSERT INTO coffer_wal (path, op, key_version, value_hash, value_size)
+  SELECT path, 'put', version, value_hash, size FROM e
+  RETURNING seq, path`;
+
 /** Thrown when a write was encrypted under a keyring term that is no longer the active one. */
 export class StaleKeyTerm extends Error {
   constructor() {
@@ -59,6 +74,38 @@ export async function putEntry(tx: Transaction<DB>, path: string, value: Buffer,
   const { rows } = await PUT_WITH_WAL(path, value, valueHash(value), term).execute(tx);
   if (rows.length === 0) throw new StaleKeyTerm();
   return { seq: rows[0].seq, keyVersion: rows[0].key_version };
+}
+
+/** Several puts in one statement (one round trip); every entry still gets its own WAL row. */
+export async function putEntries(tx: Transaction<DB>, entries: [string, Buffer][], term: number): Promise<number> {
+  if (new Set(entries.map(([p]) => p)).size !== entries.length) throw new Error('putEntries: duplicate path');
+  const { rows } = await PUT_MANY_WITH_WAL(
+    entries.map(([p]) => p),
+    entries.map(([, v]) => v),
+    entries.map(([, v]) => valueHash(v)),
+    term,
+  ).execute(tx);
+  if (rows.length !== entries.length) throw new StaleKeyTerm();
+  return Math.max(...rows.map((r) => r.seq));
+}
+
+export async function getEntries(db: Kysely<DB> | Transaction<DB>, paths: string[]): Promise<(Buffer | null)[]> {
+  const { rows } = await sql<{ path: string; value: Buffer | null }>`
+    SELECT path, value FROM coffer_entries WHERE path = ANY(${paths}::text[])`.execute(db);
+  const byPath = new Map(rows.map((r) => [r.path, r.value]));
+  return paths.map((p) => byPath.get(p) ?? null);
+}
+
+export async function getWithLast(db: Kysely<DB>, path: string, prefix: string) {
+  const { rows } = await sql<{ path: string; value: Buffer; which: number }>`
+    SELECT path, value, 0 AS which FROM coffer_entries WHERE path = ${path} AND value IS NOT NULL
+    UNION ALL
+    (SELECT path, value, 1 AS which FROM coffer_entries
+      WHERE path >= ${prefix} AND path < ${prefixEnd(prefix)} AND value IS NOT NULL
+      ORDER BY path DESC LIMIT 1)`.execute(db);
+  const own = rows.find((r) => r.which === 0);
+  const last = rows.find((r) => r.which === 1);
+  return { value: own?.value ?? null, last: last ? { path: last.path, value: last.value } : null };
 }
 
 /** Deletes `path` if it holds a value; returns null (and writes no WAL row) if it did not. */

@@ -1,7 +1,7 @@
 /** Store (src/core/ports.ts) on Postgres through kysely. */
 import { sql, type Kysely, type Transaction } from 'kysely';
 import type { LeaseRecord, LeaseRepo, SealRecord, Store, StoreTx, TokenRecord, TokenRepo, WrapRepo, WrappedRecord } from '../core/ports';
-import { deleteEntry, getEntry, listChildren, prefixEnd, putEntry, StaleKeyTerm } from './entries';
+import { deleteEntry, getEntries, getEntry, getWithLast, listChildren, prefixEnd, putEntries, putEntry, StaleKeyTerm } from './entries';
 import { KeyringStale } from '../core/errors';
 import { termOf } from '../core/keyring';
 import { deleteLocal, getLocal, putLocal } from './local';
@@ -13,8 +13,10 @@ function txStore(tx: Transaction<DB>): StoreTx {
       const row = await tx.selectFrom('coffer_entries').select('value').where('path', '=', path).executeTakeFirst();
       return row?.value ?? null;
     },
+    getMany: (paths) => getEntries(tx, paths),
     list: (prefix) => listChildren(tx, 'coffer_entries', prefix),
     put: async (path, value) => (await putEntry(tx, path, value, termOf(value))).seq,
+    putMany: (entries) => putEntries(tx, entries, Math.min(...entries.map(([, v]) => termOf(v)))),
     delete: async (path) => (await deleteEntry(tx, path))?.seq ?? null,
     lock: async (key) => {
       await sql`SELECT pg_advisory_xact_lock(hashtextextended(${key}, 0))`.execute(tx);
@@ -160,6 +162,7 @@ function tokenRepo(db: Kysely<DB>): TokenRepo {
 export function pgStore(db: Kysely<DB>): Store {
   return {
     get: (path) => getEntry(db, path),
+    getWithLast: (path, prefix) => getWithLast(db, path, prefix),
     list: (prefix) => listChildren(db, 'coffer_entries', prefix),
     getLocal: (path) => getLocal(db, path),
     listLocal: (prefix) => listChildren(db, 'coffer_local_entries', prefix),
