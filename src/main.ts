@@ -9,6 +9,8 @@ import type { CofferConfig, ListenerConfig } from './cli/config';
 import { systemClock } from './core/clock';
 import { Core } from './core/core';
 import { createApp } from './http/app';
+import { Metrics } from './http/metrics';
+import { walGauges } from './storage/wal';
 import { listen, type RunningListener } from './http/list-method';
 import { ActiveNode } from './replication/active-node';
 import { openEmbedded, openPostgres, type Database } from './storage/db';
@@ -86,6 +88,8 @@ export async function startServer(config: CofferConfig, dev?: DevOptions): Promi
     let node: ActiveNode | null = null;
     const app = createApp({
       core,
+      metrics: new Metrics(() => walGauges(database.db)),
+      unauthenticatedMetrics: config.telemetry.unauthenticatedMetricsAccess,
       node: { isActive: () => node?.isActive() ?? false, leader: () => node!.leader(), stepDown: () => node!.stepDown() },
       log,
       maxRequestSizeBytes: first.maxRequestSizeBytes,

@@ -9,6 +9,7 @@ import type { Core } from '../core/core';
 import { InvalidRequest, PayloadTooLarge, PermissionDenied, Sealed, UnsupportedOperation } from '../core/errors';
 import type { LogicalRequest, LogicalResponse, Operation } from '../core/request';
 import { toHttpError } from './errors';
+import type { Metrics } from './metrics';
 import { canonicalPath } from './paths';
 
 export interface NodeStatus {
@@ -19,6 +20,8 @@ export interface NodeStatus {
 
 export interface AppOptions {
   core: Core;
+  metrics: Metrics;
+  unauthenticatedMetrics: boolean;
   node: NodeStatus;
   log: Logger;
   maxRequestSizeBytes: number;
@@ -37,6 +40,7 @@ export function createApp(o: AppOptions): express.Express {
     const started = process.hrtime.bigint();
     res.setHeader('Cache-Control', 'no-store');
     res.on('finish', () => {
+      o.metrics.handleRequest.observe({ method: req.method }, Number(process.hrtime.bigint() - started) / 1e6);
       // Paths and statuses only: never bodies, tokens or query values (invariant 8).
       o.log.debug({ method: req.method, path: req.path, status: res.statusCode, ms: Number(process.hrtime.bigint() - started) / 1e6 }, 'request');
     });
@@ -246,6 +250,19 @@ function rawSys(o: AppOptions): Record<string, RawHandler> {
         return;
       }
       res.status(status).json(body);
+    },
+    metrics: async (req, res) => {
+      only(req, 'GET');
+      if (!o.unauthenticatedMetrics) {
+        const acl = await core.aclFor(await core.authenticate(tokenOf(req)));
+        if (!acl.allows('sys/metrics', 'read')) throw new PermissionDenied();
+      }
+      if (req.query.format === 'prometheus') {
+        res.setHeader('Content-Type', o.metrics.registry.contentType);
+        res.send(await o.metrics.registry.metrics());
+        return;
+      }
+      res.json(await o.metrics.registry.getMetricsAsJSON());
     },
     leader: async (req, res) => {
       only(req, 'GET');

@@ -139,3 +139,12 @@ export async function lsnOfSeq(db: Kysely<DB>, seq: number): Promise<number | nu
   const row = await db.selectFrom('coffer_wal').select('lsn').where('seq', '=', seq).executeTakeFirst();
   return row?.lsn == null ? null : Number(row.lsn);
 }
+
+/** WAL figures for metrics: head, rows waiting for a position and the age of the oldest. */
+export async function walGauges(db: Kysely<DB>) {
+  const { rows } = await sql<{ head: number; unordered: number; age: number | null }>`
+    SELECT (SELECT last_lsn FROM coffer_wal_head WHERE id = 1) AS head,
+           (SELECT count(*)::int FROM coffer_wal WHERE lsn IS NULL) AS unordered,
+           (SELECT extract(epoch FROM now() - min(written_at))::float8 FROM coffer_wal WHERE lsn IS NULL) AS age`.execute(db);
+  return { walHeadLsn: Number(rows[0].head), walUnorderedRows: Number(rows[0].unordered), walOldestUnorderedAgeSeconds: Number(rows[0].age ?? 0) };
+}
