@@ -17,6 +17,9 @@ import { openEmbedded, openPostgres, type Database } from './storage/db';
 import { migrateToLatest } from './storage/migrate';
 import { pgStore } from './storage/pg-store';
 import { VERSION } from './version';
+import { replicationInternalRouter } from './http/replication-internal';
+import { INTERNAL_PREFIX, Replication, type ReplicationOptions } from './replication/manager';
+import { replicationRoutes } from './replication/routes';
 import { BullQueue, redisConnection } from './queue/bullmq';
 import { processExpiry, queueScheduler } from './queue/expiry';
 import type { JobQueue } from './queue/jobs';
@@ -86,8 +89,28 @@ export async function startServer(config: CofferConfig, dev?: DevOptions): Promi
     // Late-bound: the node needs the api_addr, which is known once the first listener has its
     // port (port 0 in tests); the app needs the node for sys/health.
     let node: ActiveNode | null = null;
+    const replicationOpts: ReplicationOptions = {
+      db: database.db,
+      core,
+      queue,
+      log,
+      apiAddr: config.apiAddr ?? '',
+      version: VERSION,
+      isActive: () => node?.isActive() ?? false,
+      bestEffortWalWaitMs: config.replication.bestEffortWalWaitDurationMs,
+      batchMaxRows: 1000,
+      batchMaxBytes: 4 * 1024 * 1024,
+    };
+    const replication = new Replication(replicationOpts);
+    core.sys.addRoutes(replicationRoutes(replication));
     const app = createApp({
       core,
+      replication: {
+        router: replicationInternalRouter(replication),
+        prefix: INTERNAL_PREFIX,
+        indexOf: (seq) => replication.indexOf(seq),
+        assertIndex: (lsn) => replication.assertIndex(lsn),
+      },
       metrics: new Metrics(() => walGauges(database.db)),
       unauthenticatedMetrics: config.telemetry.unauthenticatedMetricsAccess,
       node: { isActive: () => node?.isActive() ?? false, leader: () => node!.leader(), stepDown: () => node!.stepDown() },
@@ -105,8 +128,11 @@ export async function startServer(config: CofferConfig, dev?: DevOptions): Promi
       clusterAddr: config.clusterAddr ?? '',
       log,
       singleProcess: database.embedded,
+      onSequenced: () => replication.poke(),
     });
+    replicationOpts.apiAddr = apiAddr;
     await node!.start();
+    replication.start();
 
     const result: RunningServer = {
       core,
@@ -116,6 +142,7 @@ export async function startServer(config: CofferConfig, dev?: DevOptions): Promi
       apiAddr,
       log,
       async stop() {
+        replication.stop();
         clearInterval(autoUnsealTimer);
         clearInterval(sweepTimer);
         await queue.close().catch(() => undefined);

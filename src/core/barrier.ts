@@ -3,8 +3,8 @@
  * bound to its storage path (invariant 8). While sealed there is no keyring and every call
  * throws Sealed.
  */
-import { KeyringStale, Sealed } from './errors';
-import { Keyring, UnknownTerm } from './keyring';
+import { KeyringStale, MustForward, Sealed } from './errors';
+import { Keyring } from './keyring';
 import type { Store, StoreTx } from './ports';
 
 export interface BarrierTx {
@@ -26,6 +26,11 @@ export interface BarrierTx {
 
 export class Barrier {
   private keyring: Keyring | null = null;
+  /**
+   * On a secondary, replicated storage is written only by the apply path (invariant 7): a
+   * use case that tries to write it is stopped before anything commits, and forwarded.
+   */
+  replicatedReadOnly = false;
 
   constructor(
     private readonly store: Store,
@@ -66,8 +71,9 @@ export class Barrier {
     try {
       plain = this.currentKeyring.decrypt(path, blob);
     } catch (err) {
-      // A term we do not know yet: another process rotated the key. Reload once.
-      if (!(err instanceof UnknownTerm) || !this.reloadKeyring) throw err;
+      // A term we do not know yet (another process rotated the key), or a keyring this process
+      // holds that was replaced (a secondary adopted its primary's): reload once and retry.
+      if (!this.reloadKeyring) throw err;
       this.keyring = await this.reloadKeyring();
       plain = this.currentKeyring.decrypt(path, blob);
     }
@@ -128,13 +134,16 @@ export class Barrier {
           return Promise.all(blobs.map((b, i) => this.decrypt(ps[i], b)));
         },
         put: async (p, v) => {
+          if (this.replicatedReadOnly) throw new MustForward();
           lastSeq = Math.max(lastSeq, await raw.put(p, this.encrypt(p, v)));
         },
         putMany: async (entries) => {
           if (entries.length === 0) return;
+          if (this.replicatedReadOnly) throw new MustForward();
           lastSeq = Math.max(lastSeq, await raw.putMany(entries.map(([p, v]) => [p, this.encrypt(p, v)])));
         },
         delete: async (p) => {
+          if (this.replicatedReadOnly) throw new MustForward();
           const seq = await raw.delete(p);
           if (seq !== null) lastSeq = Math.max(lastSeq, seq);
           return seq !== null;

@@ -5,7 +5,7 @@
  */
 import { Barrier } from './barrier';
 import type { Clock } from './clock';
-import { InvalidRequest, NotInitialized, PermissionDenied, Sealed, UnsupportedPath } from './errors';
+import { InvalidRequest, MustForward, NotInitialized, PermissionDenied, Sealed, UnsupportedPath } from './errors';
 import { openKeyring, sealKeyring, type Keyring } from './keyring';
 import { KvEngine } from './kv';
 import { MountTable, type MountEntry } from './mounts';
@@ -61,7 +61,13 @@ function assertDuration(v: string, name: string): void {
   }
 }
 
+/** Sends a request to the primary (set on secondaries by the composition root). */
+export interface Forwarder {
+  forward(req: LogicalRequest): Promise<LogicalResponse>;
+}
+
 export class Core implements ExpiryTarget {
+  forwarder: Forwarder | null = null;
   readonly barrier: Barrier;
   readonly mounts: MountTable;
   readonly tokens: TokenStore;
@@ -220,6 +226,19 @@ export class Core implements ExpiryTarget {
     return next;
   }
 
+  /**
+   * A secondary takes its primary's keyring (replicated values are the primary's ciphertext).
+   * `reencryptLocal` must move this cluster's local entries to the new keyring first; then the
+   * keyring is stored under this cluster's own root key.
+   */
+  async adoptKeyring(next: Keyring, reencryptLocal: (convert: (path: string, blob: Buffer) => Buffer) => Promise<unknown>): Promise<void> {
+    if (!this.rootKey) throw new Sealed();
+    const old = this.barrier.currentKeyring;
+    await reencryptLocal((path, blob) => next.encrypt(path, old.decrypt(path, blob)));
+    await this.opts.store.updateKeyring(sealKeyring(this.rootKey, next), next.activeTerm);
+    this.barrier.setKeyring(next);
+  }
+
   async reloadMounts(): Promise<void> {
     await this.mounts.load();
     this.mountsLoadedAt = Date.now();
@@ -237,7 +256,7 @@ export class Core implements ExpiryTarget {
     }
     const table = route ? this.routesFor(route.mount) : null;
     const matched = table?.match(route!.subpath) ?? null;
-    const token = matched?.def.unauthenticated ? null : await this.authenticate(req.token);
+    const token = matched?.def.unauthenticated || req.forwardedBy ? null : await this.authenticate(req.token);
     if (!route || !table || !matched) {
       // Vault checks the token before saying a route does not exist, so an anonymous caller
       // learns nothing about mounts.
@@ -273,6 +292,11 @@ export class Core implements ExpiryTarget {
     let out: LogicalResponse;
     try {
       out = await table.dispatch(ctx);
+    } catch (err) {
+      // A secondary's use case tried to write replicated data: nothing committed; the primary
+      // runs the request instead (invariant 7), vouched for by this cluster's credential.
+      if (!(err instanceof MustForward) || !this.forwarder) throw err;
+      out = await this.forwarder.forward(req);
     } finally {
       if (use === 'last') await this.tokens.revoke(token!.hmac);
     }

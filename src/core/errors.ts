@@ -78,6 +78,28 @@ export class KeyringStale extends kind('keyring_stale') {
   }
 }
 
+/** Internal: this cluster is a secondary and the request writes replicated data; core hands
+ * the request to the forwarder instead. */
+export class MustForward extends kind('must_forward') {
+  constructor() {
+    super('this write must be forwarded to the primary');
+  }
+}
+
+/** The primary could not be reached (or refused) while forwarding a write. */
+export class UpstreamUnavailable extends kind('upstream_unavailable') {}
+
+/** An error the primary answered to a forwarded request, relayed with its status as it is. */
+export class Relayed extends kind('relayed') {
+  constructor(
+    readonly status: number,
+    errors: string[],
+  ) {
+    super(errors[0] ?? '');
+    this.details.push(...errors.slice(1));
+  }
+}
+
 export type DomainError =
   | InvalidRequest
   | PermissionDenied

@@ -12,6 +12,11 @@ export interface LogicalRequest {
   token: string | null;
   headers: Record<string, string | undefined>;
   remoteAddr?: string;
+  /**
+   * Set when a secondary forwarded this request (already authenticated and authorised there,
+   * on a token that exists only on that cluster): the replication credential vouches for it.
+   */
+  forwardedBy?: string;
 }
 
 export interface AuthBlock {
@@ -40,6 +45,8 @@ export interface LogicalResponse {
   status?: number;
   /** Highest WAL insertion number this request wrote (X-Vault-Index). */
   walSeq?: number;
+  /** The primary's WAL position of a forwarded write (X-Vault-Index on a secondary). */
+  replicatedLsn?: number;
   /** Set when the response was wrapped: the envelope carries only this. */
   wrapInfo?: import('./wrapping').WrapInfo;
 }

@@ -18,7 +18,18 @@ export interface NodeStatus {
   stepDown(): Promise<void>;
 }
 
+/** What the HTTP layer asks of replication (absent on a plain cluster). */
+export interface ReplicationHooks {
+  router: express.Router;
+  prefix: string;
+  /** The X-Vault-Index of a direct write. */
+  indexOf(seq: number): Promise<number>;
+  /** 412 when this cluster has not reached the index a request requires. */
+  assertIndex(lsn: number): Promise<void>;
+}
+
 export interface AppOptions {
+  replication?: ReplicationHooks;
   core: Core;
   metrics: Metrics;
   unauthenticatedMetrics: boolean;
@@ -53,6 +64,8 @@ export function createApp(o: AppOptions): express.Express {
     if (!req.path.startsWith('/v1/')) return sendError(res, 404, ['Missing /v1/ prefix in path. Use /v1/ prefix on path.']);
     next();
   });
+
+  if (o.replication) app.use(o.replication.prefix, o.replication.router);
 
   const raw = rawSys(o);
   app.all('/v1/sys/{*rest}', (req, res, next) => {
@@ -157,12 +170,16 @@ async function logical(o: AppOptions, req: Request, res: Response): Promise<void
     },
     remoteAddr: req.socket.remoteAddress,
   };
+  const required = req.header('x-vault-index');
+  if (required && o.replication && /^\d+$/.test(required)) await o.replication.assertIndex(Number(required));
   const out = await o.core.handle(lreq);
+  if (out.walSeq && o.replication) out.walSeq = await o.replication.indexOf(out.walSeq);
   render(res, lreq, out);
 }
 
 function render(res: Response, req: LogicalRequest, out: LogicalResponse): void {
-  if (out.walSeq) res.setHeader('X-Vault-Index', String(out.walSeq));
+  const index = out.replicatedLsn || out.walSeq;
+  if (index) res.setHeader('X-Vault-Index', String(index));
   const hasBody = out.data != null || out.auth != null || out.wrapInfo != null || (out.warnings?.length ?? 0) > 0;
   if (!hasBody && (out.status === 204 || out.status === undefined)) {
     res.status(204).end();

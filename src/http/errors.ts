@@ -1,5 +1,5 @@
 /** THE table from domain errors to HTTP status. Nothing else in the code picks a status for an error. */
-import { CofferError } from '../core/errors';
+import { CofferError, Relayed } from '../core/errors';
 
 const STATUS: Record<string, number> = {
   invalid_request: 400,
@@ -16,6 +16,7 @@ const STATUS: Record<string, number> = {
   not_initialized: 501,
   sealed: 503,
   storage_unavailable: 503,
+  upstream_unavailable: 502,
 };
 
 export interface HttpError {
@@ -27,6 +28,7 @@ export interface HttpError {
 const UNAVAILABLE_CODES = new Set(['ECONNREFUSED', 'ECONNRESET', 'ETIMEDOUT', 'EPIPE', '57P01', '57P02', '57P03', '08000', '08003', '08006', '08001', '08004', '53300']);
 
 export function toHttpError(err: unknown): HttpError {
+  if (err instanceof Relayed) return { status: err.status, errors: err.message ? [err.message, ...err.details] : [] };
   if (err instanceof CofferError) {
     const status = STATUS[err.kind] ?? 500;
     return { status, errors: err.message ? [err.message, ...err.details] : [] };

@@ -45,9 +45,11 @@ export class BullQueue implements JobQueue {
     await this.queue(name).add(name, payload, {
       delay: opts.delayMs,
       jobId: opts.jobId,
+      // A failed job is dropped, not kept: its id must be free for the next wake-up (every job
+      // re-reads Postgres, and the periodic ticks and sweeps enqueue again).
       removeOnComplete: true,
-      removeOnFail: 1000,
-      attempts: 5,
+      removeOnFail: true,
+      attempts: 3,
       backoff: { type: 'exponential', delay: 500 },
     });
   }

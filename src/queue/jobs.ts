@@ -6,6 +6,8 @@
 export interface JobPayloads {
   /** Check whether a token (by accessor) or a lease has expired, and revoke it if so. */
   'expiry.check': { kind: 'token' | 'lease'; id: string };
+  /** Ship the next WAL batch to a secondary (its cursor lives in Postgres). */
+  'replication.ship': { secondaryId: string };
 }
 
 export type JobName = keyof JobPayloads;

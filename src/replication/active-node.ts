@@ -21,6 +21,8 @@ export interface ActiveNodeOptions {
   /** Embedded dev database: one process, always active, no lease. */
   singleProcess: boolean;
   leasePollMs?: number;
+  /** Runs after the sequencer handed out new positions (replication ships them at once). */
+  onSequenced?: () => void;
 }
 
 export class ActiveNode {
@@ -91,6 +93,7 @@ export class ActiveNode {
         const r = await sequenceWal(this.o.db);
         assigned = r.assigned;
         this.headLsn = r.headLsn;
+        if (assigned > 0) this.o.onSequenced?.();
       } catch (err) {
         this.o.log.warn({ err: (err as Error).message }, 'WAL sequencing failed; retrying');
         idleMs = 500;

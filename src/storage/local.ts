@@ -24,3 +24,15 @@ export async function putLocal(db: Q, path: string, value: Buffer, term: number)
 export async function deleteLocal(db: Q, path: string): Promise<void> {
   await db.deleteFrom('coffer_local_entries').where('path', '=', path).execute();
 }
+
+/** Re-encrypts every local entry (used when a secondary adopts its primary's keyring). */
+export async function reencryptLocal(db: Kysely<any>, convert: (path: string, blob: Buffer) => Buffer, term: number): Promise<number> {
+  return db.transaction().execute(async (tx) => {
+    const { rows } = await sql<{ path: string; value: Buffer }>`SELECT path, value FROM coffer_local_entries FOR UPDATE`.execute(tx);
+    for (const r of rows) await sql`UPDATE coffer_local_entries SET value = ${convert(r.path, r.value)} WHERE path = ${r.path}`.execute(tx);
+    // Wrapped responses were sealed under the old keyring; they cannot outlive the swap.
+    await sql`DELETE FROM coffer_wrapped`.execute(tx);
+    void term;
+    return rows.length;
+  });
+}

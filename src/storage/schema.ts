@@ -103,7 +103,38 @@ export interface WrappedTable {
   payload: Buffer;
 }
 
+export interface ReplicationTable {
+  id: number;
+  mode: ColumnType<'disabled' | 'primary' | 'secondary', 'disabled' | 'primary' | 'secondary' | undefined>;
+  set_id: string | null;
+  secondary_id: string | null;
+  primary_api_addr: string | null;
+  credential: Buffer | null;
+  state: ColumnType<string, string | undefined>;
+  applied_lsn: ColumnType<number, number | undefined>;
+  bootstrap_lsn: number | null;
+  bootstrap_after: string | null;
+  last_heartbeat: Date | null;
+  last_error: string | null;
+  updated_at: ColumnType<Date, Date | undefined>;
+}
+
+export interface SecondariesTable {
+  secondary_id: string;
+  credential_hmac: Buffer | null;
+  api_addr: string | null;
+  acked_lsn: ColumnType<number, number | undefined>;
+  status: ColumnType<string, string | undefined>;
+  token_accessor: string | null;
+  version: string | null;
+  last_heartbeat: Date | null;
+  last_error: string | null;
+  created_at: ColumnType<Date, Date | undefined, never>;
+}
+
 export interface DB {
+  coffer_replication: ReplicationTable;
+  coffer_secondaries: SecondariesTable;
   coffer_leases: LeasesTable;
   coffer_wrapped: WrappedTable;
   coffer_entries: EntriesTable;

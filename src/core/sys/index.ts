@@ -16,10 +16,15 @@ import type { LogicalResponse } from '../request';
 const SUPPORTED_ENGINES = new Set(['kv']);
 
 export class SysBackend {
-  readonly table: RouteTable;
+  table: RouteTable;
 
   constructor(private readonly core: Core) {
     this.table = new RouteTable([...this.routeDefs(), ...policyRoutes(core), ...authRoutes(core), ...leasesRoutes(core), ...wrappingRoutes(core)]);
+  }
+
+  /** Routes contributed from outside core (replication), wired by the composition root. */
+  addRoutes(defs: RouteDef[]): void {
+    this.table = new RouteTable([...defs, ...this.table.defs]);
   }
 
   private routeDefs(): RouteDef[] {

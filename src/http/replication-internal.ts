@@ -1,0 +1,65 @@
+/**
+ * The cluster-to-cluster endpoints (not Vault API): a secondary registers, copies, heartbeats
+ * and forwards writes to its primary; the primary pushes WAL batches to the secondary. Every
+ * call is authenticated with the secondary's replication credential.
+ */
+import express, { type Request, type Response } from 'express';
+import { InvalidRequest } from '../core/errors';
+import type { LogicalRequest } from '../core/request';
+import type { Replication } from '../replication/manager';
+import { CREDENTIAL_HEADER } from '../replication/wire';
+import { toHttpError } from './errors';
+
+export function replicationInternalRouter(r: Replication): express.Router {
+  const router = express.Router();
+  const h = (fn: (req: Request) => Promise<unknown>) => (req: Request, res: Response) => {
+    fn(req).then(
+      (body) => res.json(body),
+      (err) => {
+        const e = toHttpError(err);
+        res.status(e.status).json({ errors: e.errors });
+      },
+    );
+  };
+  const asSecondary = (req: Request) => r.authenticateSecondary(req.header(CREDENTIAL_HEADER));
+
+  router.post('/register', h(async (req) => {
+    const id = await asSecondary(req);
+    const b = req.body as { api_addr?: string; version?: string };
+    if (typeof b.api_addr !== 'string' || !/^https?:\/\//.test(b.api_addr)) throw new InvalidRequest('api_addr must be an http(s) URL');
+    return r.register(id, b.api_addr.replace(/\/$/, ''), String(b.version ?? ''));
+  }));
+  router.get('/snapshot', h(async (req) => {
+    await asSecondary(req);
+    return { entries: await r.snapshot(String(req.query.after ?? ''), Number(req.query.limit ?? 1000)) };
+  }));
+  router.get('/keyring', h(async (req) => ({ keyring: await r.sealedKeyringFor(await asSecondary(req)) })));
+  router.post('/heartbeat', h(async (req) => r.heartbeatFrom(await asSecondary(req), req.body ?? {})));
+  router.post('/forward', (req, res) => {
+    (async () => {
+      const id = await asSecondary(req);
+      const b = req.body as Partial<LogicalRequest>;
+      const lreq: LogicalRequest = {
+        operation: b.operation!,
+        path: String(b.path ?? ''),
+        data: (b.data ?? {}) as Record<string, unknown>,
+        query: (b.query ?? {}) as Record<string, string>,
+        token: null,
+        headers: { 'content-type': b.headers?.['content-type'] },
+      };
+      if (!['read', 'create', 'update', 'delete', 'list', 'patch'].includes(lreq.operation)) throw new InvalidRequest('bad operation');
+      return r.runForwarded(id, lreq);
+    })().then(
+      (out) => res.json(out),
+      (err) => {
+        const e = toHttpError(err);
+        res.status(e.status).json({ errors: e.errors });
+      },
+    );
+  });
+  router.post('/apply', h(async (req) => {
+    await r.authenticatePrimary(req.header(CREDENTIAL_HEADER));
+    return r.applyPushed(req.body);
+  }));
+  return router;
+}

@@ -1,0 +1,60 @@
+/** Vault's replication API (`sys/replication/...`), answered by the Replication manager. */
+import type { RouteDef } from '../core/framework';
+import { InvalidRequest } from '../core/errors';
+import type { Replication } from './manager';
+
+export function replicationRoutes(r: Replication): RouteDef[] {
+  const status = async () => ({ data: await r.status() });
+  return [
+    {
+      pattern: 'replication/status',
+      summary: 'The replication status of this cluster (performance and DR).',
+      unauthenticated: true,
+      operations: { read: async () => ({ data: { dr: { mode: 'disabled' }, performance: await r.status() } }) },
+    },
+    { pattern: 'replication/performance/status', summary: 'Performance replication status.', unauthenticated: true, operations: { read: status } },
+    { pattern: 'replication/dr/status', summary: 'DR replication status (Coffer has no DR mode).', unauthenticated: true, operations: { read: async () => ({ data: { mode: 'disabled' } }) } },
+    {
+      pattern: 'replication/performance/primary/enable',
+      summary: 'Makes this cluster a performance primary.',
+      sudo: true,
+      fields: { primary_cluster_addr: { type: 'string', description: 'Cluster address override (accepted for compatibility).' } },
+      operations: { update: () => r.enablePrimary() },
+    },
+    {
+      pattern: 'replication/performance/primary/secondary-token',
+      summary: 'Creates a single-use activation token for a secondary.',
+      sudo: true,
+      fields: {
+        id: { type: 'string', required: true, description: 'An opaque, unique name for the secondary.' },
+        ttl: { type: 'duration', default: '30m', description: 'How long the activation token is valid.' },
+      },
+      operations: { update: (ctx) => r.secondaryToken(ctx.fields.id, ctx.fields.ttl) },
+    },
+    {
+      pattern: 'replication/performance/primary/revoke-secondary',
+      summary: 'Revokes a secondary: it is disconnected and refused until it gets a new token.',
+      sudo: true,
+      fields: { id: { type: 'string', required: true } },
+      operations: { update: (ctx) => r.revokeSecondary(ctx.fields.id) },
+    },
+    { pattern: 'replication/performance/primary/disable', summary: 'Disables performance replication on the primary.', sudo: true, operations: { update: () => r.disablePrimary() } },
+    {
+      pattern: 'replication/performance/secondary/enable',
+      summary: "Makes this cluster a performance secondary: wipes its replicated data and replaces it with the primary's.",
+      sudo: true,
+      fields: {
+        token: { type: 'string', required: true, description: 'The activation token from the primary.' },
+        primary_api_addr: { type: 'string', description: "Overrides the primary's address inside the token." },
+        ca_file: { type: 'string', description: 'PEM CA bundle to trust the primary with (not supported yet).' },
+      },
+      operations: {
+        update: (ctx) => {
+          if (ctx.fields.ca_file) throw new InvalidRequest('ca_file is not supported yet: use a primary address whose certificate the system trusts');
+          return r.enableSecondary(ctx.fields.token, ctx.fields.primary_api_addr);
+        },
+      },
+    },
+    { pattern: 'replication/performance/secondary/disable', summary: 'Leaves the replication set.', sudo: true, operations: { update: () => r.disableSecondary() } },
+  ];
+}

@@ -1,0 +1,237 @@
+/**
+ * Replication storage: what the primary ships, how a secondary applies it, the bootstrap
+ * copy, and both sides' local replication state. Hot statements kept here as text.
+ *
+ * Apply is "newer version wins" per key (DESIGN.md invariant 2's fix, and what makes apply
+ * idempotent and order-free per key); a batch applies only if it starts right after the
+ * secondary's applied position, in one transaction that also advances it (invariant 3).
+ */
+import { sql, type Kysely } from 'kysely';
+import { prefixEnd, valueHash } from './entries';
+import type { DB } from './schema';
+
+export interface ShippedEntry {
+  path: string;
+  version: number;
+  /** Ciphertext, or null for a tombstone. */
+  value: Buffer | null;
+}
+
+export interface Batch {
+  fromLsn: number;
+  toLsn: number;
+  entries: ShippedEntry[];
+}
+
+/**
+ * The next batch after `afterLsn`: the WAL rows' keys with their *current* values (a later
+ * version than the row's is fine — apply keeps the newest). Bounded by rows and bytes; null
+ * when there is nothing new.
+ */
+export async function readBatch(db: Kysely<DB>, afterLsn: number, maxRows: number, maxBytes: number): Promise<Batch | null> {
+  const { rows } = await sql<{ lsn: number; path: string; value_size: number }>`
+    SELECT lsn, path, value_size FROM coffer_wal WHERE lsn > ${afterLsn} ORDER BY lsn LIMIT ${maxRows}`.execute(db);
+  if (rows.length === 0) return null;
+  let bytes = 0;
+  let toLsn = afterLsn;
+  const paths = new Set<string>();
+  for (const r of rows) {
+    if (paths.size > 0 && bytes + r.value_size > maxBytes) break;
+    bytes += r.value_size;
+    toLsn = Number(r.lsn);
+    paths.add(r.path);
+  }
+  const { rows: entries } = await sql<{ path: string; version: number; value: Buffer | null }>`
+    SELECT path, version, value FROM coffer_entries WHERE path = ANY(${[...paths]}::text[])`.execute(db);
+  return { fromLsn: afterLsn + 1, toLsn, entries: entries.map((e) => ({ path: e.path, version: Number(e.version), value: e.value })) };
+}
+
+const APPLY = (paths: string[], versions: number[], values: (Buffer | null)[], hashes: (Buffer | null)[]) => sql<{ seq: number }>`
+  WITH x AS (
+    SELECT * FROM unnest(${paths}::text[], ${versions}::bigint[], ${values}::bytea[], ${hashes}::bytea[]) AS t(p, v, val, h)
+  ), e AS (
+    INSERT INTO coffer_entries AS cur (path, version, value, value_hash, updated_at)
+    SELECT p, v, val, h, clock_timestamp() FROM x
+    ON CONFLICT (path) DO UPDATE
+       SET version = EXCLUDED.version, value = EXCLUDED.value,
+           value_hash = EXCLUDED.value_hash, updated_at = EXCLUDED.updated_at
+     WHERE cur.version < EXCLUDED.version
+    RETURNING path, version, value, value_hash
+  )
+  INSERT INTO coffer_wal (path, op, key_version, value_hash, value_size)
+  SELECT path, CASE WHEN value IS NULL THEN 'delete' ELSE 'put' END, version, value_hash, coalesce(octet_length(value), 0) FROM e
+  RETURNING seq`;
+
+/** Writes entries keeping the newer version of each key, with WAL rows for what changed. */
+export async function applyEntries(db: Kysely<DB>, entries: ShippedEntry[]): Promise<number> {
+  const newest = new Map<string, ShippedEntry>();
+  for (const e of entries) if ((newest.get(e.path)?.version ?? -1) < e.version) newest.set(e.path, e);
+  const list = [...newest.values()];
+  if (list.length === 0) return 0;
+  const { rows } = await APPLY(
+    list.map((e) => e.path),
+    list.map((e) => e.version),
+    list.map((e) => e.value),
+    list.map((e) => (e.value ? valueHash(e.value) : null)),
+  ).execute(db);
+  return rows.length;
+}
+
+export type ApplyOutcome = { applied: true; appliedLsn: number; changed: number } | { applied: false; appliedLsn: number; reason: string };
+
+/** Applies a shipped batch exactly once, in order (invariant 3). */
+export async function applyBatch(db: Kysely<DB>, batch: Batch): Promise<ApplyOutcome> {
+  return db.transaction().execute(async (tx) => {
+    const { rows } = await sql<{ applied_lsn: number; mode: string; state: string }>`
+      SELECT applied_lsn, mode, state FROM coffer_replication WHERE id = 1 FOR UPDATE`.execute(tx);
+    const cur = rows[0];
+    const applied = Number(cur.applied_lsn);
+    if (cur.mode !== 'secondary') return { applied: false as const, appliedLsn: applied, reason: 'not a secondary' };
+    if (cur.state === 'bootstrapping' || cur.state === 'connecting') return { applied: false as const, appliedLsn: applied, reason: `secondary is ${cur.state}` };
+    if (batch.fromLsn !== applied + 1) return { applied: false as const, appliedLsn: applied, reason: `batch starts at ${batch.fromLsn}, expected ${applied + 1}` };
+    const changed = await applyEntries(tx, batch.entries);
+    await sql`UPDATE coffer_replication SET applied_lsn = ${batch.toLsn}, last_heartbeat = now(), updated_at = now(), last_error = NULL WHERE id = 1`.execute(tx);
+    return { applied: true as const, appliedLsn: batch.toLsn, changed };
+  });
+}
+
+/** One page of the full data set, in path order, for bootstrapping a secondary. */
+export async function snapshotPage(db: Kysely<DB>, after: string, limit: number): Promise<ShippedEntry[]> {
+  const { rows } = await sql<{ path: string; version: number; value: Buffer | null }>`
+    SELECT path, version, value FROM coffer_entries WHERE path > ${after} ORDER BY path LIMIT ${limit}`.execute(db);
+  return rows.map((r) => ({ path: r.path, version: Number(r.version), value: r.value }));
+}
+
+/** Secondary enable: every replicated entry and this cluster's WAL go (Vault wipes too). */
+export async function wipeReplicated(db: Kysely<DB>): Promise<void> {
+  await db.transaction().execute(async (tx) => {
+    await sql`TRUNCATE coffer_entries, coffer_wal`.execute(tx);
+    await sql`UPDATE coffer_wal_head SET last_lsn = 0 WHERE id = 1`.execute(tx);
+    await sql`ALTER SEQUENCE coffer_wal_seq_seq RESTART`.execute(tx);
+  });
+}
+
+export interface ReplicationRow {
+  mode: 'disabled' | 'primary' | 'secondary';
+  setId: string | null;
+  secondaryId: string | null;
+  primaryApiAddr: string | null;
+  credential: Buffer | null;
+  state: string;
+  appliedLsn: number;
+  bootstrapLsn: number | null;
+  bootstrapAfter: string | null;
+  lastHeartbeat: Date | null;
+  lastError: string | null;
+}
+
+export async function readReplication(db: Kysely<DB>): Promise<ReplicationRow> {
+  const r = await db.selectFrom('coffer_replication').selectAll().where('id', '=', 1).executeTakeFirstOrThrow();
+  return {
+    mode: r.mode,
+    setId: r.set_id,
+    secondaryId: r.secondary_id,
+    primaryApiAddr: r.primary_api_addr,
+    credential: r.credential,
+    state: r.state,
+    appliedLsn: Number(r.applied_lsn),
+    bootstrapLsn: r.bootstrap_lsn === null ? null : Number(r.bootstrap_lsn),
+    bootstrapAfter: r.bootstrap_after,
+    lastHeartbeat: r.last_heartbeat,
+    lastError: r.last_error,
+  };
+}
+
+export async function updateReplication(
+  db: Kysely<DB>,
+  patch: Partial<{
+    mode: ReplicationRow['mode'];
+    set_id: string | null;
+    secondary_id: string | null;
+    primary_api_addr: string | null;
+    credential: Buffer | null;
+    state: string;
+    applied_lsn: number;
+    bootstrap_lsn: number | null;
+    bootstrap_after: string | null;
+    last_heartbeat: Date | null;
+    last_error: string | null;
+  }>,
+): Promise<void> {
+  await db.updateTable('coffer_replication').set({ ...patch, updated_at: new Date() }).where('id', '=', 1).execute();
+}
+
+export interface SecondaryRow {
+  secondaryId: string;
+  credentialHmac: Buffer | null;
+  apiAddr: string | null;
+  ackedLsn: number;
+  status: string;
+  version: string | null;
+  lastHeartbeat: Date | null;
+  lastError: string | null;
+}
+
+function toSecondary(r: any): SecondaryRow {
+  return {
+    secondaryId: r.secondary_id,
+    credentialHmac: r.credential_hmac,
+    apiAddr: r.api_addr,
+    ackedLsn: Number(r.acked_lsn),
+    status: r.status,
+    version: r.version,
+    lastHeartbeat: r.last_heartbeat,
+    lastError: r.last_error,
+  };
+}
+
+export const secondaries = {
+  async list(db: Kysely<DB>): Promise<SecondaryRow[]> {
+    return (await db.selectFrom('coffer_secondaries').selectAll().orderBy('secondary_id').execute()).map(toSecondary);
+  },
+  async get(db: Kysely<DB>, id: string): Promise<SecondaryRow | null> {
+    const r = await db.selectFrom('coffer_secondaries').selectAll().where('secondary_id', '=', id).executeTakeFirst();
+    return r ? toSecondary(r) : null;
+  },
+  /** Creates or re-issues a secondary's credential (a new token for an id starts over). */
+  async upsert(db: Kysely<DB>, id: string, credentialHmac: Buffer): Promise<void> {
+    await db
+      .insertInto('coffer_secondaries')
+      .values({ secondary_id: id, credential_hmac: credentialHmac, status: 'pending' })
+      .onConflict((oc) => oc.column('secondary_id').doUpdateSet({ credential_hmac: credentialHmac, status: 'pending', acked_lsn: 0, api_addr: null, last_error: null }))
+      .execute();
+  },
+  async update(
+    db: Kysely<DB>,
+    id: string,
+    patch: Partial<{ api_addr: string | null; status: string; version: string | null; last_heartbeat: Date | null; last_error: string | null; acked_lsn: number }>,
+  ): Promise<void> {
+    await db.updateTable('coffer_secondaries').set(patch).where('secondary_id', '=', id).execute();
+  },
+  /** Moves the acknowledged cursor forward only (a late or repeated ack never moves it back). */
+  async ack(db: Kysely<DB>, id: string, lsn: number): Promise<void> {
+    await sql`UPDATE coffer_secondaries SET acked_lsn = GREATEST(acked_lsn, ${lsn}), last_heartbeat = now(), last_error = NULL WHERE secondary_id = ${id}`.execute(db);
+  },
+  /** Sets the cursor to what the secondary reports it has applied (after a rejected batch). */
+  async resync(db: Kysely<DB>, id: string, lsn: number): Promise<void> {
+    await sql`UPDATE coffer_secondaries SET acked_lsn = ${lsn}, last_heartbeat = now() WHERE secondary_id = ${id}`.execute(db);
+  },
+  async deleteAll(db: Kysely<DB>): Promise<void> {
+    await db.deleteFrom('coffer_secondaries').execute();
+  },
+};
+
+/** Serialises shipping to one secondary across every worker process (one batch in flight). */
+export async function withShipLock<T>(db: Kysely<DB>, secondaryId: string, fn: () => Promise<T>): Promise<T | null> {
+  return db.connection().execute(async (conn) => {
+    const key = `coffer-ship:${secondaryId}`;
+    const { rows } = await sql<{ ok: boolean }>`SELECT pg_try_advisory_lock(hashtextextended(${key}, 0)) AS ok`.execute(conn);
+    if (!rows[0].ok) return null;
+    try {
+      return await fn();
+    } finally {
+      await sql`SELECT pg_advisory_unlock(hashtextextended(${key}, 0))`.execute(conn);
+    }
+  });
+}
+

@@ -1,0 +1,79 @@
+/**
+ * Performance replication set up through the API alone: a primary, an activation token, a
+ * secondary that bootstraps, streams WAL, forwards writes and reads its own writes.
+ */
+import { createTestDatabase, sqlClient, type TestDatabase } from '../helpers/pg';
+import { initAndUnseal, mountKv2, startCoffer, stopAllCoffers, type CofferProcess } from '../helpers/coffer-process';
+import { vault } from '../helpers/http';
+import { waitFor } from '../helpers/wait';
+
+const dbs: TestDatabase[] = [];
+afterAll(async () => {
+  await stopAllCoffers();
+  for (const d of dbs) await d.drop();
+});
+
+async function cluster(label: string): Promise<{ p: CofferProcess; token: string; db: TestDatabase }> {
+  const db = await createTestDatabase(label);
+  dbs.push(db);
+  const p = await startCoffer({ dbUrl: db.url });
+  const { rootToken } = await initAndUnseal([p]);
+  return { p, token: rootToken, db };
+}
+
+test('enable primary, make a token, enable a secondary: data flows, writes forward, reads see own writes', async () => {
+  const pri = await cluster('rprimary');
+  const sec = await cluster('rsecondary');
+  await mountKv2(pri.p.addr, pri.token);
+  for (let i = 0; i < 50; i++) {
+    expect((await vault(pri.p.addr, 'POST', `secret/data/before/${i}`, { token: pri.token, body: { data: { i } } })).status).toBe(200);
+  }
+  expect((await vault(pri.p.addr, 'POST', 'sys/replication/performance/primary/enable', { token: pri.token, body: {} })).status).toBe(200);
+  const tok = await vault(pri.p.addr, 'POST', 'sys/replication/performance/primary/secondary-token', { token: pri.token, body: { id: 'dc2' } });
+  expect(tok.status).toBe(200);
+  const activation = tok.body.wrap_info.token as string;
+
+  const en = await vault(sec.p.addr, 'POST', 'sys/replication/performance/secondary/enable', { token: sec.token, body: { token: activation } });
+  expect([en.status, en.body.errors]).toEqual([200, undefined]);
+  // Replay of the activation token is refused.
+  const again = await vault(sec.p.addr, 'POST', 'sys/replication/performance/secondary/enable', { token: sec.token, body: { token: activation } });
+  expect(again.status).toBe(400);
+
+  await waitFor('secondary to stream', async () => (await vault(sec.p.addr, 'GET', 'sys/replication/performance/status')).body.data.state === 'stream-wals');
+  const r0 = await waitFor('bootstrapped data', async () => {
+    const r = await vault(sec.p.addr, 'GET', 'secret/data/before/49', { token: sec.token });
+    return r.status === 200 ? r : null;
+  });
+  expect(r0.body.data.data).toEqual({ i: 49 });
+
+  for (let i = 0; i < 50; i++) await vault(pri.p.addr, 'POST', `secret/data/after/${i}`, { token: pri.token, body: { data: { i } } });
+  await waitFor('streamed data', async () => (await vault(sec.p.addr, 'GET', 'secret/data/after/49', { token: sec.token })).status === 200);
+
+  // A write on the secondary is forwarded, and the secondary reads it right after.
+  const w = await vault(sec.p.addr, 'POST', 'secret/data/from-secondary', { token: sec.token, body: { data: { x: 1 } } });
+  expect(w.status).toBe(200);
+  expect(w.body.warnings ?? []).toEqual([]);
+  expect(Number(w.headers.get('x-vault-index'))).toBeGreaterThan(0);
+  const rr = await vault(sec.p.addr, 'GET', 'secret/data/from-secondary', { token: sec.token });
+  expect(rr.body.data.data).toEqual({ x: 1 });
+  expect((await vault(pri.p.addr, 'GET', 'secret/data/from-secondary', { token: pri.token })).body.data.data).toEqual({ x: 1 });
+
+  // The secondary's own WAL never got a client write: only the apply path writes there.
+  const c = await sqlClient(sec.db.url);
+  try {
+    const pstatus = await vault(pri.p.addr, 'GET', 'sys/replication/performance/status');
+    await waitFor('last_remote_wal to reach last_wal', async () => {
+      const s = (await vault(sec.p.addr, 'GET', 'sys/replication/performance/status')).body.data;
+      const p = (await vault(pri.p.addr, 'GET', 'sys/replication/performance/status')).body.data;
+      return s.last_remote_wal === p.last_wal;
+    });
+    expect(pstatus.body.data.known_secondaries).toEqual(['dc2']);
+    const diff = await c.query(`SELECT count(*)::int AS n FROM coffer_entries`);
+    expect(diff.rows[0].n).toBeGreaterThan(100);
+  } finally {
+    await c.end();
+  }
+
+  // Tokens are local: the primary's root token means nothing on the secondary.
+  expect((await vault(sec.p.addr, 'GET', 'secret/data/before/1', { token: pri.token })).status).toBe(403);
+});
