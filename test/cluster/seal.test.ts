@@ -30,14 +30,16 @@ const unsealKey = (p: CofferProcess, key: string) => vault(p.addr, 'PUT', 'sys/u
 /** The stored value of a KV v2 version entry, read as a DBA would. */
 async function storedVersion(dbUrl: string, key: string, version: number): Promise<Buffer> {
   const hashed = createHash('sha256').update(key).digest('hex');
+  // Version numbers are zero-padded in the path so path order is version order.
+  const padded = String(version).padStart(20, '0');
   const c = await sqlClient(dbUrl);
   try {
     const { rows } = await c.query<{ path: string; value: Buffer }>(
       `SELECT path, value FROM coffer_entries WHERE path LIKE 'logical/%/versions/' || $1 || '/' || $2::text`,
-      [hashed, version],
+      [hashed, padded],
     );
     expect(rows).toHaveLength(1);
-    expect(rows[0].path).toMatch(new RegExp(`^logical/[0-9a-f-]{36}/versions/${hashed}/${version}$`));
+    expect(rows[0].path).toMatch(new RegExp(`^logical/[0-9a-f-]{36}/versions/${hashed}/${padded}$`));
     return rows[0].value;
   } finally {
     await c.end();
