@@ -16,6 +16,7 @@ import { ActiveNode } from './replication/active-node';
 import { openEmbedded, openPostgres, type Database } from './storage/db';
 import { migrateToLatest } from './storage/migrate';
 import { pgStore } from './storage/pg-store';
+import type { ExpiryScheduler } from './core/expiry';
 import { VERSION } from './version';
 import { replicationInternalRouter } from './http/replication-internal';
 import { INTERNAL_PREFIX, Replication, type ReplicationOptions } from './replication/manager';
@@ -57,6 +58,28 @@ function splitAddress(address: string): { host: string; port: number } {
   return { host, port: Number(address.slice(i + 1)) };
 }
 
+function buildCore(config: CofferConfig, database: Database, scheduler: ExpiryScheduler): Core {
+  return new Core({
+    scheduler,
+    store: pgStore(database.db),
+    clock: systemClock,
+    staticSeal: config.seal
+      ? { keyId: config.seal.currentKeyId, key: config.seal.currentKey, previous: config.seal.previousKey ? { keyId: config.seal.previousKeyId ?? '', key: config.seal.previousKey } : undefined }
+      : undefined,
+    clusterName: config.clusterName,
+    version: VERSION,
+  });
+}
+
+/** Static seal: unseal now, and keep trying while sealed (the cluster may be initialised later). */
+function keepAutoUnsealed(core: Core, config: CofferConfig, log: Logger): NodeJS.Timeout {
+  const t = setInterval(() => {
+    if (core.sealed && config.seal) core.autoUnseal().catch((err) => log.warn({ err: err.message }, 'auto-unseal failed'));
+  }, 1000);
+  t.unref();
+  return t;
+}
+
 export async function startServer(config: CofferConfig, dev?: DevOptions): Promise<RunningServer> {
   const log = createLogger(config);
   const database = config.storage.type === 'embedded' ? await openEmbedded() : openPostgres(config.storage.connectionUrl, config.storage.maxConnections);
@@ -67,16 +90,7 @@ export async function startServer(config: CofferConfig, dev?: DevOptions): Promi
     const queue: JobQueue = config.queue
       ? new BullQueue(redisConnection(config.queue.url), config.queue.prefix, (err) => log.warn({ err: err.message }, 'queue error'))
       : new MemoryQueue();
-    const core = new Core({
-      scheduler: queueScheduler(queue, (err) => log.warn({ err: err.message }, 'could not schedule an expiry job; the sweep will catch it')),
-      store: pgStore(database.db),
-      clock: systemClock,
-      staticSeal: config.seal
-        ? { keyId: config.seal.currentKeyId, key: config.seal.currentKey, previous: config.seal.previousKey ? { keyId: config.seal.previousKeyId ?? '', key: config.seal.previousKey } : undefined }
-        : undefined,
-      clusterName: config.clusterName,
-      version: VERSION,
-    });
+    const core = buildCore(config, database, queueScheduler(queue, (err) => log.warn({ err: err.message }, 'could not schedule an expiry job; the sweep will catch it')));
 
     const first = config.listeners[0];
     const listenAddr = splitAddress(first.address);
@@ -159,12 +173,7 @@ export async function startServer(config: CofferConfig, dev?: DevOptions): Promi
       result.rootToken = init.rootToken;
       result.unsealKey = init.keys[0].toString('base64');
     }
-    // Static seal: unseal at boot, and keep trying while the cluster is not initialised yet
-    // (another process may run sys/init).
-    const autoUnsealTimer = setInterval(() => {
-      if (core.sealed && config.seal) core.autoUnseal().catch((err) => log.warn({ err: err.message }, 'auto-unseal failed'));
-    }, 1000);
-    autoUnsealTimer.unref();
+    const autoUnsealTimer = keepAutoUnsealed(core, config, log);
     if (config.seal) await core.autoUnseal().catch((err) => log.warn({ err: err.message }, 'auto-unseal failed'));
     // Workers run in every server by default; `coffer worker` processes add capacity.
     processExpiry(queue, core);
@@ -203,11 +212,30 @@ export async function startWorker(config: CofferConfig): Promise<{ stop(): Promi
   const database = openPostgres(config.storage.connectionUrl, config.storage.maxConnections);
   await migrateToLatest(database.db);
   const queue = new BullQueue(redisConnection(config.queue.url), config.queue.prefix, (err) => log.warn({ err: err.message }, 'queue error'));
-  const core = new Core({ store: pgStore(database.db), clock: systemClock, version: VERSION, scheduler: queueScheduler(queue, () => undefined) });
+  const core = buildCore(config, database, queueScheduler(queue, () => undefined));
   processExpiry(queue, core);
+  // Shipping needs the barrier (a secondary's credential is stored encrypted): a worker ships
+  // only once unsealed, which the static seal does unattended. Until then the servers ship.
+  const autoUnsealTimer = keepAutoUnsealed(core, config, log);
+  if (config.seal) await core.autoUnseal().catch((err) => log.warn({ err: err.message }, 'auto-unseal failed'));
+  const replication = new Replication({
+    db: database.db,
+    core,
+    queue,
+    log,
+    apiAddr: '',
+    version: VERSION,
+    isActive: () => false,
+    bestEffortWalWaitMs: config.replication.bestEffortWalWaitDurationMs,
+    batchMaxRows: 1000,
+    batchMaxBytes: 4 * 1024 * 1024,
+  });
+  replication.start();
   log.info({ queue: config.queue.prefix }, 'coffer worker started');
   return {
     async stop() {
+      replication.stop();
+      clearInterval(autoUnsealTimer);
       await queue.close();
       await database.close();
     },

@@ -15,6 +15,7 @@ import type { Core } from '../core/core';
 import { InvalidRequest, PermissionDenied, PreconditionFailed, Relayed, UpstreamUnavailable } from '../core/errors';
 import { Keyring, open, seal } from '../core/keyring';
 import type { LogicalRequest, LogicalResponse } from '../core/request';
+import { faultPoint } from '../faults';
 import type { JobQueue } from '../queue/jobs';
 import { reencryptLocal } from '../storage/local';
 import {
@@ -293,6 +294,7 @@ export class Replication {
         throw new UpstreamUnavailable(msg);
       }
       if (res.body.applied) {
+        faultPoint('ship.beforeAck');
         await secondaries.ack(this.o.db, secondaryId, batch.toLsn);
         return true;
       }

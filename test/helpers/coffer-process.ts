@@ -52,8 +52,17 @@ export function writeConfig(o: StartOptions): string {
 }
 
 export async function startCoffer(o: StartOptions): Promise<CofferProcess> {
+  return startProcess('server', o);
+}
+
+/** A `coffer worker` process (queue workers only; needs a queue "redis" block in extraHcl). */
+export async function startCofferWorker(o: StartOptions): Promise<CofferProcess> {
+  return startProcess('worker', o);
+}
+
+async function startProcess(command: 'server' | 'worker', o: StartOptions): Promise<CofferProcess> {
   const config = writeConfig(o);
-  const proc = spawn(process.execPath, [BIN, 'server', `-config=${config}`], {
+  const proc = spawn(process.execPath, [BIN, command, `-config=${config}`], {
     env: { ...process.env, ...(o.env ?? {}) },
     stdio: ['ignore', 'pipe', 'pipe'],
   });
@@ -75,13 +84,14 @@ export async function startCoffer(o: StartOptions): Promise<CofferProcess> {
     },
   };
   running.add(cp);
+  const started = command === 'server' ? /started on (https?:\/\/[\d.:]+)/ : /==> Coffer worker (started)/;
   const addr = await Promise.race([
-    waitFor('coffer server to start', () => /started on (https?:\/\/[\d.:]+)/.exec(out)?.[1], { timeoutMs: 30_000, intervalMs: 25 }),
+    waitFor(`coffer ${command} to start`, () => started.exec(out)?.[1], { timeoutMs: 30_000, intervalMs: 25 }),
     exited.then((code) => {
-      throw new Error(`coffer server exited with ${code} before starting:\n${out}`);
+      throw new Error(`coffer ${command} exited with ${code} before starting:\n${out}`);
     }),
   ]);
-  cp.addr = addr;
+  cp.addr = command === 'server' ? addr : '';
   return cp;
 }
 
