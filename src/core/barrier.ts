@@ -24,7 +24,15 @@ export interface BarrierTx {
   readonly lastSeq: number;
 }
 
-export class Barrier {
+/** What an engine stores through: the replicated barrier, or the same calls on local storage. */
+export interface StorageView {
+  get<T = unknown>(path: string): Promise<T | null>;
+  list(prefix: string): Promise<string[]>;
+  getWithLast<A, B>(path: string, prefix: string): Promise<{ value: A | null; last: { path: string; value: B } | null }>;
+  transaction<T>(fn: (tx: BarrierTx) => Promise<T>): Promise<{ result: T; lastSeq: number }>;
+}
+
+export class Barrier implements StorageView {
   private keyring: Keyring | null = null;
   /**
    * On a secondary, replicated storage is written only by the apply path (invariant 7): a
@@ -108,6 +116,41 @@ export class Barrier {
   async listLocal(prefix: string): Promise<string[]> {
     this.currentKeyring;
     return this.store.listLocal(prefix);
+  }
+
+  /**
+   * The storage of a mount: replicated, or — for `local: true` mounts — local storage that never
+   * ships and that a secondary writes itself (invariant 5).
+   */
+  view(local: boolean): StorageView {
+    if (!local) return this;
+    const localTx = (tx: BarrierTx): BarrierTx => ({
+      get: (p) => tx.getLocal(p),
+      getMany: (ps) => Promise.all(ps.map((p) => tx.getLocal(p))),
+      put: (p, v) => tx.putLocal(p, v),
+      putMany: async (entries) => {
+        for (const [p, v] of entries) await tx.putLocal(p, v);
+      },
+      delete: async (p) => {
+        await tx.deleteLocal(p);
+        return true;
+      },
+      list: (p) => tx.listLocal(p),
+      lock: (k) => tx.lock(k),
+      getLocal: (p) => tx.getLocal(p),
+      putLocal: (p, v) => tx.putLocal(p, v),
+      deleteLocal: (p) => tx.deleteLocal(p),
+      listLocal: (p) => tx.listLocal(p),
+      get lastSeq() {
+        return tx.lastSeq;
+      },
+    });
+    return {
+      get: (p) => this.getLocal(p),
+      list: (p) => this.listLocal(p),
+      getWithLast: async (p) => ({ value: await this.getLocal(p), last: null }),
+      transaction: (fn) => this.transaction((tx) => fn(localTx(tx))),
+    };
   }
 
   /** Runs `fn` in one storage transaction; the use case owns it. */

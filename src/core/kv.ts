@@ -10,7 +10,7 @@
  * get distinct versions and check-and-set is exact.
  */
 import { createHash } from 'node:crypto';
-import type { Barrier, BarrierTx } from './barrier';
+import type { Barrier, BarrierTx, StorageView } from './barrier';
 import type { Clock } from './clock';
 import { CasMismatch, InvalidRequest, NotFound, UnsupportedMediaType, UnsupportedOperation, UnsupportedPath } from './errors';
 import type { MountEntry } from './mounts';
@@ -50,6 +50,7 @@ export function isKvV2(m: MountEntry): boolean {
   return m.type === 'kv' && String(m.options?.version ?? '1') === '2';
 }
 
+/** The KV engine: one route table per mount, each over that mount's storage. */
 export class KvEngine {
   private readonly tables = new Map<string, RouteTable>();
 
@@ -60,13 +61,24 @@ export class KvEngine {
 
   /** The route table of one KV mount (v1 or v2), cached per mount. */
   routes(mount: MountEntry): RouteTable {
-    const key = `${mount.uuid}:${isKvV2(mount) ? 2 : 1}`;
+    const key = `${mount.uuid}:${isKvV2(mount) ? 2 : 1}:${mount.local}`;
     let t = this.tables.get(key);
     if (!t) {
-      t = new RouteTable(isKvV2(mount) ? this.v2Routes(mountStoragePrefix(mount)) : this.v1Routes(mountStoragePrefix(mount)));
+      t = new KvMount(this.barrier.view(mount.local), this.clock).routes(mountStoragePrefix(mount), isKvV2(mount));
       this.tables.set(key, t);
     }
     return t;
+  }
+}
+
+class KvMount {
+  constructor(
+    private readonly store: StorageView,
+    private readonly clock: Clock,
+  ) {}
+
+  routes(base: string, v2: boolean): RouteTable {
+    return new RouteTable(v2 ? this.v2Routes(base) : this.v1Routes(base));
   }
 
   // ---------------------------------------------------------------- v1
@@ -77,27 +89,27 @@ export class KvEngine {
       {
         pattern: ':path*',
         summary: 'Pass-through secret storage (KV version 1).',
-        exists: async (ctx) => (await this.barrier.get(at(ctx))) !== null,
+        exists: async (ctx) => (await this.store.get(at(ctx))) !== null,
         operations: {
           read: async (ctx) => {
             if (!ctx.params.path || ctx.params.path.endsWith('/')) throw new UnsupportedOperation();
-            const data = await this.barrier.get<Record<string, unknown>>(at(ctx));
+            const data = await this.store.get<Record<string, unknown>>(at(ctx));
             if (!data) throw new NotFound();
             return { data };
           },
           list: async (ctx) => {
-            const keys = await this.barrier.list(at(ctx));
+            const keys = await this.store.list(at(ctx));
             if (keys.length === 0) throw new NotFound();
             return { data: { keys } };
           },
           update: async (ctx) => {
             if (!ctx.params.path || ctx.params.path.endsWith('/')) throw new InvalidRequest('missing key');
             if (Object.keys(ctx.req.data).length === 0) throw new InvalidRequest('no data provided');
-            const { lastSeq } = await this.barrier.transaction((tx) => tx.put(at(ctx), ctx.req.data));
+            const { lastSeq } = await this.store.transaction((tx) => tx.put(at(ctx), ctx.req.data));
             return { status: 204, walSeq: lastSeq };
           },
           delete: async (ctx) => {
-            const { lastSeq } = await this.barrier.transaction((tx) => tx.delete(at(ctx)));
+            const { lastSeq } = await this.store.transaction((tx) => tx.delete(at(ctx)));
             return { status: 204, walSeq: lastSeq };
           },
         },
@@ -108,7 +120,7 @@ export class KvEngine {
   // ---------------------------------------------------------------- v2
 
   private v2Routes(base: string): RouteDef[] {
-    const keyMetaExists = async (ctx: RouteContext) => (await this.barrier.get(this.metaPath(base, ctx.params.path))) !== null;
+    const keyMetaExists = async (ctx: RouteContext) => (await this.store.get(this.metaPath(base, ctx.params.path))) !== null;
     const versionsOp = (op: 'delete' | 'undelete' | 'destroy', summary: string): RouteDef => ({
       pattern: `${op}/:path+`,
       summary,
@@ -181,7 +193,7 @@ export class KvEngine {
   }
 
   private async engineConfig(base: string, tx?: BarrierTx): Promise<EngineConfig> {
-    const c = tx ? await tx.get<EngineConfig>(base + 'config') : await this.barrier.get<EngineConfig>(base + 'config');
+    const c = tx ? await tx.get<EngineConfig>(base + 'config') : await this.store.get<EngineConfig>(base + 'config');
     return { ...DEFAULT_CONFIG, ...(c ?? {}) };
   }
 
@@ -190,7 +202,7 @@ export class KvEngine {
     if (op === 'read') return { data: { ...(await this.engineConfig(base)) } };
     if (op !== 'create' && op !== 'update') throw new UnsupportedOperation();
     const d = ctx.req.data;
-    const { lastSeq } = await this.barrier.transaction(async (tx) => {
+    const { lastSeq } = await this.store.transaction(async (tx) => {
       const cur = await this.engineConfig(base, tx);
       if (d.max_versions !== undefined) cur.max_versions = nonNegInt(d.max_versions, 'max_versions');
       if (d.cas_required !== undefined) cur.cas_required = bool(d.cas_required, 'cas_required');
@@ -218,7 +230,7 @@ export class KvEngine {
     switch (req.operation) {
       case 'read': {
         // One round trip for the common case: the metadata and the newest stored version.
-        const { value: meta, last } = await this.barrier.getWithLast<KeyMetadata, Record<string, unknown>>(this.metaPath(base, key), this.versionsPrefix(base, key));
+        const { value: meta, last } = await this.store.getWithLast<KeyMetadata, Record<string, unknown>>(this.metaPath(base, key), this.versionsPrefix(base, key));
         if (!meta) throw new NotFound();
         const n = req.query.version && req.query.version !== '0' ? positiveInt(req.query.version, 'version') : meta.current_version;
         const vm = meta.versions[String(n)];
@@ -226,7 +238,7 @@ export class KvEngine {
         const metadata = versionResponse(meta, n, vm);
         if (vm.deletion_time || vm.destroyed) return { status: 404, data: { data: null, metadata } };
         const path = this.versionPath(base, key, n);
-        const data = last?.path === path ? last.value : await this.barrier.get<Record<string, unknown>>(path);
+        const data = last?.path === path ? last.value : await this.store.get<Record<string, unknown>>(path);
         return { data: { data: data ?? null, metadata } };
       }
       case 'create':
@@ -249,7 +261,7 @@ export class KvEngine {
         }, cas, true);
       }
       case 'delete': {
-        const { lastSeq } = await this.barrier.transaction(async (tx) => {
+        const { lastSeq } = await this.store.transaction(async (tx) => {
           await tx.lock(this.metaPath(base, key));
           const meta = await tx.get<KeyMetadata>(this.metaPath(base, key));
           const vm = meta?.versions[String(meta.current_version)];
@@ -273,7 +285,7 @@ export class KvEngine {
     cas: number | undefined,
     needsCurrent = false,
   ): Promise<LogicalResponse> {
-    const { result, lastSeq } = await this.barrier.transaction(async (tx) => {
+    const { result, lastSeq } = await this.store.transaction(async (tx) => {
       const metaPath = this.metaPath(base, key);
       await tx.lock(metaPath);
       const [storedCfg, storedMeta] = (await tx.getMany([base + 'config', metaPath])) as [EngineConfig | null, KeyMetadata | null];
@@ -325,7 +337,7 @@ export class KvEngine {
   private async metadata(ctx: RequestContext, base: string, key: string): Promise<LogicalResponse> {
     const { req } = ctx;
     if (req.operation === 'list') {
-      const keys = await this.barrier.list(`${base}metadata/${key}`);
+      const keys = await this.store.list(`${base}metadata/${key}`);
       if (keys.length === 0) throw new NotFound();
       return { data: { keys } };
     }
@@ -333,7 +345,7 @@ export class KvEngine {
     const metaPath = this.metaPath(base, key);
     switch (req.operation) {
       case 'read': {
-        const meta = await this.barrier.get<KeyMetadata>(metaPath);
+        const meta = await this.store.get<KeyMetadata>(metaPath);
         if (!meta) throw new NotFound();
         return { data: { ...meta, custom_metadata: meta.custom_metadata } };
       }
@@ -341,7 +353,7 @@ export class KvEngine {
       case 'update':
       case 'patch': {
         const d = req.data;
-        const { lastSeq } = await this.barrier.transaction(async (tx) => {
+        const { lastSeq } = await this.store.transaction(async (tx) => {
           await tx.lock(metaPath);
           const now = this.now();
           const meta: KeyMetadata = (await tx.get<KeyMetadata>(metaPath)) ?? {
@@ -367,7 +379,7 @@ export class KvEngine {
         return { status: 204, walSeq: lastSeq };
       }
       case 'delete': {
-        const { lastSeq } = await this.barrier.transaction(async (tx) => {
+        const { lastSeq } = await this.store.transaction(async (tx) => {
           await tx.lock(metaPath);
           const meta = await tx.get<KeyMetadata>(metaPath);
           if (!meta) return;
@@ -387,7 +399,7 @@ export class KvEngine {
     const versions = list.map((v) => positiveInt(v, 'versions'));
     if (versions.length === 0) throw new InvalidRequest('no versions provided');
     const metaPath = this.metaPath(base, key);
-    const { lastSeq } = await this.barrier.transaction(async (tx) => {
+    const { lastSeq } = await this.store.transaction(async (tx) => {
       await tx.lock(metaPath);
       const meta = await tx.get<KeyMetadata>(metaPath);
       if (!meta) return;
@@ -409,7 +421,7 @@ export class KvEngine {
   }
 
   private async subkeys(ctx: RequestContext, base: string, key: string): Promise<LogicalResponse> {
-    const meta = await this.barrier.get<KeyMetadata>(this.metaPath(base, key));
+    const meta = await this.store.get<KeyMetadata>(this.metaPath(base, key));
     if (!meta) throw new NotFound();
     const n = ctx.req.query.version && ctx.req.query.version !== '0' ? positiveInt(ctx.req.query.version, 'version') : meta.current_version;
     const vm = meta.versions[String(n)];
@@ -417,7 +429,7 @@ export class KvEngine {
     const metadata = versionResponse(meta, n, vm);
     if (vm.deletion_time || vm.destroyed) return { status: 404, data: { subkeys: null, metadata } };
     const depth = ctx.req.query.depth ? nonNegInt(ctx.req.query.depth, 'depth') : 0;
-    const data = (await this.barrier.get<Record<string, unknown>>(this.versionPath(base, key, n))) ?? {};
+    const data = (await this.store.get<Record<string, unknown>>(this.versionPath(base, key, n))) ?? {};
     return { data: { subkeys: subkeysOf(data, depth, 1), metadata } };
   }
 

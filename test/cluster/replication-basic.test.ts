@@ -74,6 +74,12 @@ test('enable primary, make a token, enable a secondary: data flows, writes forwa
     await c.end();
   }
 
+  // A local mount on the secondary is its own: written there, never forwarded or shipped.
+  expect((await vault(sec.p.addr, 'POST', 'sys/mounts/mine', { token: sec.token, body: { type: 'kv', local: true, options: { version: '2' } } })).status).toBe(204);
+  expect((await vault(sec.p.addr, 'POST', 'mine/data/x', { token: sec.token, body: { data: { local: true } } })).status).toBe(200);
+  expect((await vault(sec.p.addr, 'GET', 'mine/data/x', { token: sec.token })).body.data.data).toEqual({ local: true });
+  expect((await vault(pri.p.addr, 'GET', 'sys/mounts/mine', { token: pri.token })).status).toBe(404);
+
   // Tokens are local: the primary's root token means nothing on the secondary.
   expect((await vault(sec.p.addr, 'GET', 'secret/data/before/1', { token: pri.token })).status).toBe(403);
 });
