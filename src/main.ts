@@ -11,6 +11,7 @@ import { Core } from './core/core';
 import { createApp } from './http/app';
 import { Metrics } from './http/metrics';
 import { walGauges } from './storage/wal';
+import { replicationGauges } from './storage/replication';
 import { listen, type RunningListener } from './http/list-method';
 import { ActiveNode } from './replication/active-node';
 import { openEmbedded, openPostgres, type Database } from './storage/db';
@@ -125,7 +126,7 @@ export async function startServer(config: CofferConfig, dev?: DevOptions): Promi
         indexOf: (seq) => replication.indexOf(seq),
         assertIndex: (lsn) => replication.assertIndex(lsn),
       },
-      metrics: new Metrics(() => walGauges(database.db)),
+      metrics: new Metrics(async () => ({ ...(await walGauges(database.db)), ...(await replicationGauges(database.db)) })),
       unauthenticatedMetrics: config.telemetry.unauthenticatedMetricsAccess,
       node: { isActive: () => node?.isActive() ?? false, leader: () => node!.leader(), stepDown: () => node!.stepDown() },
       log,

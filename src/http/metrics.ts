@@ -8,6 +8,11 @@ export interface StorageGauges {
   walHeadLsn: number;
   walUnorderedRows: number;
   walOldestUnorderedAgeSeconds: number;
+  /** Secondary: last primary WAL position applied here. */
+  lastRemoteWal: number;
+  /** Primary: the largest gap between our head and a secondary's acknowledged position. */
+  maxSecondaryLagWal: number;
+  knownSecondaries: number;
 }
 
 export class Metrics {
@@ -38,6 +43,9 @@ export class Metrics {
         },
       });
     gauge('vault_replication_wal_last_wal', 'Last dense WAL position handed out (LSN)', (s) => s.walHeadLsn);
+    gauge('vault_replication_fsm_last_remote_wal', 'Secondary: the last WAL position of the primary applied here', (s) => s.lastRemoteWal);
+    gauge('coffer_replication_secondary_lag_wal', 'Primary: the largest number of WAL positions a secondary is behind', (s) => s.maxSecondaryLagWal);
+    gauge('coffer_replication_known_secondaries', 'Primary: secondaries not revoked', (s) => s.knownSecondaries);
     gauge('coffer_wal_unordered_rows', 'WAL rows written but not yet given a position', (s) => s.walUnorderedRows);
     gauge('coffer_wal_oldest_unordered_age_seconds', 'Age of the oldest WAL row still waiting for a position (the xid horizon lag)', (s) => s.walOldestUnorderedAgeSeconds);
   }

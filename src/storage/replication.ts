@@ -235,3 +235,12 @@ export async function withShipLock<T>(db: Kysely<DB>, secondaryId: string, fn: (
   });
 }
 
+
+/** Replication figures for metrics. */
+export async function replicationGauges(db: Kysely<DB>) {
+  const { rows } = await sql<{ applied: number; lag: number | null; known: number }>`
+    SELECT (SELECT applied_lsn FROM coffer_replication WHERE id = 1) AS applied,
+           (SELECT max((SELECT last_lsn FROM coffer_wal_head WHERE id = 1) - acked_lsn) FROM coffer_secondaries WHERE status <> 'revoked') AS lag,
+           (SELECT count(*)::int FROM coffer_secondaries WHERE status <> 'revoked') AS known`.execute(db);
+  return { lastRemoteWal: Number(rows[0].applied), maxSecondaryLagWal: Number(rows[0].lag ?? 0), knownSecondaries: Number(rows[0].known) };
+}

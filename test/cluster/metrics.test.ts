@@ -26,6 +26,7 @@ test('prometheus metrics report requests and the WAL head; no token → 403', as
   });
   expect(text).toMatch(/^vault_core_handle_request\{quantile="0.5",method="POST"\} [\d.]+$/m);
   expect(text).toMatch(/^coffer_wal_unordered_rows \d+/m);
+  expect(text).toMatch(/^vault_replication_fsm_last_remote_wal 0$/m);
   const json = await vault(p.addr, 'GET', 'sys/metrics', { token: rootToken });
   expect(Array.isArray(json.body)).toBe(true);
 });
