@@ -124,7 +124,7 @@ export async function startServer(config: CofferConfig, dev?: DevOptions): Promi
         router: replicationInternalRouter(replication),
         prefix: INTERNAL_PREFIX,
         indexOf: (seq) => replication.indexOf(seq),
-        assertIndex: (lsn) => replication.assertIndex(lsn),
+        assertIndex: (lsn, wait) => replication.assertIndex(lsn, wait),
       },
       metrics: new Metrics(async () => ({ ...(await walGauges(database.db)), ...(await replicationGauges(database.db)) })),
       unauthenticatedMetrics: config.telemetry.unauthenticatedMetricsAccess,

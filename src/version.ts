@@ -11,4 +11,8 @@ function findPackageJson(): string {
   throw new Error('package.json not found');
 }
 
-export const VERSION: string = JSON.parse(readFileSync(findPackageJson(), 'utf8')).version;
+/**
+ * `COFFER_ADVERTISE_VERSION` makes a process claim another version — for rehearsing an upgrade
+ * order (a secondary refuses a newer primary) without building two releases.
+ */
+export const VERSION: string = process.env.COFFER_ADVERTISE_VERSION || JSON.parse(readFileSync(findPackageJson(), 'utf8')).version;

@@ -25,7 +25,7 @@ export interface ReplicationHooks {
   /** The X-Vault-Index of a direct write. */
   indexOf(seq: number): Promise<number>;
   /** 412 when this cluster has not reached the index a request requires. */
-  assertIndex(lsn: number): Promise<void>;
+  assertIndex(lsn: number, wait: boolean): Promise<void>;
 }
 
 export interface AppOptions {
@@ -171,7 +171,10 @@ async function logical(o: AppOptions, req: Request, res: Response): Promise<void
     remoteAddr: req.socket.remoteAddress,
   };
   const required = req.header('x-vault-index');
-  if (required && o.replication && /^\d+$/.test(required)) await o.replication.assertIndex(Number(required));
+  if (required && o.replication && /^\d+$/.test(required)) {
+    // X-Vault-Inconsistent: "fail" (default) answers 412 at once; "await-state" waits first.
+    await o.replication.assertIndex(Number(required), req.header('x-vault-inconsistent') === 'await-state');
+  }
   const out = await o.core.handle(lreq);
   if (out.walSeq && o.replication) out.walSeq = await o.replication.indexOf(out.walSeq);
   render(res, lreq, out);

@@ -212,9 +212,11 @@ export class Replication {
     return (await snapshotPage(this.o.db, after, Math.min(Math.max(limit, 1), 5000))).map(toWire);
   }
 
-  async heartbeatFrom(secondaryId: string, body: { applied_lsn?: number; state?: string }) {
+  async heartbeatFrom(secondaryId: string, body: { applied_lsn?: number; state?: string; api_addr?: string }) {
     await secondaries.update(this.o.db, secondaryId, {
       last_heartbeat: new Date(),
+      // A secondary that moved (restarted elsewhere, a new active node) says where it is now.
+      ...(typeof body.api_addr === 'string' && /^https?:\/\//.test(body.api_addr) ? { api_addr: body.api_addr.replace(/\/$/, '') } : {}),
       ...(body.state === 'stream-wals' ? { status: 'streaming' } : {}),
     });
     return { head_lsn: await walHead(this.o.db), version: this.o.version };
@@ -454,9 +456,11 @@ export class Replication {
   }
 
   /** Refuses (412) a request whose X-Vault-Index this cluster has not reached. */
-  async assertIndex(lsn: number): Promise<void> {
+  async assertIndex(lsn: number, wait = false): Promise<void> {
     const row = await readReplication(this.o.db);
-    if (row.mode === 'secondary' && row.appliedLsn < lsn) throw new PreconditionFailed('required index state not present');
+    if (row.mode !== 'secondary' || row.appliedLsn >= lsn) return;
+    if (wait && (await this.waitForApplied(lsn))) return;
+    throw new PreconditionFailed('required index state not present');
   }
 
   /** Active secondary node: finish bootstrapping; heartbeat the primary. */
@@ -469,7 +473,7 @@ export class Replication {
     try {
       const cred = await this.credential();
       const res = await call<{ head_lsn: number; version: string }>(`${row.primaryApiAddr}${INTERNAL_PREFIX}/heartbeat`, {
-        body: { applied_lsn: row.appliedLsn, state: row.state },
+        body: { applied_lsn: row.appliedLsn, state: row.state, api_addr: this.o.apiAddr },
         headers: { [CREDENTIAL_HEADER]: credentialHeader(cred.secondary_id, cred.secret) },
         timeoutMs: 2000,
       });

@@ -206,7 +206,14 @@ export const secondaries = {
     id: string,
     patch: Partial<{ api_addr: string | null; status: string; version: string | null; last_heartbeat: Date | null; last_error: string | null; acked_lsn: number }>,
   ): Promise<void> {
-    await db.updateTable('coffer_secondaries').set(patch).where('secondary_id', '=', id).execute();
+    // Nothing but an explicit revoke touches a revoked secondary (a heartbeat racing the
+    // revoke must not bring it back).
+    await db
+      .updateTable('coffer_secondaries')
+      .set(patch)
+      .where('secondary_id', '=', id)
+      .$if(patch.status !== 'revoked', (q) => q.where('status', '<>', 'revoked'))
+      .execute();
   },
   /** Moves the acknowledged cursor forward only (a late or repeated ack never moves it back). */
   async ack(db: Kysely<DB>, id: string, lsn: number): Promise<void> {

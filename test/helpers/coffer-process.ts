@@ -33,6 +33,8 @@ export interface StartOptions {
   /** Static seal key (hex), for unattended unseal. */
   staticSealKeyHex?: string;
   clusterName?: string;
+  /** Listen on this port (a restarted process keeps its address); default: any free port. */
+  port?: number;
 }
 
 export function writeConfig(o: StartOptions): string {
@@ -42,7 +44,7 @@ export function writeConfig(o: StartOptions): string {
   writeFileSync(
     file,
     `storage "postgresql" {\n  connection_url = "${o.dbUrl}"\n}\n` +
-      `listener "tcp" {\n  address = "127.0.0.1:0"\n  tls_disable = true\n}\n` +
+      `listener "tcp" {\n  address = "127.0.0.1:${o.port ?? 0}"\n  tls_disable = true\n}\n` +
       (o.clusterName ? `cluster_name = "${o.clusterName}"\n` : '') +
       `log_level = "${o.logLevel ?? 'info'}"\n` +
       seal +

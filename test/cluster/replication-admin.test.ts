@@ -1,0 +1,84 @@
+/**
+ * Replication administration: a secondary refuses a newer primary and says why; a revoked
+ * secondary is cut off; link-local primary addresses are refused.
+ */
+import { createTestDatabase, type TestDatabase } from '../helpers/pg';
+import { initAndUnseal, mountKv2, startCoffer, stopAllCoffers, unseal, type CofferProcess } from '../helpers/coffer-process';
+import { vault } from '../helpers/http';
+import { waitFor } from '../helpers/wait';
+
+const dbs: TestDatabase[] = [];
+afterAll(async () => {
+  await stopAllCoffers();
+  for (const d of dbs) await d.drop();
+});
+
+async function cluster(label: string, env?: Record<string, string>) {
+  const db = await createTestDatabase(label);
+  dbs.push(db);
+  const p = await startCoffer({ dbUrl: db.url, env });
+  const { rootToken, keys } = await initAndUnseal([p]);
+  return { p, token: rootToken, keys, db };
+}
+
+async function activation(pri: { p: CofferProcess; token: string }, id: string): Promise<string> {
+  const tok = await vault(pri.p.addr, 'POST', 'sys/replication/performance/primary/secondary-token', { token: pri.token, body: { id } });
+  expect(tok.status).toBe(200);
+  return tok.body.wrap_info.token;
+}
+
+const status = async (p: CofferProcess) => (await vault(p.addr, 'GET', 'sys/replication/performance/status')).body.data;
+
+test('a secondary refuses a primary of a newer Coffer version, at enable and after an upgrade of the primary', async () => {
+  const newer = await cluster('rnewer', { COFFER_ADVERTISE_VERSION: '99.0.0' });
+  const sec = await cluster('rolder');
+  await vault(newer.p.addr, 'POST', 'sys/replication/performance/primary/enable', { token: newer.token, body: {} });
+  const en = await vault(sec.p.addr, 'POST', 'sys/replication/performance/secondary/enable', { token: sec.token, body: { token: await activation(newer, 'old') } });
+  expect(en.status).toBe(400);
+  expect(en.body.errors[0]).toMatch(/primary runs Coffer 99\.0\.0, newer than this cluster's/);
+  expect((await status(sec.p)).mode).toBe('disabled');
+
+  // Same version at enable; then the primary is "upgraded" under a running secondary.
+  const pri = await cluster('rsame');
+  await mountKv2(pri.p.addr, pri.token);
+  await vault(pri.p.addr, 'POST', 'sys/replication/performance/primary/enable', { token: pri.token, body: {} });
+  const sec2 = await cluster('rsec2');
+  expect((await vault(sec2.p.addr, 'POST', 'sys/replication/performance/secondary/enable', { token: sec2.token, body: { token: await activation(pri, 'dc2') } })).status).toBe(200);
+  await waitFor('streaming', async () => (await status(sec2.p)).state === 'stream-wals');
+  await pri.p.kill('SIGKILL');
+  const upgraded = await startCoffer({ dbUrl: pri.db.url, port: Number(new URL(pri.p.addr).port), env: { COFFER_ADVERTISE_VERSION: '99.0.0' } });
+  await unseal(upgraded, pri.keys);
+  const s = await waitFor('the secondary to notice the newer primary', async () => {
+    const st = await status(sec2.p);
+    return /newer than this cluster's/.test(st.last_error) ? st : null;
+  });
+  expect(s.state).toBe('idle');
+});
+
+test('revoke-secondary cuts a secondary off: forwarded writes are refused, status drops it', async () => {
+  const pri = await cluster('rrevoke');
+  await mountKv2(pri.p.addr, pri.token);
+  await vault(pri.p.addr, 'POST', 'sys/replication/performance/primary/enable', { token: pri.token, body: {} });
+  const sec = await cluster('rrevoked');
+  expect((await vault(sec.p.addr, 'POST', 'sys/replication/performance/secondary/enable', { token: sec.token, body: { token: await activation(pri, 'gone') } })).status).toBe(200);
+  await waitFor('streaming', async () => (await status(sec.p)).state === 'stream-wals');
+  expect((await vault(sec.p.addr, 'POST', 'secret/data/before', { token: sec.token, body: { data: { a: 1 } } })).status).toBe(200);
+
+  expect((await vault(pri.p.addr, 'POST', 'sys/replication/performance/primary/revoke-secondary', { token: pri.token, body: { id: 'gone' } })).status).toBe(204);
+  const w = await vault(sec.p.addr, 'POST', 'secret/data/after', { token: sec.token, body: { data: { a: 2 } } });
+  expect(w.status).toBe(403);
+  expect((await status(pri.p)).known_secondaries).toEqual([]);
+  // Reads keep working locally.
+  expect((await vault(sec.p.addr, 'GET', 'secret/data/before', { token: sec.token })).status).toBe(200);
+});
+
+test('secondary/enable refuses a link-local primary address and a non-sudo caller', async () => {
+  const sec = await cluster('rsafe');
+  const en = await vault(sec.p.addr, 'POST', 'sys/replication/performance/secondary/enable', {
+    token: sec.token,
+    body: { token: 'cofferact.' + Buffer.from(JSON.stringify({ addr: 'http://127.0.0.1:1', token: 'x' })).toString('base64url'), primary_api_addr: 'http://169.254.169.254' },
+  });
+  expect(en.status).toBe(400);
+  expect(en.body.errors[0]).toMatch(/link-local or metadata/);
+  expect((await vault(sec.p.addr, 'POST', 'sys/replication/performance/secondary/enable', { body: { token: 'x' } })).status).toBe(403);
+});
