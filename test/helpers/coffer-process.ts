@@ -3,7 +3,7 @@
  * registered and killed by `stopAllCoffers()` (call it in afterAll) and at exit.
  */
 import { spawn, type ChildProcess } from 'node:child_process';
-import { existsSync, mkdtempSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { vault } from './http';
@@ -37,8 +37,11 @@ export interface StartOptions {
   port?: number;
 }
 
+const configDirs = new Set<string>();
+
 export function writeConfig(o: StartOptions): string {
   const dir = mkdtempSync(join(tmpdir(), 'coffer-test-'));
+  configDirs.add(dir);
   const file = join(dir, 'server.hcl');
   const seal = o.staticSealKeyHex ? `seal "static" {\n  current_key_id = "test-key-1"\n  current_key = "${o.staticSealKeyHex}"\n}\n` : '';
   writeFileSync(
@@ -99,6 +102,8 @@ async function startProcess(command: 'server' | 'worker', o: StartOptions): Prom
 
 export async function stopAllCoffers(): Promise<void> {
   await Promise.all([...running].map((p) => p.kill('SIGKILL')));
+  for (const d of configDirs) rmSync(d, { recursive: true, force: true });
+  configDirs.clear();
 }
 
 process.on('exit', () => {
