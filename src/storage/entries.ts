@@ -16,22 +16,6 @@ export interface WrittenRow {
   keyVersion: number;
 }
 
-// The term guard: a value encrypted under a keyring term older than the active one is not
-// written (no row comes back) and the caller reloads its keyring and retries.
-const PUT_WITH_WAL = (path: string, value: Buffer, hash: Buffer, term: number) => sql<{ seq: number; key_version: number }>`
-  WITH e AS (
-    INSERT INTO coffer_entries AS cur (path, version, value, value_hash, updated_at)
-    SELECT ${path}, 1, ${value}, ${hash}, clock_timestamp()
-     WHERE NOT EXISTS (SELECT 1 FROM coffer_seal WHERE id = 1 AND active_term > ${term})
-    ON CONFLICT (path) DO UPDATE
-       SET version = cur.version + 1, value = EXCLUDED.value,
-           value_hash = EXCLUDED.value_hash, updated_at = EXCLUDED.updated_at
-    RETURNING path, version, value_hash, octet_length(value) AS size
-  )
-  INSERT INTO coffer_wal (path, op, key_version, value_hash, value_size)
-  SELECT path, 'put', version, value_hash, size FROM e
-  RETURNING seq, key_version`;
-
 const DELETE_WITH_WAL = (path: string) => sql<{ seq: number; key_version: number }>`
   WITH e AS (
     UPDATE coffer_entries
@@ -48,7 +32,9 @@ export function valueHash(value: Buffer): Buffer {
   return createHash('sha256').update(value).digest();
 }
 
-const PUT_MANY_WITH_WAL = (paths: string[], values: Buffer[], hashes: Buffer[], term: number) => sql<{ seq: number; path: string }>`
+// The term guard: a value encrypted under a keyring term older than the active one is not
+// written (no row comes back) and the caller reloads its keyring and retries.
+const PUT_WITH_WAL = (paths: string[], values: Buffer[], hashes: Buffer[], term: number) => sql<{ seq: number; path: string; key_version: number }>`
   WITH e AS (
     INSERT INTO coffer_entries AS cur (path, version, value, value_hash, updated_at)
     SELECT p, 1, v, h, clock_timestamp()
@@ -61,7 +47,7 @@ const PUT_MANY_WITH_WAL = (paths: string[], values: Buffer[], hashes: Buffer[], 
   )
   INSERT INTO coffer_wal (path, op, key_version, value_hash, value_size)
   SELECT path, 'put', version, value_hash, size FROM e
-  RETURNING seq, path`;
+  RETURNING seq, path, key_version`;
 
 /** Thrown when a write was encrypted under a keyring term that is no longer the active one. */
 export class StaleKeyTerm extends Error {
@@ -71,7 +57,7 @@ export class StaleKeyTerm extends Error {
 }
 
 export async function putEntry(tx: Transaction<DB>, path: string, value: Buffer, term: number): Promise<WrittenRow> {
-  const { rows } = await PUT_WITH_WAL(path, value, valueHash(value), term).execute(tx);
+  const { rows } = await PUT_WITH_WAL([path], [value], [valueHash(value)], term).execute(tx);
   if (rows.length === 0) throw new StaleKeyTerm();
   return { seq: rows[0].seq, keyVersion: rows[0].key_version };
 }
@@ -79,7 +65,7 @@ export async function putEntry(tx: Transaction<DB>, path: string, value: Buffer,
 /** Several puts in one statement (one round trip); every entry still gets its own WAL row. */
 export async function putEntries(tx: Transaction<DB>, entries: [string, Buffer][], term: number): Promise<number> {
   if (new Set(entries.map(([p]) => p)).size !== entries.length) throw new Error('putEntries: duplicate path');
-  const { rows } = await PUT_MANY_WITH_WAL(
+  const { rows } = await PUT_WITH_WAL(
     entries.map(([p]) => p),
     entries.map(([, v]) => v),
     entries.map(([, v]) => valueHash(v)),

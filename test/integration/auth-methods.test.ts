@@ -6,13 +6,12 @@
  * Time is injected: the AppRole secret-ID TTL test moves a Clock forward instead of sleeping.
  */
 import type { Clock } from '../../src/core/clock';
-import { Core } from '../../src/core/core';
+import type { Core } from '../../src/core/core';
+import type { Database } from '../../src/storage/db';
 import type { LogicalResponse, Operation } from '../../src/core/request';
 import { toHttpError, type HttpError } from '../../src/http/errors';
-import { openPostgres, type Database } from '../../src/storage/db';
-import { migrateToLatest } from '../../src/storage/migrate';
-import { pgStore } from '../../src/storage/pg-store';
-import { createTestDatabase, sqlClient, type TestDatabase } from '../helpers/pg';
+import { sqlClient, type TestDatabase } from '../helpers/pg';
+import { inProcessCore } from '../helpers/core';
 
 let tdb: TestDatabase;
 let database: Database;
@@ -25,13 +24,7 @@ const clock: Clock = { now: () => new Date(Date.now() + offsetMs) };
 const plaintexts: string[] = [];
 
 beforeAll(async () => {
-  tdb = await createTestDatabase('auth_methods');
-  database = openPostgres(tdb.url, 4);
-  await migrateToLatest(database.db);
-  core = new Core({ store: pgStore(database.db), clock, version: 'test' });
-  const init = await core.initialize(1, 1);
-  await core.unseal(init.keys[0]);
-  root = init.rootToken;
+  ({ tdb, database, core, root } = await inProcessCore('auth_methods', clock));
 });
 
 afterAll(async () => {

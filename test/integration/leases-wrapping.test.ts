@@ -3,41 +3,23 @@
  * src/main.ts builds it, driven through core.handle (no HTTP), with an injectable clock so
  * expiry is tested by moving time rather than waiting for it.
  */
-import type { Clock } from '../../src/core/clock';
-import { Core } from '../../src/core/core';
+import type { Core } from '../../src/core/core';
+import type { Database } from '../../src/storage/db';
 import { authBlock } from '../../src/core/auth/issue';
 import type { LogicalResponse, Operation } from '../../src/core/request';
-import { openPostgres, type Database } from '../../src/storage/db';
-import { migrateToLatest } from '../../src/storage/migrate';
-import { pgStore } from '../../src/storage/pg-store';
 import { toHttpError } from '../../src/http/errors';
-import { createTestDatabase, sqlClient, type TestDatabase } from '../helpers/pg';
+import { sqlClient, type TestDatabase } from '../helpers/pg';
+import { inProcessCore, ManualClock } from '../helpers/core';
 
-/** Time that only moves when a test moves it. */
-class TestClock implements Clock {
-  private t = Date.parse('2026-01-01T00:00:00.000Z');
-  now(): Date {
-    return new Date(this.t);
-  }
-  advance(seconds: number): void {
-    this.t += seconds * 1000;
-  }
-}
 
 let tdb: TestDatabase;
 let database: Database;
 let core: Core;
 let root: string;
-const clock = new TestClock();
+const clock = new ManualClock();
 
 beforeAll(async () => {
-  tdb = await createTestDatabase('leases_wrapping');
-  database = openPostgres(tdb.url, 4);
-  await migrateToLatest(database.db);
-  core = new Core({ store: pgStore(database.db), clock, version: 'test' });
-  const init = await core.initialize(1, 1);
-  await core.unseal(init.keys[0]);
-  root = init.rootToken;
+  ({ tdb, database, core, root } = await inProcessCore('leases_wrapping', clock));
   await call('update', 'sys/mounts/secret', { type: 'kv', options: { version: '2' } });
   await call('update', 'secret/data/app', { data: { password: 'hunter2' } });
 });

@@ -5,44 +5,27 @@
  * Policies are written straight to the barrier where `Core.aclFor` reads them.
  */
 import { randomBytes } from 'node:crypto';
-import type { Clock } from '../../src/core/clock';
-import { Core } from '../../src/core/core';
+import type { Core } from '../../src/core/core';
+import type { Database } from '../../src/storage/db';
 import { rfc3339Nano } from '../../src/core/leases';
 import { mountStoragePrefix } from '../../src/core/mounts';
 import type { Capability } from '../../src/core/policy';
 import type { AuthBlock, LogicalResponse, Operation } from '../../src/core/request';
-import { openPostgres, type Database } from '../../src/storage/db';
-import { migrateToLatest } from '../../src/storage/migrate';
-import { pgStore } from '../../src/storage/pg-store';
-import { createTestDatabase, type TestDatabase } from '../helpers/pg';
+import type { TestDatabase } from '../helpers/pg';
+import { inProcessCore, ManualClock } from '../helpers/core';
 
 const T0 = Date.parse('2026-03-01T00:00:00.000Z');
 const SYSTEM_MAX = 32 * 24 * 3600;
 
-class ManualClock implements Clock {
-  private t = T0;
-  now(): Date {
-    return new Date(this.t);
-  }
-  advance(seconds: number): void {
-    this.t += seconds * 1000;
-  }
-}
 
 let tdb: TestDatabase;
 let database: Database;
 let core: Core;
 let root: string;
-const clock = new ManualClock();
+const clock = new ManualClock(T0);
 
 beforeAll(async () => {
-  tdb = await createTestDatabase('token_backend');
-  database = openPostgres(tdb.url, 4);
-  await migrateToLatest(database.db);
-  core = new Core({ store: pgStore(database.db), clock, version: 'test' });
-  const init = await core.initialize(1, 1);
-  await core.unseal(init.keys[0]);
-  root = init.rootToken;
+  ({ tdb, database, core, root } = await inProcessCore('token_backend', clock));
   await policy('creator', { 'auth/token/create': ['update'], 'auth/token/create-orphan': ['update'], 'auth/token/create/*': ['update'] });
   await policy('extra', {});
   await policy('ops', {});
