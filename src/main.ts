@@ -94,7 +94,6 @@ export async function startServer(config: CofferConfig, dev?: DevOptions): Promi
     const core = buildCore(config, database, queueScheduler(queue, (err) => log.warn({ err: err.message }, 'could not schedule an expiry job; the sweep will catch it')));
 
     const first = config.listeners[0];
-    const listenAddr = splitAddress(first.address);
     const scheme = first.tlsDisable ? 'http' : 'https';
     const nodeId = randomUUID();
     const listeners: RunningListener[] = [];

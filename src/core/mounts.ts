@@ -144,3 +144,41 @@ function stableBuiltinId(table: string, path: string): string {
   const hex = Buffer.from(`${table}:${path}`).toString('hex').padEnd(32, '0').slice(0, 32);
   return `${hex.slice(0, 8)}-${hex.slice(8, 12)}-${hex.slice(12, 16)}-${hex.slice(16, 20)}-${hex.slice(20, 32)}`;
 }
+
+/** A mount as `sys/mounts` and `sys/auth` show it (auth mounts add `token_type`). */
+export function describeMount(m: MountEntry): Record<string, unknown> {
+  return {
+    accessor: m.accessor,
+    config: {
+      default_lease_ttl: m.config.default_lease_ttl,
+      max_lease_ttl: m.config.max_lease_ttl,
+      force_no_cache: m.config.force_no_cache,
+      ...(m.table === 'auth' ? { token_type: m.config.token_type ?? 'default-service' } : {}),
+      ...(m.config.listing_visibility ? { listing_visibility: m.config.listing_visibility } : {}),
+    },
+    description: m.description,
+    external_entropy_access: m.external_entropy_access,
+    local: m.local,
+    options: Object.keys(m.options).length ? m.options : null,
+    plugin_version: '',
+    running_plugin_version: '',
+    running_sha256: '',
+    seal_wrap: m.seal_wrap,
+    type: m.type,
+    uuid: m.uuid,
+  };
+}
+
+/** `.../tune` reads: TTLs resolved (0 means the system default of 32 days). */
+export function mountTuneView(m: MountEntry): Record<string, unknown> {
+  const systemMax = 32 * 24 * 3600;
+  return {
+    default_lease_ttl: m.config.default_lease_ttl || systemMax,
+    max_lease_ttl: m.config.max_lease_ttl || systemMax,
+    force_no_cache: m.config.force_no_cache,
+    ...(m.table === 'auth' ? { token_type: m.config.token_type ?? 'default-service' } : {}),
+    description: m.description,
+    options: Object.keys(m.options).length ? m.options : null,
+    ...(m.config.listing_visibility ? { listing_visibility: m.config.listing_visibility } : {}),
+  };
+}

@@ -7,7 +7,7 @@
  * secondary's applied position, in one transaction that also advances it (invariant 3).
  */
 import { sql, type Kysely } from 'kysely';
-import { prefixEnd, valueHash } from './entries';
+import { valueHash } from './entries';
 import type { DB } from './schema';
 
 export interface ShippedEntry {

@@ -83,10 +83,6 @@ const xidOf = async (tx: Transaction<DB>) =>
   BigInt((await sql<{ xid: string }>`SELECT pg_current_xact_id()::text AS xid`.execute(tx)).rows[0].xid);
 const pidOf = async (tx: Transaction<DB>) => (await sql<{ pid: number }>`SELECT pg_backend_pid() AS pid`.execute(tx)).rows[0].pid;
 
-async function walRow(db: Kysely<DB>, path: string, version: number) {
-  return db.selectFrom('coffer_wal').select(['seq', 'lsn', 'op']).where('path', '=', path).where('key_version', '=', version).executeTakeFirstOrThrow();
-}
-
 // ------------------------------------------------------------------------------------------ a
 
 test('xid-horizon trap: a later write to K that took its xid first is not ordered before K v1', async () => {

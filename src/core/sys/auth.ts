@@ -8,7 +8,7 @@ import type { BarrierTx } from '../barrier';
 import type { Core } from '../core';
 import { InvalidRequest } from '../errors';
 import type { FieldSchema, RouteDef } from '../framework';
-import { mountStoragePrefix, normalizeMountPath, type MountEntry } from '../mounts';
+import { describeMount, mountStoragePrefix, mountTuneView, normalizeMountPath, type MountEntry } from '../mounts';
 import type { LogicalResponse } from '../request';
 import { parseDurationSeconds } from '../units';
 import { SYSTEM_MAX_TTL_SECONDS } from '../leases';
@@ -48,7 +48,7 @@ export function authRoutes(core: Core): RouteDef[] {
       sudo: true,
       fields: tuneFields,
       operations: {
-        read: async (ctx) => ({ data: tuneView(sys.existing(ctx.params.path)) }),
+        read: async (ctx) => ({ data: mountTuneView(sys.existing(ctx.params.path)) }),
         update: async (ctx) => sys.tune(sys.existing(ctx.params.path), ctx.fields),
       },
     },
@@ -60,11 +60,11 @@ export function authRoutes(core: Core): RouteDef[] {
       operations: {
         read: async (ctx) => {
           const tune = tuneSuffix(ctx.params.path);
-          if (tune) return { data: tuneView(sys.existing(tune)) };
+          if (tune) return { data: mountTuneView(sys.existing(tune)) };
           const path = normalizeMountPath(ctx.params.path);
           const m = core.mounts.get('auth', path);
           if (!m) throw new InvalidRequest(`No auth engine at ${path}`);
-          return { data: describe(m) };
+          return { data: describeMount(m) };
         },
         update: async (ctx) => {
           const tune = tuneSuffix(ctx.params.path);
@@ -88,7 +88,7 @@ class SysAuth {
 
   mountMap(): Record<string, unknown> {
     const out: Record<string, unknown> = {};
-    for (const m of this.core.mounts.list('auth')) out[m.path] = describe(m);
+    for (const m of this.core.mounts.list('auth')) out[m.path] = describeMount(m);
     return out;
   }
 
@@ -218,37 +218,3 @@ function checkTtls(def: number, max: number): { default_lease_ttl: number; max_l
   return { default_lease_ttl: def, max_lease_ttl: max };
 }
 
-function describe(m: MountEntry): Record<string, unknown> {
-  return {
-    accessor: m.accessor,
-    config: {
-      default_lease_ttl: m.config.default_lease_ttl,
-      max_lease_ttl: m.config.max_lease_ttl,
-      token_type: m.config.token_type ?? 'default-service',
-      force_no_cache: m.config.force_no_cache,
-      ...(m.config.listing_visibility ? { listing_visibility: m.config.listing_visibility } : {}),
-    },
-    description: m.description,
-    external_entropy_access: m.external_entropy_access,
-    local: m.local,
-    options: Object.keys(m.options).length ? m.options : null,
-    plugin_version: '',
-    running_plugin_version: '',
-    running_sha256: '',
-    seal_wrap: m.seal_wrap,
-    type: m.type,
-    uuid: m.uuid,
-  };
-}
-
-function tuneView(m: MountEntry): Record<string, unknown> {
-  return {
-    default_lease_ttl: m.config.default_lease_ttl || SYSTEM_MAX_TTL_SECONDS,
-    max_lease_ttl: m.config.max_lease_ttl || SYSTEM_MAX_TTL_SECONDS,
-    force_no_cache: m.config.force_no_cache,
-    token_type: m.config.token_type ?? 'default-service',
-    description: m.description,
-    options: Object.keys(m.options).length ? m.options : null,
-    ...(m.config.listing_visibility ? { listing_visibility: m.config.listing_visibility } : {}),
-  };
-}

@@ -4,7 +4,7 @@
  */
 import type { Core } from '../core';
 import { InvalidRequest, NotFound } from '../errors';
-import { normalizeMountPath, PROTECTED_MOUNTS, type MountEntry } from '../mounts';
+import { describeMount, mountTuneView, normalizeMountPath, PROTECTED_MOUNTS, type MountEntry } from '../mounts';
 import { openApiPaths, RouteTable, type RouteDef } from '../framework';
 import { VERSION } from '../../version';
 import { authRoutes } from './auth';
@@ -43,7 +43,7 @@ export class SysBackend {
         summary: 'Tune backend configuration parameters for this mount.',
         fields: { description: { type: 'string' }, default_lease_ttl: { type: 'duration' }, max_lease_ttl: { type: 'duration' }, options: { type: 'map' } },
         operations: {
-          read: async (ctx) => ({ data: { ...tuneView(this.existingMount(ctx.params.path)) } }),
+          read: async (ctx) => ({ data: { ...mountTuneView(this.existingMount(ctx.params.path)) } }),
           update: async (ctx) => this.tuneMount(this.existingMount(ctx.params.path), ctx.fields),
         },
       },
@@ -55,7 +55,7 @@ export class SysBackend {
           read: async (ctx) => {
             const m = this.core.mounts.get('secret', normalizeMountPath(ctx.params.path));
             if (!m) throw new NotFound();
-            return { data: describe(m) };
+            return { data: describeMount(m) };
           },
           update: async (ctx) => this.enable(normalizeMountPath(ctx.params.path), ctx.fields),
           delete: async (ctx) => this.disable(normalizeMountPath(ctx.params.path), this.core.mounts.get('secret', normalizeMountPath(ctx.params.path))),
@@ -102,7 +102,7 @@ export class SysBackend {
 
   private mountMap(table: 'secret' | 'auth'): Record<string, unknown> {
     const out: Record<string, unknown> = {};
-    for (const m of this.core.mounts.list(table)) out[m.path] = describe(m);
+    for (const m of this.core.mounts.list(table)) out[m.path] = describeMount(m);
     return out;
   }
 
@@ -180,33 +180,7 @@ export class SysBackend {
   private uiMount(path: string): LogicalResponse {
     const route = this.core.mounts.route(path.endsWith('/') || !path ? path : path + '/') ?? this.core.mounts.route(path);
     if (!route || route.mount.table !== 'secret') throw new InvalidRequest(`preflight capability check returned 403, please ensure client's policies grant access to path "${path}/"`);
-    return { data: { ...describe(route.mount), path: route.prefix } };
+    return { data: { ...describeMount(route.mount), path: route.prefix } };
   }
 }
 
-function describe(m: MountEntry): Record<string, unknown> {
-  return {
-    accessor: m.accessor,
-    config: { default_lease_ttl: m.config.default_lease_ttl, max_lease_ttl: m.config.max_lease_ttl, force_no_cache: m.config.force_no_cache },
-    description: m.description,
-    external_entropy_access: m.external_entropy_access,
-    local: m.local,
-    options: Object.keys(m.options).length ? m.options : null,
-    plugin_version: '',
-    running_plugin_version: '',
-    running_sha256: '',
-    seal_wrap: m.seal_wrap,
-    type: m.type,
-    uuid: m.uuid,
-  };
-}
-
-function tuneView(m: MountEntry): Record<string, unknown> {
-  return {
-    default_lease_ttl: m.config.default_lease_ttl || 2764800,
-    max_lease_ttl: m.config.max_lease_ttl || 2764800,
-    force_no_cache: m.config.force_no_cache,
-    description: m.description,
-    options: Object.keys(m.options).length ? m.options : null,
-  };
-}

@@ -30,7 +30,6 @@ const IMMUTABLE = new Set(['root', 'response-wrapping', 'control-group']);
 /** Hidden from lists, as in Vault. */
 const NON_ASSIGNABLE = new Set(['response-wrapping', 'control-group']);
 
-const NAME_DESCRIPTION = 'The name of the policy. Example: "ops"';
 const RULES_DESCRIPTION = 'The rules of the policy.';
 
 const capabilityFields = {
