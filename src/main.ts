@@ -127,7 +127,7 @@ export async function startServer(config: CofferConfig, dev?: DevOptions): Promi
       },
       metrics: new Metrics(async () => ({ ...(await walGauges(database.db)), ...(await replicationGauges(database.db)) })),
       unauthenticatedMetrics: config.telemetry.unauthenticatedMetricsAccess,
-      node: { isActive: () => node?.isActive() ?? false, leader: () => node!.leader(), stepDown: () => node!.stepDown() },
+      node: { isActive: () => node?.isActive() ?? false, poke: () => node?.poke(), leader: () => node!.leader(), stepDown: () => node!.stepDown() },
       log,
       maxRequestSizeBytes: first.maxRequestSizeBytes,
       version: VERSION,

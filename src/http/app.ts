@@ -14,6 +14,8 @@ import { canonicalPath } from './paths';
 
 export interface NodeStatus {
   isActive(): boolean;
+  /** A write committed here: let the sequencer (if this process runs it) order it now. */
+  poke(): void;
   leader(): Promise<{ haEnabled: boolean; isSelf: boolean; activeTime: string; leaderAddress: string; leaderClusterAddress: string }>;
   stepDown(): Promise<void>;
 }
@@ -176,6 +178,7 @@ async function logical(o: AppOptions, req: Request, res: Response): Promise<void
     await o.replication.assertIndex(Number(required), req.header('x-vault-inconsistent') === 'await-state');
   }
   const out = await o.core.handle(lreq);
+  if (out.walSeq) o.node.poke();
   if (out.walSeq && o.replication) out.walSeq = await o.replication.indexOf(out.walSeq);
   render(res, lreq, out);
 }

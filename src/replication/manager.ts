@@ -259,9 +259,12 @@ export class Replication {
   }
 
   private async enqueueShip(secondaryId: string): Promise<void> {
-    // One waiting job per secondary (BullMQ dedupes by id); the advisory lock in shipTo keeps
-    // one batch in flight across every worker process.
-    await this.o.queue.add('replication.ship', { secondaryId }, { jobId: `ship-${secondaryId}` }).catch((err) => {
+    // At most one waiting job per secondary per second (BullMQ dedupes by id). The id changes
+    // every second so a job left "active" by a killed process (BullMQ recovers it only after
+    // its lock expires, ~30 s) cannot block shipping; the advisory lock in shipTo keeps one
+    // batch in flight across every worker process whatever the number of jobs.
+    const jobId = `ship-${secondaryId}-${Math.floor(Date.now() / 1000)}`;
+    await this.o.queue.add('replication.ship', { secondaryId }, { jobId }).catch((err) => {
       this.o.log.warn({ err: (err as Error).message }, 'could not enqueue shipping; the next tick retries');
     });
   }
