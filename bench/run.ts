@@ -1,12 +1,13 @@
 /**
  * `npm run bench [-- scenario ...]`: runs scenarios, prints each figure beside its reference
  * measured in the same run (as a ratio), and writes bench/results/<time>.json.
- * Scenarios: write, read. BENCH_SECONDS sets the duration of each measurement (default 8).
+ * Scenarios: write, read, replication. BENCH_SECONDS sets the duration of each measurement (default 8).
  */
 import { mkdirSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { cpus } from 'node:os';
 import { readScenario } from './scenarios/read';
+import { replicationScenario } from './scenarios/replication';
 import { writeScenario } from './scenarios/write';
 
 export interface Figure {
@@ -22,6 +23,7 @@ export interface Figure {
 const SCENARIOS: Record<string, (seconds: number) => Promise<Figure[]>> = {
   write: writeScenario,
   read: readScenario,
+  replication: replicationScenario,
 };
 
 function fmt(n: number): string {

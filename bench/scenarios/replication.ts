@@ -1,0 +1,627 @@
+/**
+ * Performance replication (performance.md §8 metric 4), Coffer primary → secondary against
+ * Postgres native logical replication measured in the same run.
+ *
+ * 1. Sustainable replicated writes/s, the pglogical method (§2.4): a closed-loop burst of KV v2
+ *    writes on the primary for BENCH_SECONDS, then the time until the secondary's
+ *    last_remote_wal reaches the primary's last_wal; rate = writes ÷ (load + drain). The
+ *    reference runs the same number of clients doing a 100 B upsert into a published table of
+ *    a throwaway Postgres instance (wal_level=logical, fsync and synchronous_commit on), with a
+ *    subscription in another database of that instance; "caught up" is a marker row committed
+ *    after the load becoming visible on the subscriber (apply is in commit order). The
+ *    subscription keeps its default synchronous_commit = off for the apply worker: that is how
+ *    native replication runs, and it stays crash-safe (the slot only advances past what the
+ *    subscriber reports flushed).
+ *    Target ratio ≥ 1.
+ * 2. Lag p50/p99 at half the sustainable rate (open loop): per write, from the primary's
+ *    acknowledgement to the first poll of the secondary's status showing last_remote_wal ≥ the
+ *    write's X-Vault-Index. Target p99 ≤ 100 ms. The native equivalent maps the publisher's
+ *    pg_current_wal_lsn() right after each commit to the subscription origin's remote_lsn
+ *    (pg_replication_origin_status), polled the same way.
+ *
+ * Everything it starts (the Postgres instance, Coffer processes, databases) is stopped and
+ * removed at the end, on error, and on SIGINT/SIGTERM.
+ */
+import { execFile, execFileSync } from 'node:child_process';
+import { chownSync, mkdtempSync, appendFileSync, rmSync } from 'node:fs';
+import http from 'node:http';
+import net from 'node:net';
+import { loadavg, tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { performance } from 'node:perf_hooks';
+import pg from 'pg';
+import { createTestDatabase, PG_ADMIN_URL, type TestDatabase } from '../../test/helpers/pg';
+import { initAndUnseal, mountKv2, startCoffer, stopAllCoffers, type CofferProcess } from '../../test/helpers/coffer-process';
+import { vault } from '../../test/helpers/http';
+import { waitFor } from '../../test/helpers/wait';
+import { closedLoop } from '../load';
+import type { Figure } from '../run';
+
+const PAYLOAD = 'x'.repeat(100);
+const KEYS = 10_000;
+const CONCURRENCY = 8;
+const PG_BIN = process.env.PG_BIN ?? '/usr/lib/postgresql/15/bin';
+const LAG_TARGET_P99_MS = 100;
+
+// ------------------------------------------------------------------ cleanup on every exit path
+
+/** Synchronous last-resort cleanups (signal or exit); the normal path runs the async ones. */
+const emergency = new Map<string, () => void>();
+function runEmergency(): void {
+  for (const [k, fn] of emergency) {
+    emergency.delete(k);
+    try {
+      fn();
+    } catch {
+      /* best effort */
+    }
+  }
+}
+function onSignal(sig: NodeJS.Signals): void {
+  runEmergency();
+  process.exit(sig === 'SIGINT' ? 130 : 143);
+}
+
+function percentile(sorted: number[], p: number): number {
+  if (sorted.length === 0) return NaN;
+  return sorted[Math.min(sorted.length - 1, Math.floor((p / 100) * sorted.length))];
+}
+
+const sleep = (ms: number) => new Promise<void>((r) => setTimeout(r, ms));
+
+// ------------------------------------------------------------------ throwaway Postgres instance
+
+interface Instance {
+  port: number;
+  url(db: string): string;
+  stop(): Promise<void>;
+}
+
+function asPostgresUser(cmd: string, args: string[]): [string, string[]] {
+  // initdb refuses root; the server must not run as root either.
+  return process.getuid?.() === 0 ? ['runuser', ['-u', 'postgres', '--', cmd, ...args]] : [cmd, args];
+}
+
+function run(cmd: string, args: string[], timeoutMs = 120_000): Promise<string> {
+  const [c, a] = asPostgresUser(cmd, args);
+  return new Promise((resolve, reject) =>
+    execFile(c, a, { timeout: timeoutMs }, (err, stdout, stderr) => (err ? reject(new Error(`${cmd} failed: ${err.message}\n${stderr}`)) : resolve(stdout))),
+  );
+}
+
+function freePort(): Promise<number> {
+  return new Promise((resolve, reject) => {
+    const s = net.createServer();
+    s.once('error', reject);
+    s.listen(0, '127.0.0.1', () => {
+      const port = (s.address() as net.AddressInfo).port;
+      s.close(() => resolve(port));
+    });
+  });
+}
+
+async function startInstance(): Promise<Instance> {
+  const dir = mkdtempSync(join(tmpdir(), 'coffer-bench-pg-'));
+  const data = join(dir, 'data');
+  const removeDir = () => rmSync(dir, { recursive: true, force: true });
+  const stopSync = () => {
+    try {
+      const [c, a] = asPostgresUser(join(PG_BIN, 'pg_ctl'), ['-D', data, '-m', 'immediate', '-w', '-t', '30', 'stop']);
+      execFileSync(c, a, { stdio: 'ignore', timeout: 40_000 });
+    } catch {
+      /* not running */
+    }
+    removeDir();
+  };
+  emergency.set(`pg:${dir}`, stopSync);
+  try {
+    if (process.getuid?.() === 0) {
+      const uid = Number(execFileSync('id', ['-u', 'postgres']).toString().trim());
+      const gid = Number(execFileSync('id', ['-g', 'postgres']).toString().trim());
+      chownSync(dir, uid, gid);
+    }
+    await run(join(PG_BIN, 'initdb'), ['-D', data, '-A', 'trust', '-U', 'postgres', '-E', 'UTF8', '--locale=C', '--no-sync']);
+    const port = await freePort();
+    // Durable, like Coffer; other settings stay at their defaults, as on the main server.
+    appendFileSync(
+      join(data, 'postgresql.conf'),
+      [
+        `listen_addresses = '127.0.0.1'`,
+        `port = ${port}`,
+        `unix_socket_directories = '${dir}'`,
+        `wal_level = logical`,
+        `max_wal_senders = 10`,
+        `max_replication_slots = 10`,
+        `fsync = on`,
+        `synchronous_commit = on`,
+        '',
+      ].join('\n'),
+    );
+    await run(join(PG_BIN, 'pg_ctl'), ['-D', data, '-l', join(dir, 'server.log'), '-w', '-t', '60', 'start'], 90_000);
+    return {
+      port,
+      url: (db) => `postgres://postgres@127.0.0.1:${port}/${db}`,
+      async stop() {
+        emergency.delete(`pg:${dir}`);
+        await run(join(PG_BIN, 'pg_ctl'), ['-D', data, '-m', 'immediate', '-w', '-t', '30', 'stop'], 40_000).catch(() => undefined);
+        removeDir();
+      },
+    };
+  } catch (err) {
+    emergency.delete(`pg:${dir}`);
+    stopSync();
+    throw err;
+  }
+}
+
+async function client(url: string): Promise<pg.Client> {
+  const c = new pg.Client({ connectionString: url });
+  c.on('error', () => undefined);
+  await c.connect();
+  return c;
+}
+
+const TABLE = `CREATE TABLE entries (path text COLLATE "C" PRIMARY KEY, version bigint NOT NULL, value bytea)`;
+const UPSERT = {
+  name: 'upsert',
+  text: `INSERT INTO entries AS cur (path, version, value) VALUES ($1, 1, $2)
+         ON CONFLICT (path) DO UPDATE SET version = cur.version + 1, value = EXCLUDED.value`,
+};
+const VALUE = Buffer.from(PAYLOAD);
+
+interface NativeResult {
+  sustainable: number;
+  publishTps: number;
+  commits: number;
+  loadSeconds: number;
+  drainSeconds: number;
+  caughtUp: boolean;
+  consistent: boolean;
+  lag: LagResult;
+}
+
+interface LagResult {
+  rate: number;
+  samples: number;
+  unresolved: number;
+  errors: number;
+  p50: number;
+  p99: number;
+  max: number;
+  ackP50: number;
+  ackP99: number;
+  pollIntervalMs: number;
+}
+
+function lagSummary(rate: number, writes: { ack: number; lat: number; lag?: number }[], errors: number, polls: number, pollSeconds: number): LagResult {
+  const lags = writes.filter((w) => w.lag !== undefined).map((w) => w.lag!).sort((a, b) => a - b);
+  const acks = writes.map((w) => w.lat).sort((a, b) => a - b);
+  return {
+    rate,
+    samples: lags.length,
+    unresolved: writes.length - lags.length,
+    errors,
+    p50: percentile(lags, 50),
+    p99: percentile(lags, 99),
+    max: lags.length ? lags[lags.length - 1] : NaN,
+    ackP50: percentile(acks, 50),
+    ackP99: percentile(acks, 99),
+    pollIntervalMs: polls ? (pollSeconds * 1000) / polls : NaN,
+  };
+}
+
+/** Polls (time received, applied position) are monotone in position: first poll reaching `pos`. */
+function resolveLags(writes: { ack: number; pos: number; lag?: number }[], polls: { t: number; pos: number }[]): void {
+  let max = -Infinity;
+  const t: number[] = [];
+  const p: number[] = [];
+  for (const x of polls) {
+    if (x.pos > max) {
+      max = x.pos;
+      t.push(x.t);
+      p.push(x.pos);
+    }
+  }
+  for (const w of writes) {
+    let lo = 0;
+    let hi = p.length;
+    while (lo < hi) {
+      const mid = (lo + hi) >> 1;
+      if (p[mid] >= w.pos) hi = mid;
+      else lo = mid + 1;
+    }
+    if (lo < p.length) w.lag = Math.max(0, t[lo] - w.ack);
+  }
+}
+
+async function nativeReference(seconds: number): Promise<NativeResult> {
+  const inst = await startInstance();
+  const clients: pg.Client[] = [];
+  try {
+    const admin = await client(inst.url('postgres'));
+    clients.push(admin);
+    await admin.query('CREATE DATABASE pub');
+    await admin.query('CREATE DATABASE sub');
+    const pub = await client(inst.url('pub'));
+    const sub = await client(inst.url('sub'));
+    clients.push(pub, sub);
+    await pub.query(TABLE);
+    await sub.query(TABLE);
+    await pub.query('CREATE PUBLICATION p FOR TABLE entries');
+    // Same cluster: the slot must exist before CREATE SUBSCRIPTION (which would wait on itself).
+    await pub.query(`SELECT pg_create_logical_replication_slot('s', 'pgoutput')`);
+    await sub.query(`CREATE SUBSCRIPTION s CONNECTION 'host=127.0.0.1 port=${inst.port} dbname=pub user=postgres' PUBLICATION p WITH (create_slot = false, slot_name = 's', copy_data = false)`);
+    const origin = `pg_${(await sub.query(`SELECT oid FROM pg_subscription WHERE subname = 's'`)).rows[0].oid}`;
+    await pub.query(`INSERT INTO entries VALUES ('probe', 1, NULL)`);
+    await waitFor('the subscription to apply a probe row', async () => (await sub.query(`SELECT 1 FROM entries WHERE path = 'probe'`)).rowCount === 1, { timeoutMs: 30_000, intervalMs: 20 });
+
+    // (1) closed-loop burst, then drain.
+    const writers = await Promise.all(Array.from({ length: CONCURRENCY }, () => client(inst.url('pub'))));
+    clients.push(...writers);
+    let n = 0;
+    let commits = 0;
+    const end = Date.now() + seconds * 1000;
+    const t0 = performance.now();
+    await Promise.all(
+      writers.map(async (c) => {
+        while (Date.now() < end) {
+          await c.query({ ...UPSERT, values: [`k/${n++ % KEYS}`, VALUE] });
+          commits++;
+        }
+      }),
+    );
+    const loadEnd = performance.now();
+    await pub.query(`INSERT INTO entries VALUES ('marker/1', 1, NULL)`);
+    const drainTimeoutMs = Math.max(60_000, seconds * 10_000);
+    let caughtUp = true;
+    while ((await sub.query(`SELECT 1 FROM entries WHERE path = 'marker/1'`)).rowCount !== 1) {
+      if (performance.now() - loadEnd > drainTimeoutMs) {
+        caughtUp = false;
+        break;
+      }
+      await sleep(2);
+    }
+    const drainEnd = performance.now();
+    const sum = async (c: pg.Client) => String((await c.query(`SELECT count(*) AS n, sum(version) AS v FROM entries`)).rows.map((r) => `${r.n}/${r.v}`)[0]);
+    const consistent = caughtUp && (await sum(pub)) === (await sum(sub));
+    const loadSeconds = (loadEnd - t0) / 1000;
+    const drainSeconds = (drainEnd - loadEnd) / 1000;
+    const sustainable = commits / (loadSeconds + drainSeconds);
+
+    // (2) open loop at half the sustainable rate: commit ack → subscriber's origin past it.
+    const rate = sustainable / 2;
+    const pool = new pg.Pool({ connectionString: inst.url('pub'), max: 32 });
+    pool.on('error', () => undefined);
+    const poller = await client(inst.url('sub'));
+    clients.push(poller);
+    const writes: { ack: number; lat: number; pos: number; lag?: number }[] = [];
+    const polls: { t: number; pos: number }[] = [];
+    let errors = 0;
+    let polling = true;
+    const POLL = { name: 'origin', text: `SELECT (remote_lsn - '0/0')::bigint AS l FROM pg_replication_origin_status WHERE external_id = $1`, values: [origin] };
+    const pollStart = performance.now();
+    const pollLoop = (async () => {
+      while (polling) {
+        const r = await poller.query(POLL);
+        polls.push({ t: performance.now(), pos: Number(r.rows[0]?.l ?? 0) });
+      }
+    })();
+    try {
+      const total = Math.floor(rate * seconds);
+      const started = performance.now();
+      const inflight: Promise<void>[] = [];
+      for (let i = 0; i < total; i++) {
+        const due = started + (i * 1000) / rate;
+        const wait = due - performance.now();
+        if (wait > 1) await sleep(wait);
+        inflight.push(
+          (async () => {
+            const c = await pool.connect();
+            try {
+              await c.query({ ...UPSERT, values: [`k/${i % KEYS}`, VALUE] });
+              const ack = performance.now();
+              // Past our commit record (a slight over-estimate: ≤ one commit of anyone's later).
+              const r = await c.query({ name: 'lsn', text: `SELECT (pg_current_wal_lsn() - '0/0')::bigint AS l` });
+              writes.push({ ack, lat: ack - due, pos: Number(r.rows[0].l) });
+            } catch {
+              errors++;
+            } finally {
+              c.release();
+            }
+          })(),
+        );
+      }
+      await Promise.all(inflight);
+      // The last positions may point past the last published commit (the subscriber's own WAL
+      // shares the instance): keep committing fillers until every write is resolved.
+      const maxPos = writes.reduce((m, w) => Math.max(m, w.pos), 0);
+      const tailEnd = performance.now() + 30_000;
+      let f = 0;
+      while (performance.now() < tailEnd && (polls[polls.length - 1]?.pos ?? 0) < maxPos) {
+        await pool.query({ ...UPSERT, values: [`filler/${f++ % 10}`, VALUE] });
+        await sleep(2);
+      }
+    } finally {
+      polling = false;
+      await pollLoop.catch(() => undefined);
+      await pool.end();
+    }
+    const pollSeconds = (performance.now() - pollStart) / 1000;
+    resolveLags(writes, polls);
+    return {
+      sustainable,
+      publishTps: commits / loadSeconds,
+      commits,
+      loadSeconds,
+      drainSeconds,
+      caughtUp,
+      consistent,
+      lag: lagSummary(rate, writes, errors, polls.length, pollSeconds),
+    };
+  } finally {
+    // Subscription first (its worker holds a connection to pub), then the whole instance.
+    await Promise.all(clients.map((c) => c.end().catch(() => undefined)));
+    await inst.stop();
+  }
+}
+
+// ------------------------------------------------------------------ Coffer primary → secondary
+
+interface CofferReplicated {
+  pri: CofferProcess;
+  sec: CofferProcess;
+  token: string;
+}
+
+async function perfStatus(addr: string): Promise<any> {
+  const r = await vault(addr, 'GET', 'sys/replication/performance/status');
+  if (r.status !== 200) throw new Error(`status ${r.status}: ${JSON.stringify(r.body)}`);
+  return r.body.data;
+}
+
+async function cofferPair(dbs: TestDatabase[]): Promise<CofferReplicated> {
+  const priDb = await createTestDatabase('bench_rpri');
+  dbs.push(priDb);
+  const secDb = await createTestDatabase('bench_rsec');
+  dbs.push(secDb);
+  const pri = await startCoffer({ dbUrl: priDb.url, logLevel: 'warn' });
+  const sec = await startCoffer({ dbUrl: secDb.url, logLevel: 'warn' });
+  const { rootToken } = await initAndUnseal([pri]);
+  const { rootToken: secToken } = await initAndUnseal([sec]);
+  await mountKv2(pri.addr, rootToken);
+  const en = await vault(pri.addr, 'POST', 'sys/replication/performance/primary/enable', { token: rootToken, body: {} });
+  if (en.status !== 200) throw new Error(`primary enable: ${en.status} ${JSON.stringify(en.body)}`);
+  const tok = await vault(pri.addr, 'POST', 'sys/replication/performance/primary/secondary-token', { token: rootToken, body: { id: 'bench' } });
+  if (tok.status !== 200) throw new Error(`secondary-token: ${tok.status} ${JSON.stringify(tok.body)}`);
+  const se = await vault(sec.addr, 'POST', 'sys/replication/performance/secondary/enable', { token: secToken, body: { token: tok.body.wrap_info.token } });
+  if (se.status !== 200) throw new Error(`secondary enable: ${se.status} ${JSON.stringify(se.body)}`);
+  await waitFor('the secondary to stream', async () => (await perfStatus(sec.addr)).state === 'stream-wals', { timeoutMs: 30_000 });
+  // One write through, to see the whole path working before measuring.
+  const w = await vault(pri.addr, 'POST', 'secret/data/probe', { token: rootToken, body: { data: { x: 1 } } });
+  const idx = Number(w.headers.get('x-vault-index'));
+  await waitFor('the probe write on the secondary', async () => (await perfStatus(sec.addr)).last_remote_wal >= idx, { timeoutMs: 30_000, intervalMs: 10 });
+  return { pri, sec, token: rootToken };
+}
+
+/** A keep-alive JSON GET of the secondary's status, for tight polling. */
+function getJson(agent: http.Agent, base: URL, path: string): Promise<any> {
+  return new Promise((resolve, reject) => {
+    const req = http.request({ agent, host: base.hostname, port: base.port, method: 'GET', path }, (res) => {
+      const chunks: Buffer[] = [];
+      res.on('data', (d) => chunks.push(d));
+      res.on('end', () => {
+        try {
+          resolve(JSON.parse(Buffer.concat(chunks).toString()));
+        } catch (err) {
+          reject(err);
+        }
+      });
+    });
+    req.on('error', reject);
+    req.end();
+  });
+}
+
+/** One KV write; resolves with its status and X-Vault-Index at the moment the answer ended. */
+function writeOnce(agent: http.Agent, base: URL, path: string, token: string, body: string): Promise<{ status: number; index: number }> {
+  return new Promise((resolve, reject) => {
+    const req = http.request(
+      { agent, host: base.hostname, port: base.port, method: 'POST', path, headers: { 'x-vault-token': token, 'content-type': 'application/json', 'content-length': Buffer.byteLength(body) } },
+      (res) => {
+        res.resume();
+        res.on('end', () => resolve({ status: res.statusCode ?? 0, index: Number(res.headers['x-vault-index'] ?? NaN) }));
+      },
+    );
+    req.on('error', reject);
+    req.end(body);
+  });
+}
+
+const STATUS_PATH = '/v1/sys/replication/performance/status';
+
+async function cofferMeasure(seconds: number) {
+  const dbs: TestDatabase[] = [];
+  emergency.set('coffer-dbs', () => {
+    for (const d of dbs) execFileSync('psql', [PG_ADMIN_URL, '-qc', `DROP DATABASE IF EXISTS ${d.name} WITH (FORCE)`], { stdio: 'ignore', timeout: 30_000 });
+  });
+  try {
+    const { pri, sec, token } = await cofferPair(dbs);
+    const body = JSON.stringify({ data: { password: PAYLOAD } });
+    const secBase = new URL(sec.addr);
+    const pollAgent = new http.Agent({ keepAlive: true, maxSockets: 1 });
+    try {
+      // (1) closed-loop burst on the primary, then drain until the secondary has it all.
+      const walBefore = (await perfStatus(pri.addr)).last_wal as number;
+      const r = await closedLoop(pri.addr, CONCURRENCY, seconds, (i) => ({
+        method: 'POST',
+        path: `/v1/secret/data/bench/${i % KEYS}`,
+        headers: { 'x-vault-token': token, 'content-type': 'application/json' },
+        body,
+      }));
+      const loadEnd = performance.now();
+      const target = (await perfStatus(pri.addr)).last_wal as number;
+      const drainTimeoutMs = Math.max(60_000, seconds * 10_000);
+      let caughtUp = true;
+      let polls = 0;
+      for (;;) {
+        const s = await getJson(pollAgent, secBase, STATUS_PATH);
+        polls++;
+        if (s.data.last_remote_wal >= target) break;
+        if (performance.now() - loadEnd > drainTimeoutMs) {
+          caughtUp = false;
+          break;
+        }
+        await sleep(2);
+      }
+      const drainSeconds = (performance.now() - loadEnd) / 1000;
+      const finalPri = (await perfStatus(pri.addr)).last_wal as number;
+      const finalSec = (await perfStatus(sec.addr)).last_remote_wal as number;
+      const sustainable = r.requests / (r.seconds + drainSeconds);
+
+      // (2) open loop at half the sustainable rate; lag from ack to the secondary's apply.
+      const rate = sustainable / 2;
+      const priBase = new URL(pri.addr);
+      const writeAgent = new http.Agent({ keepAlive: true, maxSockets: 256 });
+      const writes: { ack: number; lat: number; pos: number; lag?: number }[] = [];
+      const lagPolls: { t: number; pos: number }[] = [];
+      let errors = 0;
+      let missingIndex = 0;
+      let polling = true;
+      const pollStart = performance.now();
+      const pollLoop = (async () => {
+        while (polling) {
+          const s = await getJson(pollAgent, secBase, STATUS_PATH);
+          lagPolls.push({ t: performance.now(), pos: Number(s.data.last_remote_wal) });
+        }
+      })();
+      try {
+        const total = Math.floor(rate * seconds);
+        const started = performance.now();
+        const inflight: Promise<void>[] = [];
+        for (let i = 0; i < total; i++) {
+          const due = started + (i * 1000) / rate;
+          const wait = due - performance.now();
+          if (wait > 1) await sleep(wait);
+          inflight.push(
+            writeOnce(writeAgent, priBase, `/v1/secret/data/lag/${i % KEYS}`, token, body).then(
+              ({ status, index }) => {
+                const ack = performance.now();
+                if (status >= 400) errors++;
+                else if (!Number.isFinite(index) || index <= 0) missingIndex++;
+                else writes.push({ ack, lat: ack - due, pos: index });
+              },
+              () => {
+                errors++;
+              },
+            ),
+          );
+        }
+        await Promise.all(inflight);
+        const maxPos = writes.reduce((m, w) => Math.max(m, w.pos), 0);
+        const tailEnd = performance.now() + 30_000;
+        while (performance.now() < tailEnd && (lagPolls[lagPolls.length - 1]?.pos ?? 0) < maxPos) await sleep(5);
+      } finally {
+        polling = false;
+        await pollLoop.catch(() => undefined);
+        writeAgent.destroy();
+      }
+      const pollSeconds = (performance.now() - pollStart) / 1000;
+      resolveLags(writes, lagPolls);
+      return {
+        sustainable,
+        ack: r,
+        drainSeconds,
+        caughtUp,
+        walRows: target - walBefore,
+        drainPolls: polls,
+        inSync: finalSec === finalPri,
+        lag: { ...lagSummary(rate, writes, errors, lagPolls.length, pollSeconds), missingIndex },
+      };
+    } finally {
+      pollAgent.destroy();
+    }
+  } finally {
+    await stopAllCoffers();
+    for (const d of dbs) await d.drop().catch(() => undefined);
+    emergency.delete('coffer-dbs');
+  }
+}
+
+export async function replicationScenario(seconds: number): Promise<Figure[]> {
+  process.on('SIGINT', onSignal);
+  process.on('SIGTERM', onSignal);
+  process.on('exit', runEmergency);
+  try {
+    // Both sides share the machine's cores with the load generator; a busy host moves both.
+    const loadStart = loadavg()[0];
+    const native = await nativeReference(seconds);
+    const coffer = await cofferMeasure(seconds);
+    const loadEnd = loadavg()[0];
+    const r = (x: number) => Math.round(x * 1000) / 1000;
+    return [
+      {
+        name: 'replicated_kv2_writes_sustainable_per_s',
+        value: coffer.sustainable,
+        unit: 'writes/s',
+        reference: { name: 'PG native logical replication, sustainable 100 B upserts/s (same clients)', value: native.sustainable },
+        target: 1,
+        extra: {
+          concurrency: CONCURRENCY,
+          primary_acked_per_s: coffer.ack.perSecond,
+          writes: coffer.ack.requests,
+          errors: coffer.ack.errors,
+          load_s: r(coffer.ack.seconds),
+          drain_s: r(coffer.drainSeconds),
+          caught_up: coffer.caughtUp ? 'yes' : 'NO (drain timed out; figure is an upper bound)',
+          wal_rows: coffer.walRows,
+          last_remote_wal_eq_last_wal: coffer.inSync ? 'yes' : 'no',
+          ack_p50_ms: coffer.ack.p50Ms,
+          ack_p99_ms: coffer.ack.p99Ms,
+          native_publish_tps: native.publishTps,
+          native_commits: native.commits,
+          native_load_s: r(native.loadSeconds),
+          native_drain_s: r(native.drainSeconds),
+          native_caught_up: native.caughtUp ? 'yes' : 'NO',
+          native_consistent: native.consistent ? 'yes' : 'no',
+          host_loadavg_1m_start: loadStart,
+          host_loadavg_1m_end: loadEnd,
+        },
+      },
+      {
+        name: 'replication_lag_p50_ms',
+        value: coffer.lag.p50,
+        unit: 'ms',
+        reference: { name: 'PG native commit→applied p50 at half its sustainable rate (lower is better)', value: native.lag.p50 },
+        extra: { rate_per_s: coffer.lag.rate, samples: coffer.lag.samples, native_rate_per_s: native.lag.rate, native_samples: native.lag.samples },
+      },
+      {
+        name: 'replication_lag_p99_ms',
+        value: coffer.lag.p99,
+        unit: 'ms',
+        reference: { name: 'PG native commit→applied p99 at half its sustainable rate (lower is better)', value: native.lag.p99 },
+        extra: {
+          target_ms: LAG_TARGET_P99_MS,
+          met: coffer.lag.p99 <= LAG_TARGET_P99_MS ? 'yes' : 'NO',
+          max_ms: coffer.lag.max,
+          rate_per_s: coffer.lag.rate,
+          samples: coffer.lag.samples,
+          unresolved: coffer.lag.unresolved,
+          errors: coffer.lag.errors,
+          missing_index: coffer.lag.missingIndex,
+          poll_interval_ms: coffer.lag.pollIntervalMs,
+          ack_p50_ms: coffer.lag.ackP50,
+          ack_p99_ms: coffer.lag.ackP99,
+          native_max_ms: native.lag.max,
+          native_samples: native.lag.samples,
+          native_unresolved: native.lag.unresolved,
+          native_poll_interval_ms: native.lag.pollIntervalMs,
+        },
+      },
+    ];
+  } finally {
+    runEmergency();
+    process.off('SIGINT', onSignal);
+    process.off('SIGTERM', onSignal);
+    process.off('exit', runEmergency);
+  }
+}
