@@ -111,6 +111,7 @@ export async function startServer(config: CofferConfig, dev?: DevOptions): Promi
       apiAddr: config.apiAddr ?? '',
       version: VERSION,
       isActive: () => node?.isActive() ?? false,
+      lsnFor: (seq, timeoutMs, check) => (node ? node.lsnFor(seq, timeoutMs, check) : check()),
       bestEffortWalWaitMs: config.replication.bestEffortWalWaitDurationMs,
       batchMaxRows: 1000,
       batchMaxBytes: 4 * 1024 * 1024,

@@ -34,6 +34,8 @@ export class ActiveNode {
   private wake: (() => void) | null = null;
   /** Last dense WAL position handed out by this node's sequencer. */
   headLsn = 0;
+  /** Writers in this process waiting for their WAL row's position (seq → resolve). */
+  private readonly waiters = new Map<number, (lsn: number) => void>();
 
   constructor(private readonly o: ActiveNodeOptions) {}
 
@@ -80,6 +82,29 @@ export class ActiveNode {
     this.wake?.();
   }
 
+  /**
+   * The position of WAL row `seq`, once this process's sequencer hands it out; null if this
+   * process is not the active node or `timeoutMs` passes (the caller then asks Postgres).
+   */
+  async lsnFor(seq: number, timeoutMs: number, check: () => Promise<number | null>): Promise<number | null> {
+    if (!this.active) return check();
+    return new Promise((resolve) => {
+      let done = false;
+      const finish = (v: number | null) => {
+        if (done) return;
+        done = true;
+        clearTimeout(t);
+        this.waiters.delete(seq);
+        resolve(v);
+      };
+      const t = setTimeout(() => finish(null), timeoutMs);
+      // Register first, then look in Postgres: the row may have been ordered already.
+      this.waiters.set(seq, finish);
+      this.poke();
+      check().then((v) => v !== null && finish(v), () => undefined);
+    });
+  }
+
   /** Asks the sequencer to run now (a local write just committed). */
   poke(): void {
     this.wake?.();
@@ -93,7 +118,10 @@ export class ActiveNode {
         const r = await sequenceWal(this.o.db);
         assigned = r.assigned;
         this.headLsn = r.headLsn;
-        if (assigned > 0) this.o.onSequenced?.();
+        if (assigned > 0) {
+          for (const [seq, lsn] of r.pairs ?? []) this.waiters.get(seq)?.(lsn);
+          this.o.onSequenced?.();
+        }
       } catch (err) {
         this.o.log.warn({ err: (err as Error).message }, 'WAL sequencing failed; retrying');
         idleMs = 500;

@@ -62,6 +62,8 @@ export interface ReplicationOptions {
   apiAddr: string;
   version: string;
   isActive: () => boolean;
+  /** The in-process sequencer's answer for a WAL row's position (active node only). */
+  lsnFor?: (seq: number, timeoutMs: number, check: () => Promise<number | null>) => Promise<number | null>;
   bestEffortWalWaitMs: number;
   batchMaxRows: number;
   batchMaxBytes: number;
@@ -160,6 +162,7 @@ export class Replication {
     if (!/^[\w.-]{1,128}$/.test(id)) throw new InvalidRequest('id must be 1-128 letters, digits, ".", "_" or "-"');
     const secret = newSecret();
     await secondaries.upsert(this.o.db, id, secretDigest(secret));
+    this.secrets.delete(id);
     // The primary pushes batches, so it keeps the secret itself, barrier-encrypted and local.
     await this.o.core.barrier.transaction((tx) => tx.putLocal(secondarySecretPath(id), secret));
     const wrapped = await this.o.core.wrapping.wrap(
@@ -177,6 +180,7 @@ export class Replication {
     await secondaries.update(this.o.db, id, { status: 'revoked' });
     await this.o.db.updateTable('coffer_secondaries').set({ credential_hmac: null }).where('secondary_id', '=', id).execute();
     await this.o.core.barrier.transaction((tx) => tx.deleteLocal(secondarySecretPath(id)));
+    this.secrets.delete(id);
     return { status: 204 };
   }
 
@@ -225,27 +229,20 @@ export class Replication {
   /** Runs a write a secondary forwarded, and answers with the WAL position it got. */
   async runForwarded(secondaryId: string, req: LogicalRequest): Promise<{ response: LogicalResponse; lsn: number }> {
     const response = await this.o.core.handle({ ...req, token: null, forwardedBy: secondaryId });
-    let lsn = 0;
-    if (response.walSeq) {
-      // Read-after-write needs a position the secondary can compare with what it applied:
-      // wait (briefly) for the sequencer to order this write.
-      const deadline = Date.now() + this.o.bestEffortWalWaitMs;
-      for (;;) {
-        const l = await lsnOfSeq(this.o.db, response.walSeq);
-        if (l !== null) {
-          lsn = l;
-          break;
-        }
-        if (Date.now() > deadline) break;
-        await new Promise((r) => setTimeout(r, 5));
-      }
-    }
+    // Read-after-write needs a position the secondary can compare with what it applied: wait
+    // (briefly) for the sequencer to order this write.
+    const lsn = response.walSeq ? ((await this.lsnOf(response.walSeq)) ?? 0) : 0;
     return { response, lsn };
   }
 
+  private readonly secrets = new Map<string, string>();
+
   private async secretOf(secondaryId: string): Promise<string> {
+    const cached = this.secrets.get(secondaryId);
+    if (cached) return cached;
     const secret = await this.o.core.barrier.getLocal<string>(secondarySecretPath(secondaryId));
     if (!secret) throw new PermissionDenied();
+    this.secrets.set(secondaryId, secret);
     return secret;
   }
 
@@ -270,11 +267,18 @@ export class Replication {
   }
 
   /** The shipping job: send batches after the secondary's cursor, moving the cursor each time. */
+  private readonly shipPending = new Set<string>();
+
   async shipTo(secondaryId: string): Promise<void> {
     if (this.o.core.sealed) return;
+    this.shipPending.add(secondaryId);
     await withShipLock(this.o.db, secondaryId, async () => {
-      // Keep going while there is more, so a burst drains without waiting for the next wake-up.
-      for (let i = 0; i < 50 && (await this.shipOne(secondaryId)); i++);
+      // Keep going while there is more, and once more if a wake-up arrived meanwhile (it could
+      // not take the lock), so no ordered row waits for the next tick.
+      for (let i = 0; i < 200; i++) {
+        this.shipPending.delete(secondaryId);
+        if (!(await this.shipOne(secondaryId)) && !this.shipPending.has(secondaryId)) break;
+      }
     });
   }
 
@@ -448,13 +452,20 @@ export class Replication {
    * briefly for the sequencer), so a secondary can compare it with what it has applied.
    */
   async indexOf(seq: number): Promise<number> {
-    if ((await readReplication(this.o.db)).mode !== 'primary') return seq;
+    if (this.lastSeenMode !== 'primary') return seq;
+    return (await this.lsnOf(seq)) ?? seq;
+  }
+
+  /** A WAL row's position: from the in-process sequencer when it is here, else from Postgres. */
+  private async lsnOf(seq: number): Promise<number | null> {
     const deadline = Date.now() + this.o.bestEffortWalWaitMs;
+    const check = () => lsnOfSeq(this.o.db, seq);
+    const local = this.o.lsnFor ? await this.o.lsnFor(seq, this.o.bestEffortWalWaitMs, check) : await check();
+    if (local !== null) return local;
     for (;;) {
-      const lsn = await lsnOfSeq(this.o.db, seq);
-      if (lsn !== null) return lsn;
-      if (Date.now() > deadline) return seq;
-      await new Promise((r) => setTimeout(r, 2));
+      const l = await lsnOfSeq(this.o.db, seq);
+      if (l !== null || Date.now() > deadline) return l;
+      await new Promise((r) => setTimeout(r, 5));
     }
   }
 

@@ -26,6 +26,8 @@ const SEQUENCER_LOCK = 0x636f666665727761n;
 export interface SequenceResult {
   assigned: number;
   headLsn: number;
+  /** The (seq, lsn) pairs handed out, for in-process waiters. */
+  pairs?: [number, number][];
 }
 
 interface Candidate {
@@ -95,7 +97,7 @@ export async function sequenceWal(db: Kysely<DB>, maxRows = 5000): Promise<Seque
        WHERE w.seq = v.seq`.execute(tx);
     const newHead = headLsn + ordered.length;
     await tx.updateTable('coffer_wal_head').set({ last_lsn: newHead }).where('id', '=', 1).execute();
-    return { assigned: ordered.length, headLsn: newHead };
+    return { assigned: ordered.length, headLsn: newHead, pairs: ordered.map((r, i) => [Number(r.seq), lsns[i]]) };
   });
 }
 
