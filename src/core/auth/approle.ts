@@ -16,9 +16,9 @@
  */
 import { createHmac, randomBytes, randomUUID } from 'node:crypto';
 import type { BarrierTx } from '../barrier';
-import type { Core } from '../core';
 import { InvalidRequest, NotFound } from '../errors';
-import { RouteTable, type FieldSchema, type RouteContext, type RouteDef } from '../framework';
+import { PerMountBackend } from './per-mount';
+import type { FieldSchema, RouteContext, RouteDef } from '../framework';
 import { SYSTEM_MAX_TTL_SECONDS } from '../leases';
 import { mountStoragePrefix, type MountEntry } from '../mounts';
 import type { LogicalResponse } from '../request';
@@ -75,30 +75,12 @@ function hmacHex(keyB64: string, value: string): string {
   return createHmac('sha256', Buffer.from(keyB64, 'base64')).update(value).digest('hex');
 }
 
-export class AppRoleBackend {
-  private readonly tables = new Map<string, RouteTable>();
-
-  constructor(private readonly core: Core) {}
-
-  routes(mount: MountEntry): RouteTable {
-    let t = this.tables.get(mount.uuid);
-    if (!t) {
-      t = new RouteTable(this.routeDefs(mount));
-      this.tables.set(mount.uuid, t);
-    }
-    return t;
-  }
-
-  /** The mount as it is now (tuning replaces the entry; the route table outlives it). */
-  private current(mount: MountEntry): MountEntry {
-    return this.core.mounts.list('auth').find((m) => m.uuid === mount.uuid) ?? mount;
-  }
-
+export class AppRoleBackend extends PerMountBackend {
   private get barrier() {
     return this.core.barrier;
   }
 
-  private routeDefs(mount: MountEntry): RouteDef[] {
+  protected routeDefs(mount: MountEntry): RouteDef[] {
     const b = new Paths(mountStoragePrefix(mount));
     const secretIdFields: Record<string, FieldSchema> = {
       metadata: { type: 'any', description: 'Metadata to be tied to the SecretID, as a JSON-formatted string of string keys and values.' },

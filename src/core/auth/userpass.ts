@@ -8,9 +8,9 @@
  * answer nor its timing says whether the user exists.
  */
 import { randomBytes, scrypt, timingSafeEqual, type ScryptOptions } from 'node:crypto';
-import type { Core } from '../core';
 import { InvalidRequest, NotFound, PermissionDenied } from '../errors';
-import { RouteTable, type RouteContext, type RouteDef } from '../framework';
+import { PerMountBackend } from './per-mount';
+import type { RouteContext, RouteDef } from '../framework';
 import { mountStoragePrefix, type MountEntry } from '../mounts';
 import type { LogicalResponse } from '../request';
 import { issueAuth } from './issue';
@@ -60,26 +60,8 @@ async function verifyPassword(password: string, stored: PasswordHash | null): Pr
   return timingSafeEqual(got, expected) && stored !== null;
 }
 
-export class UserpassBackend {
-  private readonly tables = new Map<string, RouteTable>();
-
-  constructor(private readonly core: Core) {}
-
-  routes(mount: MountEntry): RouteTable {
-    let t = this.tables.get(mount.uuid);
-    if (!t) {
-      t = new RouteTable(this.routeDefs(mount));
-      this.tables.set(mount.uuid, t);
-    }
-    return t;
-  }
-
-  /** The mount as it is now (tuning replaces the entry; the route table outlives it). */
-  private current(mount: MountEntry): MountEntry {
-    return this.core.mounts.list('auth').find((m) => m.uuid === mount.uuid) ?? mount;
-  }
-
-  private routeDefs(mount: MountEntry): RouteDef[] {
+export class UserpassBackend extends PerMountBackend {
+  protected routeDefs(mount: MountEntry): RouteDef[] {
     const base = mountStoragePrefix(mount);
     const userPath = (ctx: RouteContext) => `${base}user/${username(ctx)}`;
     return [
