@@ -217,6 +217,9 @@ export class Core implements ExpiryTarget {
   /** sys/rotate: a new keyring term, stored under the root key. */
   async rotate(): Promise<Keyring> {
     if (!this.rootKey) throw new Sealed();
+    // A secondary uses its primary's keyring: rotation happens there, and the new term arrives
+    // with the next batch.
+    if (this.barrier.replicatedReadOnly) throw new MustForward();
     const rec = await this.opts.store.readSeal();
     if (!rec) throw new NotInitialized();
     // Start from the stored keyring (another process may have rotated already).

@@ -72,6 +72,26 @@ test('revoke-secondary cuts a secondary off: forwarded writes are refused, statu
   expect((await vault(sec.p.addr, 'GET', 'secret/data/before', { token: sec.token })).status).toBe(200);
 });
 
+test('sys/rotate on a secondary rotates the primary\'s keyring; the secondary learns the new term and still reads everything', async () => {
+  const pri = await cluster('rrotp');
+  await mountKv2(pri.p.addr, pri.token);
+  await vault(pri.p.addr, 'POST', 'sys/replication/performance/primary/enable', { token: pri.token, body: {} });
+  const sec = await cluster('rrots');
+  expect((await vault(sec.p.addr, 'POST', 'sys/replication/performance/secondary/enable', { token: sec.token, body: { token: await activation(pri, 'rot') } })).status).toBe(200);
+  await waitFor('streaming', async () => (await status(sec.p)).state === 'stream-wals');
+  await vault(pri.p.addr, 'POST', 'secret/data/old', { token: pri.token, body: { data: { t: 1 } } });
+  expect((await vault(sec.p.addr, 'PUT', 'sys/rotate', { token: sec.token })).status).toBe(204);
+  expect((await vault(pri.p.addr, 'GET', 'sys/key-status', { token: pri.token })).body.data.term).toBe(2);
+  await vault(pri.p.addr, 'POST', 'secret/data/new', { token: pri.token, body: { data: { t: 2 } } });
+  const r = await waitFor('the term-2 value on the secondary', async () => {
+    const x = await vault(sec.p.addr, 'GET', 'secret/data/new', { token: sec.token });
+    return x.status === 200 ? x : null;
+  });
+  expect(r.body.data.data).toEqual({ t: 2 });
+  expect((await vault(sec.p.addr, 'GET', 'secret/data/old', { token: sec.token })).body.data.data).toEqual({ t: 1 });
+  expect((await vault(sec.p.addr, 'GET', 'sys/key-status', { token: sec.token })).body.data.term).toBe(2);
+});
+
 test('secondary/enable refuses a link-local primary address and a non-sudo caller', async () => {
   const sec = await cluster('rsafe');
   const en = await vault(sec.p.addr, 'POST', 'sys/replication/performance/secondary/enable', {
