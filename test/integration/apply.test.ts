@@ -1,0 +1,90 @@
+/**
+ * Invariant 3 at the storage level: a secondary applies a batch only if it starts right after
+ * its applied position, in one transaction with the new position; redelivery, reordering and
+ * duplicates change nothing; per key the newer version wins.
+ */
+import { sql } from 'kysely';
+import { openPostgres, type Database } from '../../src/storage/db';
+import { migrateToLatest } from '../../src/storage/migrate';
+import { applyBatch, readReplication, updateReplication, type Batch } from '../../src/storage/replication';
+import { createTestDatabase, type TestDatabase } from '../helpers/pg';
+
+let tdb: TestDatabase;
+let database: Database;
+
+beforeAll(async () => {
+  tdb = await createTestDatabase('apply');
+  database = openPostgres(tdb.url, 4);
+  await migrateToLatest(database.db);
+  await updateReplication(database.db, { mode: 'secondary', state: 'stream-wals', applied_lsn: 0 });
+});
+
+afterAll(async () => {
+  await database?.close();
+  await tdb?.drop();
+});
+
+const v = (s: string) => Buffer.from(s);
+const batch = (fromLsn: number, toLsn: number, entries: [string, number, string | null][]): Batch => ({
+  fromLsn,
+  toLsn,
+  entries: entries.map(([path, version, value]) => ({ path, version, value: value === null ? null : v(value) })),
+});
+
+async function rows() {
+  const { rows } = await sql<{ path: string; version: number; value: Buffer | null }>`SELECT path, version, value FROM coffer_entries ORDER BY path`.execute(database.db);
+  return rows.map((r) => [r.path, Number(r.version), r.value?.toString() ?? null]);
+}
+
+async function walCount(): Promise<number> {
+  const { rows } = await sql<{ n: number }>`SELECT count(*)::int AS n FROM coffer_wal`.execute(database.db);
+  return rows[0].n;
+}
+
+test('in order, exactly once: duplicates, gaps and reordering are refused and change nothing', async () => {
+  const b1 = batch(1, 3, [['a', 1, 'a1'], ['b', 1, 'b1']]);
+  const b2 = batch(4, 5, [['a', 2, 'a2']]);
+  const b3 = batch(6, 6, [['b', 2, null]]);
+
+  expect(await applyBatch(database.db, b2)).toMatchObject({ applied: false, appliedLsn: 0 }); // reordered: too early
+  expect(await applyBatch(database.db, b1)).toMatchObject({ applied: true, appliedLsn: 3 });
+  const afterB1 = [await rows(), await walCount()];
+  expect(await applyBatch(database.db, b1)).toMatchObject({ applied: false, appliedLsn: 3 }); // redelivered
+  expect([await rows(), await walCount()]).toEqual(afterB1);
+  expect(await applyBatch(database.db, b3)).toMatchObject({ applied: false, appliedLsn: 3 }); // gap
+  expect(await applyBatch(database.db, b2)).toMatchObject({ applied: true, appliedLsn: 5 });
+  expect(await applyBatch(database.db, b3)).toMatchObject({ applied: true, appliedLsn: 6 });
+
+  expect(await rows()).toEqual([
+    ['a', 2, 'a2'],
+    ['b', 2, null],
+  ]);
+  expect((await readReplication(database.db)).appliedLsn).toBe(6);
+  // The secondary's own WAL: one row per change it made (a1, b1, a2, b2-delete).
+  const { rows: wal } = await sql<{ path: string; op: string; key_version: number }>`SELECT path, op, key_version FROM coffer_wal ORDER BY seq`.execute(database.db);
+  expect(wal.map((w) => [w.path, w.op, Number(w.key_version)])).toEqual([
+    ['a', 'put', 1],
+    ['b', 'put', 1],
+    ['a', 'put', 2],
+    ['b', 'delete', 2],
+  ]);
+});
+
+test('per key the newer version wins, whatever order the values arrive in; older ones write no WAL row', async () => {
+  const before = await walCount();
+  const applied = (await readReplication(database.db)).appliedLsn;
+  // One batch carrying the same key twice (newest kept), and an older version of 'a'.
+  expect(await applyBatch(database.db, batch(applied + 1, applied + 2, [['c', 3, 'c3'], ['c', 2, 'c2'], ['a', 1, 'stale']]))).toMatchObject({ applied: true });
+  expect((await rows()).find((r) => r[0] === 'c')).toEqual(['c', 3, 'c3']);
+  expect((await rows()).find((r) => r[0] === 'a')).toEqual(['a', 2, 'a2']);
+  expect(await walCount()).toBe(before + 1);
+});
+
+test('a cluster that is not a secondary, or is still bootstrapping, applies nothing', async () => {
+  const applied = (await readReplication(database.db)).appliedLsn;
+  await updateReplication(database.db, { state: 'bootstrapping' });
+  expect(await applyBatch(database.db, batch(applied + 1, applied + 1, [['d', 1, 'd1']]))).toMatchObject({ applied: false, reason: 'secondary is bootstrapping' });
+  await updateReplication(database.db, { mode: 'primary', state: 'running' });
+  expect(await applyBatch(database.db, batch(applied + 1, applied + 1, [['d', 1, 'd1']]))).toMatchObject({ applied: false, reason: 'not a secondary' });
+  expect((await rows()).some((r) => r[0] === 'd')).toBe(false);
+});
