@@ -2,9 +2,10 @@
  * Replication administration: a secondary refuses a newer primary and says why; a revoked
  * secondary is cut off; link-local primary addresses are refused.
  */
-import { createTestDatabase, type TestDatabase } from '../helpers/pg';
-import { initAndUnseal, mountKv2, startCoffer, stopAllCoffers, unseal, type CofferProcess } from '../helpers/coffer-process';
+import type { TestDatabase } from '../helpers/pg';
+import { mountKv2, startCoffer, stopAllCoffers, unseal, type CofferProcess } from '../helpers/coffer-process';
 import { vault } from '../helpers/http';
+import { activationToken as activation, perfStatus, startCluster, waitForStream } from '../helpers/replication';
 import { waitFor } from '../helpers/wait';
 
 const dbs: TestDatabase[] = [];
@@ -13,21 +14,20 @@ afterAll(async () => {
   for (const d of dbs) await d.drop();
 });
 
-async function cluster(label: string, env?: Record<string, string>) {
-  const db = await createTestDatabase(label);
-  dbs.push(db);
-  const p = await startCoffer({ dbUrl: db.url, env });
-  const { rootToken, keys } = await initAndUnseal([p]);
-  return { p, token: rootToken, keys, db };
-}
+const cluster = (label: string, env?: Record<string, string>) => startCluster(label, dbs, { env });
 
-async function activation(pri: { p: CofferProcess; token: string }, id: string): Promise<string> {
-  const tok = await vault(pri.p.addr, 'POST', 'sys/replication/performance/primary/secondary-token', { token: pri.token, body: { id } });
-  expect(tok.status).toBe(200);
-  return tok.body.wrap_info.token;
-}
+const status = (p: CofferProcess) => perfStatus(p.addr);
 
-const status = async (p: CofferProcess) => (await vault(p.addr, 'GET', 'sys/replication/performance/status')).body.data;
+/** A primary (kv v2 at secret/, primary/enable) and a secondary enabled with activation `id`, streaming. */
+async function streamingPair(priLabel: string, secLabel: string, id: string) {
+  const pri = await cluster(priLabel);
+  await mountKv2(pri.p.addr, pri.token);
+  await vault(pri.p.addr, 'POST', 'sys/replication/performance/primary/enable', { token: pri.token, body: {} });
+  const sec = await cluster(secLabel);
+  expect((await vault(sec.p.addr, 'POST', 'sys/replication/performance/secondary/enable', { token: sec.token, body: { token: await activation(pri, id) } })).status).toBe(200);
+  await waitForStream(sec.p.addr, 'streaming');
+  return { pri, sec };
+}
 
 test('a secondary refuses a primary of a newer Coffer version, at enable and after an upgrade of the primary', async () => {
   const newer = await cluster('rnewer', { COFFER_ADVERTISE_VERSION: '99.0.0' });
@@ -39,12 +39,7 @@ test('a secondary refuses a primary of a newer Coffer version, at enable and aft
   expect((await status(sec.p)).mode).toBe('disabled');
 
   // Same version at enable; then the primary is "upgraded" under a running secondary.
-  const pri = await cluster('rsame');
-  await mountKv2(pri.p.addr, pri.token);
-  await vault(pri.p.addr, 'POST', 'sys/replication/performance/primary/enable', { token: pri.token, body: {} });
-  const sec2 = await cluster('rsec2');
-  expect((await vault(sec2.p.addr, 'POST', 'sys/replication/performance/secondary/enable', { token: sec2.token, body: { token: await activation(pri, 'dc2') } })).status).toBe(200);
-  await waitFor('streaming', async () => (await status(sec2.p)).state === 'stream-wals');
+  const { pri, sec: sec2 } = await streamingPair('rsame', 'rsec2', 'dc2');
   await pri.p.kill('SIGKILL');
   const upgraded = await startCoffer({ dbUrl: pri.db.url, port: Number(new URL(pri.p.addr).port), env: { COFFER_ADVERTISE_VERSION: '99.0.0' } });
   await unseal(upgraded, pri.keys);
@@ -56,12 +51,7 @@ test('a secondary refuses a primary of a newer Coffer version, at enable and aft
 });
 
 test('revoke-secondary cuts a secondary off: forwarded writes are refused, status drops it', async () => {
-  const pri = await cluster('rrevoke');
-  await mountKv2(pri.p.addr, pri.token);
-  await vault(pri.p.addr, 'POST', 'sys/replication/performance/primary/enable', { token: pri.token, body: {} });
-  const sec = await cluster('rrevoked');
-  expect((await vault(sec.p.addr, 'POST', 'sys/replication/performance/secondary/enable', { token: sec.token, body: { token: await activation(pri, 'gone') } })).status).toBe(200);
-  await waitFor('streaming', async () => (await status(sec.p)).state === 'stream-wals');
+  const { pri, sec } = await streamingPair('rrevoke', 'rrevoked', 'gone');
   expect((await vault(sec.p.addr, 'POST', 'secret/data/before', { token: sec.token, body: { data: { a: 1 } } })).status).toBe(200);
 
   expect((await vault(pri.p.addr, 'POST', 'sys/replication/performance/primary/revoke-secondary', { token: pri.token, body: { id: 'gone' } })).status).toBe(204);
@@ -73,12 +63,7 @@ test('revoke-secondary cuts a secondary off: forwarded writes are refused, statu
 });
 
 test('sys/rotate on a secondary rotates the primary\'s keyring; the secondary learns the new term and still reads everything', async () => {
-  const pri = await cluster('rrotp');
-  await mountKv2(pri.p.addr, pri.token);
-  await vault(pri.p.addr, 'POST', 'sys/replication/performance/primary/enable', { token: pri.token, body: {} });
-  const sec = await cluster('rrots');
-  expect((await vault(sec.p.addr, 'POST', 'sys/replication/performance/secondary/enable', { token: sec.token, body: { token: await activation(pri, 'rot') } })).status).toBe(200);
-  await waitFor('streaming', async () => (await status(sec.p)).state === 'stream-wals');
+  const { pri, sec } = await streamingPair('rrotp', 'rrots', 'rot');
   await vault(pri.p.addr, 'POST', 'secret/data/old', { token: pri.token, body: { data: { t: 1 } } });
   expect((await vault(sec.p.addr, 'PUT', 'sys/rotate', { token: sec.token })).status).toBe(204);
   expect((await vault(pri.p.addr, 'GET', 'sys/key-status', { token: pri.token })).body.data.term).toBe(2);

@@ -2,9 +2,10 @@
  * Performance replication set up through the API alone: a primary, an activation token, a
  * secondary that bootstraps, streams WAL, forwards writes and reads its own writes.
  */
-import { createTestDatabase, sqlClient, type TestDatabase } from '../helpers/pg';
-import { initAndUnseal, mountKv2, startCoffer, stopAllCoffers, type CofferProcess } from '../helpers/coffer-process';
+import { sqlClient, type TestDatabase } from '../helpers/pg';
+import { mountKv2, stopAllCoffers } from '../helpers/coffer-process';
 import { vault } from '../helpers/http';
+import { activationToken, enablePrimary, enableSecondary, perfStatus, startCluster, waitForStream } from '../helpers/replication';
 import { waitFor } from '../helpers/wait';
 
 const dbs: TestDatabase[] = [];
@@ -13,13 +14,7 @@ afterAll(async () => {
   for (const d of dbs) await d.drop();
 });
 
-async function cluster(label: string): Promise<{ p: CofferProcess; token: string; db: TestDatabase }> {
-  const db = await createTestDatabase(label);
-  dbs.push(db);
-  const p = await startCoffer({ dbUrl: db.url });
-  const { rootToken } = await initAndUnseal([p]);
-  return { p, token: rootToken, db };
-}
+const cluster = (label: string) => startCluster(label, dbs);
 
 test('enable primary, make a token, enable a secondary: data flows, writes forward, reads see own writes', async () => {
   const pri = await cluster('rprimary');
@@ -28,18 +23,15 @@ test('enable primary, make a token, enable a secondary: data flows, writes forwa
   for (let i = 0; i < 50; i++) {
     expect((await vault(pri.p.addr, 'POST', `secret/data/before/${i}`, { token: pri.token, body: { data: { i } } })).status).toBe(200);
   }
-  expect((await vault(pri.p.addr, 'POST', 'sys/replication/performance/primary/enable', { token: pri.token, body: {} })).status).toBe(200);
-  const tok = await vault(pri.p.addr, 'POST', 'sys/replication/performance/primary/secondary-token', { token: pri.token, body: { id: 'dc2' } });
-  expect(tok.status).toBe(200);
-  const activation = tok.body.wrap_info.token as string;
+  await enablePrimary(pri);
+  const activation = await activationToken(pri, 'dc2');
 
-  const en = await vault(sec.p.addr, 'POST', 'sys/replication/performance/secondary/enable', { token: sec.token, body: { token: activation } });
-  expect([en.status, en.body.errors]).toEqual([200, undefined]);
+  await enableSecondary(sec, activation);
   // Replay of the activation token is refused.
   const again = await vault(sec.p.addr, 'POST', 'sys/replication/performance/secondary/enable', { token: sec.token, body: { token: activation } });
   expect(again.status).toBe(400);
 
-  await waitFor('secondary to stream', async () => (await vault(sec.p.addr, 'GET', 'sys/replication/performance/status')).body.data.state === 'stream-wals');
+  await waitForStream(sec.p.addr, 'secondary to stream');
   const r0 = await waitFor('bootstrapped data', async () => {
     const r = await vault(sec.p.addr, 'GET', 'secret/data/before/49', { token: sec.token });
     return r.status === 200 ? r : null;
@@ -63,8 +55,8 @@ test('enable primary, make a token, enable a secondary: data flows, writes forwa
   try {
     const pstatus = await vault(pri.p.addr, 'GET', 'sys/replication/performance/status');
     await waitFor('last_remote_wal to reach last_wal', async () => {
-      const s = (await vault(sec.p.addr, 'GET', 'sys/replication/performance/status')).body.data;
-      const p = (await vault(pri.p.addr, 'GET', 'sys/replication/performance/status')).body.data;
+      const s = await perfStatus(sec.p.addr);
+      const p = await perfStatus(pri.p.addr);
       return s.last_remote_wal === p.last_wal;
     });
     expect(pstatus.body.data.known_secondaries).toEqual(['dc2']);

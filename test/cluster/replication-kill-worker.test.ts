@@ -27,19 +27,28 @@
  * Redis keys live under prefixes unique to this file and are deleted at the end.
  */
 import { randomBytes } from 'node:crypto';
-import http from 'node:http';
-import type { AddressInfo } from 'node:net';
-import Redis from 'ioredis';
-import { createTestDatabase, sqlClient, type TestDatabase } from '../helpers/pg';
-import { initAndUnseal, mountKv2, startCoffer, startCofferWorker, stopAllCoffers, type CofferProcess, type StartOptions } from '../helpers/coffer-process';
+import { startCofferWorker, type CofferProcess } from '../helpers/coffer-process';
 import { vault } from '../helpers/http';
+import {
+  ApplyRecorder,
+  entriesOf,
+  expectCursorsAt,
+  expectNoDoubleApply,
+  expectWalDense,
+  releaseProxied,
+  startProxiedSecondary,
+  startPrimaryAndSecondaries,
+  tracked,
+  waitAllConverged,
+  walRows,
+  type EnabledSecondary,
+  type ProxiedSecondary,
+  type StaticSealPrimary,
+} from '../helpers/replication';
 import { seededRng } from '../helpers/rng';
 import { waitFor } from '../helpers/wait';
 
-const REDIS_URL = process.env.COFFER_TEST_REDIS ?? 'redis://127.0.0.1:6379';
 const PREFIX_ROOT = `coffer-test-rkill-${randomBytes(4).toString('hex')}`;
-const queueHcl = (prefix: string) => `queue "redis" {\n  url = "${REDIS_URL}"\n  prefix = "${prefix}"\n}\n`;
-const APPLY_PATH = '/v1/sys/replication/performance/internal/apply';
 const FAULT = 'ship.beforeAck=0.2';
 const FAULT_LINE = 'fault point ship.beforeAck';
 const KEYS = 2000;
@@ -50,129 +59,13 @@ const EXTRA_ROUND_WRITES = 100;
 /** Extra rounds stop this long after the writes began (the file must stay well under 150 s). */
 const EXTRA_UNTIL_MS = 60_000;
 
-type Client = Awaited<ReturnType<typeof sqlClient>>;
-
-// ------------------------------------------------------------------ recording proxy
-
-interface ApplyRecord {
-  at: number;
-  from: number;
-  to: number;
-  status: number;
-  applied: boolean | null;
-  appliedLsn: number | null;
-  reason: string | null;
-}
-
-/** An HTTP proxy in front of the secondary that records each /apply and the answer. */
-class ApplyRecorder {
-  readonly records: ApplyRecord[] = [];
-  inFlight = 0;
-  maxInFlight = 0;
-  target = '';
-  port = 0;
-  private readonly server = http.createServer((req, res) => void this.handle(req, res));
-
-  async listen(): Promise<void> {
-    await new Promise<void>((r) => this.server.listen(0, '127.0.0.1', r));
-    this.port = (this.server.address() as AddressInfo).port;
-  }
-
-  get url(): string {
-    return `http://127.0.0.1:${this.port}`;
-  }
-
-  private async handle(req: http.IncomingMessage, res: http.ServerResponse): Promise<void> {
-    const chunks: Buffer[] = [];
-    for await (const c of req) chunks.push(c as Buffer);
-    const body = Buffer.concat(chunks);
-    const isApply = req.method === 'POST' && (req.url ?? '').startsWith(APPLY_PATH);
-    if (isApply) this.maxInFlight = Math.max(this.maxInFlight, ++this.inFlight);
-    try {
-      const headers: Record<string, string> = {};
-      for (const [k, v] of Object.entries(req.headers)) {
-        if (v === undefined || ['host', 'connection', 'content-length', 'transfer-encoding', 'keep-alive'].includes(k)) continue;
-        headers[k] = Array.isArray(v) ? v.join(', ') : v;
-      }
-      const r = await fetch(`${this.target}${req.url}`, {
-        method: req.method,
-        headers,
-        body: req.method === 'GET' || req.method === 'HEAD' ? undefined : body,
-        redirect: 'manual',
-      });
-      const out = Buffer.from(await r.arrayBuffer());
-      if (isApply) {
-        const sent = JSON.parse(body.toString('utf8'));
-        let answer: any = null;
-        try {
-          answer = JSON.parse(out.toString('utf8'));
-        } catch {
-          answer = null;
-        }
-        this.records.push({
-          at: Date.now(),
-          from: Number(sent.from_lsn),
-          to: Number(sent.to_lsn),
-          status: r.status,
-          applied: typeof answer?.applied === 'boolean' ? answer.applied : null,
-          appliedLsn: typeof answer?.applied_lsn === 'number' ? answer.applied_lsn : null,
-          reason: answer?.reason ?? null,
-        });
-      }
-      const outHeaders: Record<string, string> = {};
-      r.headers.forEach((v, k) => {
-        if (!['connection', 'content-length', 'transfer-encoding', 'content-encoding', 'keep-alive'].includes(k)) outHeaders[k] = v;
-      });
-      res.writeHead(r.status, outHeaders);
-      res.end(out);
-    } catch (err) {
-      res.writeHead(502, { 'content-type': 'application/json' });
-      res.end(JSON.stringify({ errors: [`proxy: ${(err as Error).message}`] }));
-    } finally {
-      if (isApply) this.inFlight--;
-    }
-  }
-
-  async close(): Promise<void> {
-    this.server.closeAllConnections();
-    await new Promise<void>((r) => this.server.close(() => r()));
-  }
-}
-
-async function freePort(): Promise<number> {
-  const s = http.createServer();
-  await new Promise<void>((r) => s.listen(0, '127.0.0.1', r));
-  const port = (s.address() as AddressInfo).port;
-  await new Promise<void>((r) => s.close(() => r()));
-  return port;
-}
-
 // ------------------------------------------------------------------ state and cleanup
 
-interface Secondary {
-  id: string;
-  db: TestDatabase;
-  /** The secondary's own listener (its api_addr is the proxy). */
-  direct: string;
-  proxy: ApplyRecorder;
-  sql: Client;
-  /** Primary head just before / after secondary/enable: the bootstrap LSN lies in between. */
-  headBefore: number;
-  headAfter: number;
-}
+type Secondary = EnabledSecondary<ProxiedSecondary>;
 
-const dbs: TestDatabase[] = [];
-const clients: Client[] = [];
-const prefixes: string[] = [];
+const t = tracked();
 const secs: Secondary[] = [];
-const proxies: ApplyRecorder[] = [];
-let redis: Redis | undefined;
-/** The secondaries' start-up, awaited before cleanup (so nothing starts after it). */
-let preparing: Promise<unknown> | undefined;
-let server: CofferProcess;
-let priOpts: StartOptions;
-let priSql: Client;
-let root = '';
+let primary: StaticSealPrimary;
 
 // Fault-armed workers and their supervisors.
 let supervising = false;
@@ -189,46 +82,16 @@ async function stopFaultWorkers(): Promise<void> {
   await Promise.all(supervisors);
 }
 
-async function scanKeys(pattern: string): Promise<string[]> {
-  const out: string[] = [];
-  let cursor = '0';
-  do {
-    const [next, keys] = await redis!.scan(cursor, 'MATCH', pattern, 'COUNT', 1000);
-    out.push(...keys);
-    cursor = next;
-  } while (cursor !== '0');
-  return out;
-}
-
 afterAll(async () => {
-  await preparing;
-  await stopFaultWorkers();
-  await stopAllCoffers();
-  for (const p of proxies) await p.close().catch(() => undefined);
-  for (const c of clients) await c.end().catch(() => undefined);
-  for (const d of dbs) await d.drop().catch(() => undefined);
-  if (redis) {
-    for (const prefix of prefixes) {
-      const keys = await scanKeys(`${prefix}:*`);
-      for (let i = 0; i < keys.length; i += 500) await redis.del(...keys.slice(i, i + 500));
-    }
-    expect(await scanKeys(`${PREFIX_ROOT}-*`)).toEqual([]);
-    redis.disconnect();
-  }
+  await releaseProxied(t, PREFIX_ROOT, stopFaultWorkers);
 }, 60_000);
-
-async function one<T = any>(c: Client, text: string, params: unknown[] = []): Promise<T> {
-  return (await c.query(text, params)).rows[0] as T;
-}
-
-const head = async () => Number((await one(priSql, 'SELECT last_lsn FROM coffer_wal_head WHERE id = 1')).last_lsn);
 
 /** Keeps one fault-armed worker running in this slot: restarts it whenever it dies. */
 async function supervise(slot: number): Promise<void> {
   while (supervising) {
     let w: CofferProcess;
     try {
-      w = await startCofferWorker({ ...priOpts, env: { COFFER_FAULTS: FAULT } });
+      w = await startCofferWorker({ ...primary.opts, env: { COFFER_FAULTS: FAULT } });
       workersStarted++;
     } catch (err) {
       // It may have shipped (and died at the fault point) before it printed that it started.
@@ -248,11 +111,6 @@ async function supervise(slot: number): Promise<void> {
   }
 }
 
-const entriesOf = async (c: Client) =>
-  (await c.query(`SELECT path, version::bigint::text AS version, encode(value_hash, 'hex') AS hash FROM coffer_entries ORDER BY path`)).rows.map(
-    (r) => `${r.path}|${r.version}|${r.hash ?? 'tombstone'}`,
-  );
-
 /** For each re-send the secondary refused: how long after the batch it repeats it came. */
 function resendDelays(s: Secondary): { batch: string; ms: number }[] {
   const out: { batch: string; ms: number }[] = [];
@@ -267,69 +125,13 @@ function resendDelays(s: Secondary): { batch: string; ms: number }[] {
 // ------------------------------------------------------------------ setup
 
 /** A secondary-to-be: own database, Redis prefix, recording proxy, process (api_addr = the proxy). */
-async function prepareSecondary(id: string) {
-  const db = await createTestDatabase(`rk_${id}`);
-  dbs.push(db);
-  const prefix = `${PREFIX_ROOT}-${id}`;
-  prefixes.push(prefix);
-  const proxy = new ApplyRecorder();
-  proxies.push(proxy);
-  await proxy.listen();
-  const port = await freePort();
-  await startCoffer({
-    dbUrl: db.url,
-    logLevel: 'warn',
-    env: { COFFER_FAULTS: '' },
-    extraHcl: queueHcl(prefix) + `api_addr = "${proxy.url}"\nlistener "tcp" {\n  address = "127.0.0.1:${port}"\n  tls_disable = true\n}\n`,
-  });
-  const direct = `http://127.0.0.1:${port}`;
-  proxy.target = direct;
-  await waitFor(`${id} listening`, async () => (await vault(direct, 'GET', 'sys/seal-status')).status === 200);
-  const { rootToken } = await initAndUnseal([{ addr: direct } as CofferProcess]);
-  const sql = await sqlClient(db.url);
-  clients.push(sql);
-  return { id, db, direct, proxy, sql, token: rootToken };
-}
+const prepareSecondary = (id: string) =>
+  startProxiedSecondary(id, { dbLabel: `rk_${id}`, prefix: `${PREFIX_ROOT}-${id}`, proxy: new ApplyRecorder(), listeningWhat: `${id} listening` }, t);
 
 beforeAll(async () => {
-  redis = new Redis(REDIS_URL, { lazyConnect: true, maxRetriesPerRequest: 2 });
-  await redis.connect();
-
-  // The secondaries' processes start while the primary is set up.
-  const prepared = Promise.all(SECONDARIES.map(prepareSecondary));
-  preparing = prepared.catch(() => undefined);
-
-  // Primary: static seal (workers auto-unseal), Redis, one fault-free server.
-  const priDb = await createTestDatabase('rk_primary');
-  dbs.push(priDb);
-  const priPrefix = `${PREFIX_ROOT}-pri`;
-  prefixes.push(priPrefix);
-  priOpts = { dbUrl: priDb.url, staticSealKeyHex: randomBytes(32).toString('hex'), extraHcl: queueHcl(priPrefix), logLevel: 'warn', env: { COFFER_FAULTS: '' } };
-  server = await startCoffer(priOpts);
-  const init = await vault(server.addr, 'PUT', 'sys/init', { body: { recovery_shares: 1, recovery_threshold: 1 } });
-  expect(init.status).toBe(200);
-  root = init.body.root_token;
-  await waitFor('primary unsealed and active', async () => {
-    const s = await vault(server.addr, 'GET', 'sys/seal-status');
-    return s.body.sealed === false && (await fetch(`${server.addr}/v1/sys/health`, { method: 'HEAD' })).status === 200;
-  });
-  await mountKv2(server.addr, root);
-  priSql = await sqlClient(priDb.url);
-  clients.push(priSql);
-  expect((await vault(server.addr, 'POST', 'sys/replication/performance/primary/enable', { token: root, body: {} })).status).toBe(200);
-
-  // Secondaries, each enabled with its own activation token.
-  for (const p of await prepared) {
-    const tok = await vault(server.addr, 'POST', 'sys/replication/performance/primary/secondary-token', { token: root, body: { id: p.id } });
-    expect(tok.status).toBe(200);
-    const headBefore = await head();
-    const en = await vault(p.direct, 'POST', 'sys/replication/performance/secondary/enable', { token: p.token, body: { token: tok.body.wrap_info.token } });
-    expect([en.status, en.body.errors]).toEqual([200, undefined]);
-    secs.push({ id: p.id, db: p.db, direct: p.direct, proxy: p.proxy, sql: p.sql, headBefore, headAfter: await head() });
-  }
-  for (const s of secs) {
-    await waitFor(`${s.id} to stream`, async () => (await vault(s.direct, 'GET', 'sys/replication/performance/status')).body.data.state === 'stream-wals', { timeoutMs: 30_000 });
-  }
+  // Primary: static seal (workers auto-unseal), Redis, one fault-free server. Secondaries, started
+  // while the primary is set up, each enabled with its own activation token.
+  primary = await startPrimaryAndSecondaries(t, { ids: SECONDARIES, prepare: prepareSecondary, primaryLabel: 'rk_primary', primaryPrefix: `${PREFIX_ROOT}-pri` }, secs);
 }, 90_000);
 
 // ------------------------------------------------------------------ the tests
@@ -349,7 +151,7 @@ test('workers killed between apply and ack (ship.beforeAck=0.2), restarted: ever
     const writer = async () => {
       for (let i = next++; i < n; i = next++) {
         try {
-          const r = await vault(server.addr, 'POST', `secret/data/${plan[i].path}`, { token: root, body: { data: { label, i, pad: plan[i].pad } } });
+          const r = await vault(primary.server.addr, 'POST', `secret/data/${plan[i].path}`, { token: primary.root, body: { data: { label, i, pad: plan[i].pad } } });
           if (r.status !== 200) failures.push(`${plan[i].path}: ${r.status} ${JSON.stringify(r.body)}`);
           else written++;
         } catch (err) {
@@ -368,19 +170,7 @@ test('workers killed between apply and ack (ship.beforeAck=0.2), restarted: ever
   expect(kills.length).toBeGreaterThanOrEqual(MIN_KILLS);
 
   // Convergence, with the fault-armed workers still shipping, dying and being restarted.
-  const h = await waitFor(
-    'every secondary to converge',
-    async () => {
-      if (Number((await one(priSql, 'SELECT count(*)::int AS n FROM coffer_wal WHERE lsn IS NULL')).n) > 0) return null;
-      const hh = await head();
-      if ((await vault(server.addr, 'GET', 'sys/replication/performance/status')).body.data.last_wal !== hh) return null;
-      const acked = (await priSql.query('SELECT acked_lsn::bigint AS a FROM coffer_secondaries')).rows;
-      if (acked.length !== secs.length || acked.some((r) => Number(r.a) !== hh)) return null;
-      for (const s of secs) if ((await vault(s.direct, 'GET', 'sys/replication/performance/status')).body.data.last_remote_wal !== hh) return null;
-      return (await head()) === hh ? hh : null;
-    },
-    { timeoutMs: 60_000, intervalMs: 200 },
-  );
+  const h = await waitAllConverged('every secondary to converge', primary.server.addr, primary.sql, secs.map((s) => s.direct), 60_000);
   await stopFaultWorkers();
   expect(otherExits).toEqual([]);
   // eslint-disable-next-line no-console
@@ -389,14 +179,11 @@ test('workers killed between apply and ack (ship.beforeAck=0.2), restarted: ever
       `(${kills.map((k) => `pid ${k.pid} at +${k.at - t0} ms`).join(', ')})`,
   );
 
-  const pri = await entriesOf(priSql);
+  const pri = await entriesOf(primary.sql);
   expect(pri.length).toBeGreaterThan(KEYS);
   // The primary's WAL is dense to the head.
-  const dense = await one(priSql, 'SELECT count(*)::int AS n, min(lsn)::bigint AS lo, max(lsn)::bigint AS hi FROM coffer_wal WHERE lsn IS NOT NULL');
-  expect([Number(dense.n), Number(dense.lo), Number(dense.hi)]).toEqual([h, 1, h]);
-  const priWal = new Set(
-    (await priSql.query(`SELECT path, key_version::bigint::text AS v, op, encode(value_hash, 'hex') AS hash FROM coffer_wal`)).rows.map((r) => `${r.path}|${r.v}|${r.op}|${r.hash}`),
-  );
+  await expectWalDense(primary.sql, h);
+  const priWal = new Set(await walRows(primary.sql));
   let refusedTotal = 0;
   for (const s of secs) {
     const recs = s.proxy.records;
@@ -411,14 +198,9 @@ test('workers killed between apply and ack (ship.beforeAck=0.2), restarted: ever
     // Live rows identical.
     expect(await entriesOf(s.sql)).toEqual(pri);
     // At most one WAL row per (path, key_version), each one the primary has.
-    expect((await s.sql.query('SELECT path, key_version::bigint AS v, count(*)::int AS n FROM coffer_wal GROUP BY 1, 2 HAVING count(*) > 1 ORDER BY 1, 2 LIMIT 20')).rows).toEqual([]);
-    const foreign = (await s.sql.query(`SELECT path, key_version::bigint::text AS v, op, encode(value_hash, 'hex') AS hash FROM coffer_wal`)).rows
-      .map((r) => `${r.path}|${r.v}|${r.op}|${r.hash}`)
-      .filter((k) => !priWal.has(k));
-    expect(foreign.slice(0, 20)).toEqual([]);
+    await expectNoDoubleApply(s.sql, priWal);
     // applied_lsn = head; the primary's cursor = head.
-    expect(Number((await one(s.sql, 'SELECT applied_lsn::bigint AS a FROM coffer_replication WHERE id = 1')).a)).toBe(h);
-    expect(Number((await one(priSql, 'SELECT acked_lsn::bigint AS a FROM coffer_secondaries WHERE secondary_id = $1', [s.id])).a)).toBe(h);
+    await expectCursorsAt(primary.sql, s.sql, s.id, h);
 
     // On the wire: accepted batches tile (bootstrap, head] exactly once and in order; every
     // refusal changed nothing and said where the secondary was.

@@ -22,15 +22,14 @@
  * is in the secondary's replication state).
  */
 import { randomBytes } from 'node:crypto';
-import { createServer } from 'node:net';
-import Redis from 'ioredis';
-import { createTestDatabase, sqlClient, type TestDatabase } from '../helpers/pg';
-import { initAndUnseal, mountKv2, startCoffer, stopAllCoffers, unseal, type CofferProcess, type StartOptions } from '../helpers/coffer-process';
+import type Redis from 'ioredis';
+import type { TestDatabase } from '../helpers/pg';
+import { startCoffer, unseal } from '../helpers/coffer-process';
 import { vault } from '../helpers/http';
+import { connectRedis, deletePrefixKeys, diffRows, liveRows, perfStatus, releaseClusters, replicatePair, scanKeys, startCluster, unorderedWal, waitForCatchUp, withSql, type Cluster } from '../helpers/replication';
 import { seededRng } from '../helpers/rng';
 import { waitFor } from '../helpers/wait';
 
-const REDIS_URL = process.env.COFFER_TEST_REDIS ?? 'redis://127.0.0.1:6379';
 const RUN = randomBytes(4).toString('hex');
 const PRI_PREFIX = `coffer-test-routage-pri-${RUN}`;
 const SEC_PREFIX = `coffer-test-routage-sec-${RUN}`;
@@ -44,102 +43,14 @@ let redis: Redis | undefined;
 
 // ------------------------------------------------------------------------------- helpers
 
-async function scanKeys(pattern: string): Promise<string[]> {
-  const out: string[] = [];
-  let cursor = '0';
-  do {
-    const [next, keys] = await redis!.scan(cursor, 'MATCH', pattern, 'COUNT', 500);
-    out.push(...keys);
-    cursor = next;
-  } while (cursor !== '0');
-  return out;
-}
-
-async function deletePrefixKeys(prefix: string): Promise<number> {
-  const keys = await scanKeys(`${prefix}:*`);
-  for (let i = 0; i < keys.length; i += 500) await redis!.del(...keys.slice(i, i + 500));
-  return keys.length;
-}
-
-/** A TCP port free right now on 127.0.0.1 (the OS picks it; we release it at once). */
-function freePort(): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const s = createServer();
-    s.once('error', reject);
-    s.listen(0, '127.0.0.1', () => {
-      const { port } = s.address() as { port: number };
-      s.close(() => resolve(port));
-    });
-  });
-}
-
-interface Cluster {
-  p: CofferProcess;
-  opts: StartOptions;
-  token: string;
-  keys: string[];
-  db: TestDatabase;
-  addr: string;
-}
-
-async function cluster(label: string, prefix: string): Promise<Cluster> {
-  const db = await createTestDatabase(label);
-  dbs.push(db);
-  const port = await freePort();
-  const addr = `http://127.0.0.1:${port}`;
-  const opts: StartOptions = {
-    dbUrl: db.url,
-    logLevel: 'warn',
-    extraHcl:
-      `api_addr = "${addr}"\n` +
-      `listener "tcp" {\n  address = "127.0.0.1:${port}"\n  tls_disable = true\n}\n` +
-      `queue "redis" {\n url = "${REDIS_URL}"\n prefix = "${prefix}"\n}\n`,
-  };
-  const p = await startCoffer(opts);
-  expect(p.addr).toBe(addr);
-  const { rootToken, keys } = await initAndUnseal([p]);
-  return { p, opts, token: rootToken, keys, db, addr };
-}
+/** A cluster on a fixed port announced as its api_addr, with its own Redis queue prefix. */
+const cluster = (label: string, prefix: string) => startCluster(label, dbs, { prefix, logLevel: 'warn', fixedPort: true });
 
 /** Restarts a cluster's (killed) process on the same database and address, and unseals it. */
 async function restart(c: Cluster): Promise<void> {
   c.p = await startCoffer(c.opts);
   expect(c.p.addr).toBe(c.addr);
   await unseal(c.p, c.keys);
-}
-
-const perfStatus = async (addr: string) => (await vault(addr, 'GET', 'sys/replication/performance/status')).body.data;
-
-async function withSql<T>(url: string, fn: (c: Awaited<ReturnType<typeof sqlClient>>) => Promise<T>): Promise<T> {
-  const c = await sqlClient(url);
-  try {
-    return await fn(c);
-  } finally {
-    await c.end();
-  }
-}
-
-/** Live replicated rows: path → "version:value_hash". */
-const liveRows = (url: string) =>
-  withSql(url, async (c) => {
-    const { rows } = await c.query<{ path: string; version: string; h: string }>(
-      `SELECT path, version::text AS version, encode(value_hash, 'hex') AS h FROM coffer_entries WHERE value IS NOT NULL ORDER BY path`,
-    );
-    return new Map(rows.map((r) => [r.path, `${r.version}:${r.h}`]));
-  });
-
-const unorderedWal = (url: string) => withSql(url, async (c) => (await c.query<{ n: number }>(`SELECT count(*)::int AS n FROM coffer_wal WHERE lsn IS NULL`)).rows[0].n);
-
-function diffRows(a: Map<string, string>, b: Map<string, string>) {
-  const onlyA: string[] = [];
-  const onlyB: string[] = [];
-  const differ: string[] = [];
-  for (const [k, v] of a) {
-    if (!b.has(k)) onlyA.push(k);
-    else if (b.get(k) !== v) differ.push(`${k}: ${v} vs ${b.get(k)}`);
-  }
-  for (const k of b.keys()) if (!a.has(k)) onlyB.push(k);
-  return { onlyOnPrimary: onlyA.length, onlySecondary: onlyB.length, differing: differ.length, examples: [...onlyA, ...onlyB, ...differ].slice(0, 5) };
 }
 
 /** What to look at when convergence does not come: both statuses, WAL, queue keys, old transactions. */
@@ -150,7 +61,7 @@ async function diagnostics(): Promise<string> {
       primary: await safe(() => perfStatus(pri.addr)),
       secondary: await safe(() => perfStatus(sec.addr)),
       primaryUnorderedWal: await safe(() => unorderedWal(pri.db.url)),
-      primaryQueueKeys: await safe(() => scanKeys(`${PRI_PREFIX}:*`)),
+      primaryQueueKeys: await safe(() => scanKeys(redis!, `${PRI_PREFIX}:*`)),
       // The sequencer's horizon is server-wide: an old transaction in ANY database holds it back.
       oldestTransactions: await safe(() =>
         withSql(pri.db.url, async (c) => (await c.query(`SELECT datname, state, now() - xact_start AS age, left(query, 80) AS query FROM pg_stat_activity WHERE backend_xid IS NOT NULL OR backend_xmin IS NOT NULL ORDER BY xact_start LIMIT 5`)).rows),
@@ -207,18 +118,11 @@ class WriteStream {
  */
 async function converge(what: string, acked: Map<string, Record<string, unknown>>, timeoutMs = 45_000): Promise<number> {
   const t0 = Date.now();
-  const st = await waitFor(
-    `${what}: secondary's last_remote_wal to equal the primary's last_wal`,
-    async () => {
-      if ((await unorderedWal(pri.db.url)) !== 0) return null;
-      const p = await perfStatus(pri.addr);
-      const s = await perfStatus(sec.addr);
-      return s.last_remote_wal === p.last_wal ? { p, s } : null;
+  const st = await waitForCatchUp(`${what}: secondary's last_remote_wal to equal the primary's last_wal`, { addr: pri.addr, dbUrl: pri.db.url }, sec.addr, { timeoutMs }).catch(
+    async (err: Error) => {
+      throw new Error(`${err.message}\n${await diagnostics()}`);
     },
-    { timeoutMs, intervalMs: 100 },
-  ).catch(async (err: Error) => {
-    throw new Error(`${err.message}\n${await diagnostics()}`);
-  });
+  );
   const ms = Date.now() - t0;
   // eslint-disable-next-line no-console
   console.log(`[replication-outage] ${what}: converged in ${ms} ms (last_wal=${st.p.last_wal})`);
@@ -243,30 +147,13 @@ let pri: Cluster;
 let sec: Cluster;
 
 beforeAll(async () => {
-  redis = new Redis(REDIS_URL, { lazyConnect: true, maxRetriesPerRequest: 2 });
-  await redis.connect();
+  redis = await connectRedis();
   pri = await cluster('routage_pri', PRI_PREFIX);
   sec = await cluster('routage_sec', SEC_PREFIX);
-  await mountKv2(pri.addr, pri.token);
-  expect((await vault(pri.addr, 'POST', 'sys/replication/performance/primary/enable', { token: pri.token, body: {} })).status).toBe(200);
-  const tok = await vault(pri.addr, 'POST', 'sys/replication/performance/primary/secondary-token', { token: pri.token, body: { id: SECONDARY_ID } });
-  expect(tok.status).toBe(200);
-  const en = await vault(sec.addr, 'POST', 'sys/replication/performance/secondary/enable', { token: sec.token, body: { token: tok.body.wrap_info.token } });
-  expect([en.status, en.body.errors]).toEqual([200, undefined]);
-  await waitFor('secondary to stream WAL', async () => (await perfStatus(sec.addr)).state === 'stream-wals', { timeoutMs: 30_000 });
+  await replicatePair(pri, sec, SECONDARY_ID);
 }, 60_000);
 
-afterAll(async () => {
-  await stopAllCoffers();
-  if (redis) {
-    for (const p of [PRI_PREFIX, SEC_PREFIX]) {
-      await deletePrefixKeys(p).catch(() => undefined);
-      expect(await scanKeys(`${p}:*`)).toEqual([]);
-    }
-    redis.disconnect();
-  }
-  for (const d of dbs) await d.drop();
-});
+afterAll(() => releaseClusters(redis, [PRI_PREFIX, SEC_PREFIX], dbs));
 
 const secondaryOnPrimary = async () => ((await perfStatus(pri.addr)).secondaries as { node_id: string; connection_status: string }[]).find((s) => s.node_id === SECONDARY_ID);
 
@@ -327,7 +214,7 @@ test("(c) the primary's Redis keys deleted mid-stream: nothing is lost, shipping
       await waitFor(`${target} writes`, () => stream.acked.size >= target, { timeoutMs: 30_000 });
       // Best effort: delete while a shipping job is running (its worker loses the job and lock).
       if (await waitFor('a shipping job to be active', async () => (await redis!.llen(`${PRI_PREFIX}:replication.ship:active`)) > 0, { timeoutMs: 5_000, intervalMs: 1 }).catch(() => false)) midShipment++;
-      deleted += await deletePrefixKeys(PRI_PREFIX);
+      deleted += await deletePrefixKeys(redis!, PRI_PREFIX);
     }
     // Writes and shipping go on after the last deletion.
     const after = stream.acked.size;

@@ -13,17 +13,16 @@
  * 412 {"errors":["required index state not present"]}.
  */
 import { randomBytes } from 'node:crypto';
-import Redis from 'ioredis';
+import type Redis from 'ioredis';
 import nodeVault from 'node-vault';
-import { createTestDatabase, type TestDatabase } from '../helpers/pg';
-import { initAndUnseal, mountKv2, startCoffer, stopAllCoffers, type CofferProcess } from '../helpers/coffer-process';
+import type { TestDatabase } from '../helpers/pg';
 import { vault } from '../helpers/http';
+import { connectRedis, perfStatus, releaseClusters, replicatePair, startCluster, type Cluster } from '../helpers/replication';
 import { seededRng } from '../helpers/rng';
 import { waitFor } from '../helpers/wait';
 
 jest.setTimeout(100_000);
 
-const REDIS_URL = process.env.COFFER_TEST_REDIS ?? 'redis://127.0.0.1:6379';
 const RUN = randomBytes(4).toString('hex');
 const PREFIXES = [`coffer-test-ryw-pri-${RUN}`, `coffer-test-ryw-sec-${RUN}`];
 const ITERATIONS = 1000;
@@ -33,70 +32,23 @@ const WAL_WAIT_WARNING = "Timeout hit while waiting for local replicated cluster
 const dbs: TestDatabase[] = [];
 let redis: Redis | undefined;
 
-async function scanKeys(pattern: string): Promise<string[]> {
-  const out: string[] = [];
-  let cursor = '0';
-  do {
-    const [next, keys] = await redis!.scan(cursor, 'MATCH', pattern, 'COUNT', 500);
-    out.push(...keys);
-    cursor = next;
-  } while (cursor !== '0');
-  return out;
-}
+const cluster = (label: string, prefix: string) => startCluster(label, dbs, { prefix, logLevel: 'warn' });
 
-async function deletePrefixKeys(prefix: string): Promise<number> {
-  const keys = await scanKeys(`${prefix}:*`);
-  for (let i = 0; i < keys.length; i += 500) await redis!.del(...keys.slice(i, i + 500));
-  return keys.length;
-}
-
-interface Cluster {
-  p: CofferProcess;
-  token: string;
-  db: TestDatabase;
-}
-
-async function cluster(label: string, prefix: string): Promise<Cluster> {
-  const db = await createTestDatabase(label);
-  dbs.push(db);
-  const p = await startCoffer({ dbUrl: db.url, logLevel: 'warn', extraHcl: `queue "redis" {\n url = "${REDIS_URL}"\n prefix = "${prefix}"\n}\n` });
-  const { rootToken } = await initAndUnseal([p]);
-  return { p, token: rootToken, db };
-}
-
-const perfStatus = async (addr: string) => (await vault(addr, 'GET', 'sys/replication/performance/status')).body.data;
 const hasWalWarning = (warnings: unknown) => Array.isArray(warnings) && warnings.some((w) => typeof w === 'string' && w.includes(WAL_WAIT_WARNING));
 
 let pri: Cluster;
 let sec: Cluster;
 
 beforeAll(async () => {
-  redis = new Redis(REDIS_URL, { lazyConnect: true, maxRetriesPerRequest: 2 });
-  await redis.connect();
+  redis = await connectRedis();
   pri = await cluster('ryw_pri', PREFIXES[0]);
   sec = await cluster('ryw_sec', PREFIXES[1]);
-  await mountKv2(pri.p.addr, pri.token);
-  expect((await vault(pri.p.addr, 'POST', 'sys/replication/performance/primary/enable', { token: pri.token, body: {} })).status).toBe(200);
-  const tok = await vault(pri.p.addr, 'POST', 'sys/replication/performance/primary/secondary-token', { token: pri.token, body: { id: 'ryw-dc2' } });
-  expect(tok.status).toBe(200);
-  const en = await vault(sec.p.addr, 'POST', 'sys/replication/performance/secondary/enable', { token: sec.token, body: { token: tok.body.wrap_info.token } });
-  expect([en.status, en.body.errors]).toEqual([200, undefined]);
-  await waitFor('secondary to stream WAL', async () => (await perfStatus(sec.p.addr)).state === 'stream-wals', { timeoutMs: 30_000 });
+  await replicatePair(pri, sec, 'ryw-dc2');
   // The kv mount reached the secondary (the bootstrap copied the mount table).
   await waitFor('the kv mount on the secondary', async () => (await vault(sec.p.addr, 'GET', 'sys/mounts', { token: sec.token })).body?.data?.['secret/'] !== undefined);
 });
 
-afterAll(async () => {
-  await stopAllCoffers();
-  if (redis) {
-    for (const p of PREFIXES) {
-      await deletePrefixKeys(p).catch(() => undefined);
-      expect(await scanKeys(`${p}:*`)).toEqual([]);
-    }
-    redis.disconnect();
-  }
-  for (const d of dbs) await d.drop();
-});
+afterAll(() => releaseClusters(redis, PREFIXES, dbs));
 
 test('node-vault on the secondary: 1,000 write-then-read cycles never read stale data without the WAL-wait warning', async () => {
   const rng = seededRng('replication-read-your-writes');
