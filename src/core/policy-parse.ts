@@ -12,7 +12,7 @@
  * Vault's HCL 1 also reads JSON; hcl2json (HCL 2 native syntax) does not, so text whose first
  * non-blank character is `{` is parsed as JSON here (a native HCL body never starts that way).
  *
- * Kept but NOT enforced by the ACL: allowed_parameters, denied_parameters, required_parameters,
+ * Parsed but NOT enforced by the ACL (sys/policies refuses policies that use them, failing closed): allowed_parameters, denied_parameters, required_parameters,
  * min_wrapping_ttl, max_wrapping_ttl. Refused: mfa_methods and control_group (Enterprise gates
  * that, silently ignored, would let requests through that the author meant to hold).
  */

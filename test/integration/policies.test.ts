@@ -302,3 +302,14 @@ describe('?help=1', () => {
     expect(Object.keys((out.data!.openapi as { paths: object }).paths)).toEqual(['/secret/data/{path}']);
   });
 });
+
+describe('parameter constraints', () => {
+  it('are refused at write time (fail closed) until the ACL enforces them', async () => {
+    const policy = 'path "secret/data/x" {\n capabilities = ["update"]\n denied_parameters = { "password" = [] }\n}';
+    await expect(core.handle({ operation: 'update', path: 'sys/policies/acl/constrained', data: { policy }, query: {}, token: root, headers: {} })).rejects.toMatchObject({
+      kind: 'invalid_request',
+      message: expect.stringMatching(/not enforced by Coffer yet/),
+    });
+    await expect(core.handle({ operation: 'read', path: 'sys/policies/acl/constrained', data: {}, query: {}, token: root, headers: {} })).rejects.toMatchObject({ kind: 'not_found' });
+  });
+});

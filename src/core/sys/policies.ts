@@ -165,6 +165,16 @@ class PolicyStore {
     const raw = decodePolicyText(text);
     const parsed = await parsePolicy(name, raw);
     if (IMMUTABLE.has(name)) throw new InvalidRequest(`cannot update ${JSON.stringify(name)} policy`);
+    // Fail closed: a constraint the ACL does not enforce yet would grant more than its author
+    // meant, so such a policy is refused rather than stored.
+    const unenforced = parsed.rules.find(
+      (r) => r.allowedParameters || r.deniedParameters || r.requiredParameters || r.minWrappingTtl !== undefined || r.maxWrappingTtl !== undefined,
+    );
+    if (unenforced) {
+      throw new InvalidRequest(
+        `path "${unenforced.path}": allowed_parameters, denied_parameters, required_parameters and min/max_wrapping_ttl are not enforced by Coffer yet; remove them or split the path`,
+      );
+    }
     const entry: StoredPolicy = { name, raw, rules: parsed.rules };
     const { lastSeq } = await this.core.barrier.transaction((tx) => tx.put(storagePath(name), entry));
     return { status: 204, walSeq: lastSeq, ...(warnings.length ? { warnings } : {}) };
