@@ -12,7 +12,8 @@ import { randomBytes } from 'node:crypto';
 import type Redis from 'ioredis';
 import type { TestDatabase } from '../helpers/pg';
 import { vault } from '../helpers/http';
-import { connectRedis, diffRows, liveRows, releaseClusters, replicatePair, startCluster, waitForCatchUp } from '../helpers/replication';
+import { connectRedis, diffRows, liveRows, perfStatus, releaseClusters, replicatePair, startCluster, waitForCatchUp } from '../helpers/replication';
+import { waitFor } from '../helpers/wait';
 import { seededRng } from '../helpers/rng';
 
 // Bounded, but not a speed test: on a busy 2-core CI machine sharing the run with other
@@ -77,7 +78,12 @@ test('10,000 writes from 16 writers on the primary converge on the secondary: WA
     `[replication-scale] converged ${convergeMs} ms after the last acknowledged write (${Date.now() - t0} ms after the first); last_wal=${converged.p.last_wal}`,
   );
   expect(converged.p.last_wal).toBeGreaterThanOrEqual(WRITES);
-  const me = converged.p.secondaries.find((s: { node_id: string }) => s.node_id === 'scale-dc2');
+  // The secondary applies before the primary records the acknowledgement: wait for the
+  // primary's view to catch up too.
+  const me = await waitFor('the primary to record the acknowledgement', async () => {
+    const s = (await perfStatus(pri.p.addr)).secondaries.find((x: { node_id: string }) => x.node_id === 'scale-dc2');
+    return s?.acked_wal === converged.p.last_wal ? s : null;
+  });
   expect(me).toMatchObject({ acked_wal: converged.p.last_wal, lag_wal: 0 });
 
   // Every live replicated row is identical in both databases.
