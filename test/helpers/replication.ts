@@ -216,7 +216,10 @@ export async function expectNoDoubleApply(secSql: SqlClient, priWal: Set<string>
 /** The secondary's applied_lsn = head; the primary's cursor for it = head. */
 export async function expectCursorsAt(priSql: SqlClient, secSql: SqlClient, id: string, h: number): Promise<void> {
   expect(Number((await one(secSql, 'SELECT applied_lsn::bigint AS a FROM coffer_replication WHERE id = 1')).a)).toBe(h);
-  expect(Number((await one(priSql, 'SELECT acked_lsn::bigint AS a FROM coffer_secondaries WHERE secondary_id = $1', [id])).a)).toBe(h);
+  // The primary records the acknowledgement just after the secondary's apply answers: wait for it.
+  const acked = async () => Number((await one(priSql, 'SELECT acked_lsn::bigint AS a FROM coffer_secondaries WHERE secondary_id = $1', [id])).a);
+  await waitFor(`the primary's cursor for ${id} to reach ${h}`, async () => (await acked()) === h, { timeoutMs: 10_000 }).catch(() => undefined);
+  expect(await acked()).toBe(h);
 }
 
 // ------------------------------------------------------------------ convergence
