@@ -73,33 +73,42 @@ export async function closedLoop(baseUrl: string, concurrency: number, seconds: 
   return summarise(lat, errors, elapsed);
 }
 
+/**
+ * Open-loop pacing: starts `start(i, due)` for i = 0 … rate·seconds−1 at `due` (performance.now()
+ * time), whatever earlier ones are doing, and waits for all of them.
+ */
+export async function paced(rate: number, seconds: number, start: (i: number, due: number) => Promise<void>): Promise<void> {
+  const total = Math.floor(rate * seconds);
+  const started = performance.now();
+  const inflight: Promise<void>[] = [];
+  for (let i = 0; i < total; i++) {
+    const due = started + (i * 1000) / rate;
+    const wait = due - performance.now();
+    if (wait > 1) await new Promise((r) => setTimeout(r, wait));
+    inflight.push(start(i, due));
+  }
+  await Promise.all(inflight);
+}
+
 /** Requests started at a fixed rate regardless of answers (latency without coordinated omission). */
 export async function openLoop(baseUrl: string, ratePerSecond: number, seconds: number, next: (i: number) => RequestSpec): Promise<LoadResult> {
   const base = new URL(baseUrl);
   const agent = new http.Agent({ keepAlive: true, maxSockets: 256 });
   const lat: number[] = [];
   let errors = 0;
-  const total = Math.floor(ratePerSecond * seconds);
   const started = Date.now();
-  const inflight: Promise<void>[] = [];
-  for (let i = 0; i < total; i++) {
-    const due = started + (i * 1000) / ratePerSecond;
-    const wait = due - Date.now();
-    if (wait > 1) await new Promise((r) => setTimeout(r, wait));
-    const t0 = due;
-    inflight.push(
-      once(agent, base, next(i)).then(
-        (status) => {
-          if (status >= 400) errors++;
-          else lat.push(Date.now() - t0);
-        },
-        () => {
-          errors++;
-        },
-      ),
+  await paced(ratePerSecond, seconds, (i, due) => {
+    const t0 = Date.now() + (due - performance.now());
+    return once(agent, base, next(i)).then(
+      (status) => {
+        if (status >= 400) errors++;
+        else lat.push(Date.now() - t0);
+      },
+      () => {
+        errors++;
+      },
     );
-  }
-  await Promise.all(inflight);
+  });
   agent.destroy();
   return summarise(lat, errors, (Date.now() - started) / 1000);
 }

@@ -34,7 +34,7 @@ import { createTestDatabase, PG_ADMIN_URL, type TestDatabase } from '../../test/
 import { initAndUnseal, mountKv2, startCoffer, stopAllCoffers, type CofferProcess } from '../../test/helpers/coffer-process';
 import { vault } from '../../test/helpers/http';
 import { waitFor } from '../../test/helpers/wait';
-import { closedLoop } from '../load';
+import { closedLoop, paced } from '../load';
 import type { Figure } from '../run';
 
 const PAYLOAD = 'x'.repeat(100);
@@ -307,31 +307,20 @@ async function nativeReference(seconds: number): Promise<NativeResult> {
       }
     })();
     try {
-      const total = Math.floor(rate * seconds);
-      const started = performance.now();
-      const inflight: Promise<void>[] = [];
-      for (let i = 0; i < total; i++) {
-        const due = started + (i * 1000) / rate;
-        const wait = due - performance.now();
-        if (wait > 1) await sleep(wait);
-        inflight.push(
-          (async () => {
-            const c = await pool.connect();
-            try {
-              await c.query({ ...UPSERT, values: [`k/${i % KEYS}`, VALUE] });
-              const ack = performance.now();
-              // Past our commit record (a slight over-estimate: ≤ one commit of anyone's later).
-              const r = await c.query({ name: 'lsn', text: `SELECT (pg_current_wal_lsn() - '0/0')::bigint AS l` });
-              writes.push({ ack, lat: ack - due, pos: Number(r.rows[0].l) });
-            } catch {
-              errors++;
-            } finally {
-              c.release();
-            }
-          })(),
-        );
-      }
-      await Promise.all(inflight);
+      await paced(rate, seconds, async (i, due) => {
+        const c = await pool.connect();
+        try {
+          await c.query({ ...UPSERT, values: [`k/${i % KEYS}`, VALUE] });
+          const ack = performance.now();
+          // Past our commit record (a slight over-estimate: ≤ one commit of anyone's later).
+          const r = await c.query({ name: 'lsn', text: `SELECT (pg_current_wal_lsn() - '0/0')::bigint AS l` });
+          writes.push({ ack, lat: ack - due, pos: Number(r.rows[0].l) });
+        } catch {
+          errors++;
+        } finally {
+          c.release();
+        }
+      });
       // The last positions may point past the last published commit (the subscriber's own WAL
       // shares the instance): keep committing fillers until every write is resolved.
       const maxPos = writes.reduce((m, w) => Math.max(m, w.pos), 0);
@@ -495,28 +484,19 @@ async function cofferMeasure(seconds: number) {
         }
       })();
       try {
-        const total = Math.floor(rate * seconds);
-        const started = performance.now();
-        const inflight: Promise<void>[] = [];
-        for (let i = 0; i < total; i++) {
-          const due = started + (i * 1000) / rate;
-          const wait = due - performance.now();
-          if (wait > 1) await sleep(wait);
-          inflight.push(
-            writeOnce(writeAgent, priBase, `/v1/secret/data/lag/${i % KEYS}`, token, body).then(
-              ({ status, index }) => {
-                const ack = performance.now();
-                if (status >= 400) errors++;
-                else if (!Number.isFinite(index) || index <= 0) missingIndex++;
-                else writes.push({ ack, lat: ack - due, pos: index });
-              },
-              () => {
-                errors++;
-              },
-            ),
-          );
-        }
-        await Promise.all(inflight);
+        await paced(rate, seconds, (i, due) =>
+          writeOnce(writeAgent, priBase, `/v1/secret/data/lag/${i % KEYS}`, token, body).then(
+            ({ status, index }) => {
+              const ack = performance.now();
+              if (status >= 400) errors++;
+              else if (!Number.isFinite(index) || index <= 0) missingIndex++;
+              else writes.push({ ack, lat: ack - due, pos: index });
+            },
+            () => {
+              errors++;
+            },
+          ),
+        );
         const maxPos = writes.reduce((m, w) => Math.max(m, w.pos), 0);
         const tailEnd = performance.now() + 30_000;
         while (performance.now() < tailEnd && (lagPolls[lagPolls.length - 1]?.pos ?? 0) < maxPos) await sleep(5);
