@@ -9,7 +9,7 @@ import type { CofferConfig, ListenerConfig } from './cli/config';
 import { systemClock } from './core/clock';
 import { Core } from './core/core';
 import { createApp } from './http/app';
-import { Metrics } from './http/metrics';
+import { Metrics, type MerkleGauges } from './http/metrics';
 import { walGauges } from './storage/wal';
 import { replicationGauges } from './storage/replication';
 import { listen, type RunningListener } from './http/list-method';
@@ -26,6 +26,8 @@ import { BullQueue, redisConnection } from './queue/bullmq';
 import { processExpiry, queueScheduler } from './queue/expiry';
 import type { JobQueue } from './queue/jobs';
 import { MemoryQueue } from './queue/memory';
+import { MerkleIndex } from './merkle/index';
+import { MerklePool } from './merkle/pool';
 
 export interface DevOptions {
   rootTokenId?: string;
@@ -116,6 +118,16 @@ export async function startServer(config: CofferConfig, dev?: DevOptions): Promi
       batchMaxRows: 1000,
       batchMaxBytes: 4 * 1024 * 1024,
     };
+    const metrics: Metrics = new Metrics(
+      async () => ({ ...(await walGauges(database.db)), ...(await replicationGauges(database.db)) }),
+      (): MerkleGauges | null => (merkle && node?.isActive() ? { dirtyPages: merkle.dirtyPages, appliedLsn: merkle.appliedLsn } : null),
+    );
+    const pool = config.merkle.index ? new MerklePool() : null;
+    const merkle: MerkleIndex | null = pool
+      ? new MerkleIndex({ db: database.db, pool, log, flushIntervalMs: config.merkle.flushIntervalMs, flushFraction: config.merkle.flushFraction, sink: metrics.merkle })
+      : null;
+    replicationOpts.merkle = () => (merkle && node?.merkleReady ? merkle : null);
+    replicationOpts.onSynced = (n) => metrics.merkle.synced(n);
     const replication = new Replication(replicationOpts);
     core.sys.addRoutes(replicationRoutes(replication));
     const app = createApp({
@@ -126,7 +138,7 @@ export async function startServer(config: CofferConfig, dev?: DevOptions): Promi
         indexOf: (seq) => replication.indexOf(seq),
         assertIndex: (lsn, wait) => replication.assertIndex(lsn, wait),
       },
-      metrics: new Metrics(async () => ({ ...(await walGauges(database.db)), ...(await replicationGauges(database.db)) })),
+      metrics,
       unauthenticatedMetrics: config.telemetry.unauthenticatedMetricsAccess,
       node: { isActive: () => node?.isActive() ?? false, poke: () => node?.poke(), leader: () => node!.leader(), stepDown: () => node!.stepDown() },
       log,
@@ -144,6 +156,10 @@ export async function startServer(config: CofferConfig, dev?: DevOptions): Promi
       log,
       singleProcess: database.embedded,
       onSequenced: () => replication.poke(),
+      merkle: merkle ?? undefined,
+      retention: { maxRows: config.replication.logshipperBufferLength, maxBytes: config.replication.logshipperBufferSizeBytes },
+      checkpointIntervalMs: config.merkle.checkpointIntervalMs,
+      onWalCollected: (n) => metrics.merkle.walCollected(n),
     });
     replicationOpts.apiAddr = apiAddr;
     await node!.start();
@@ -163,6 +179,7 @@ export async function startServer(config: CofferConfig, dev?: DevOptions): Promi
         await queue.close().catch(() => undefined);
         await Promise.all(listeners.map((l) => l.close()));
         await node!.stop();
+        await pool?.destroy();
         await database.close();
       },
     };

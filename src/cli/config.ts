@@ -47,7 +47,8 @@ export interface CofferConfig {
   logFormat: LogFormat;
   replication: { bestEffortWalWaitDurationMs: number; logshipperBufferLength: number; logshipperBufferSizeBytes: number };
   telemetry: { unauthenticatedMetricsAccess: boolean; prometheusRetentionTimeSeconds: number };
-  merkle: { flushIntervalMs: number; flushFraction: number };
+  /** The merkle index. `index = false` is for benchmarks only (no reconciliation without it). */
+  merkle: { flushIntervalMs: number; flushFraction: number; checkpointIntervalMs: number; index: boolean };
 }
 
 export type LogLevel = 'trace' | 'debug' | 'info' | 'warn' | 'error';
@@ -112,7 +113,7 @@ const DEFAULTS = {
   logFormat: 'standard',
   replication: { bestEffortWalWaitDurationMs: 2_000, logshipperBufferLength: 16_384, logshipperBufferSizeBytes: 64 * MiB },
   telemetry: { unauthenticatedMetricsAccess: false, prometheusRetentionTimeSeconds: 24 * 3600 },
-  merkle: { flushIntervalMs: 200, flushFraction: 0.02 },
+  merkle: { flushIntervalMs: 200, flushFraction: 0.02, checkpointIntervalMs: 1_000, index: true },
 } as const;
 
 // ---------------------------------------------------------------------------------------------
@@ -697,13 +698,13 @@ function readTelemetry(value: unknown, problems: Problems): Layer['telemetry'] {
   });
 }
 
-const MERKLE_FIELDS = { flush_interval: positiveDurationMs, flush_fraction: fraction };
+const MERKLE_FIELDS = { flush_interval: positiveDurationMs, flush_fraction: fraction, checkpoint_interval: positiveDurationMs, index: bool };
 
 function readMerkle(value: unknown, problems: Problems): Layer['merkle'] {
   const body = value === undefined ? undefined : singleBody('merkle', value, problems);
   if (!body) return {};
   const f = readFields(body, MERKLE_FIELDS, 'merkle', problems);
-  return compact({ flushIntervalMs: f.flush_interval, flushFraction: f.flush_fraction });
+  return compact({ flushIntervalMs: f.flush_interval, flushFraction: f.flush_fraction, checkpointIntervalMs: f.checkpoint_interval, index: f.index });
 }
 
 // ---------------------------------------------------------------------------------------------

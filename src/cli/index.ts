@@ -26,7 +26,7 @@ function devConfig(o: { devListenAddress: string; devStorage?: string; devRedis?
     logFormat: 'standard',
     replication: { bestEffortWalWaitDurationMs: 2000, logshipperBufferLength: 16384, logshipperBufferSizeBytes: 64 * 1024 * 1024 },
     telemetry: { unauthenticatedMetricsAccess: false, prometheusRetentionTimeSeconds: 0 },
-    merkle: { flushIntervalMs: 200, flushFraction: 0.02 },
+    merkle: { flushIntervalMs: 200, flushFraction: 0.02, checkpointIntervalMs: 1000, index: true },
   };
 }
 

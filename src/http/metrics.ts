@@ -2,7 +2,8 @@
  * Prometheus metrics (`sys/metrics`), named as Vault names them where Vault has a name.
  * Gauges that describe storage are read at scrape time through collectors main.ts provides.
  */
-import { collectDefaultMetrics, Gauge, Registry, Summary } from 'prom-client';
+import { collectDefaultMetrics, Counter, Gauge, Registry, Summary } from 'prom-client';
+import type { MerkleSink, RecoveryReport } from '../merkle/index';
 
 export interface StorageGauges {
   walHeadLsn: number;
@@ -13,13 +14,25 @@ export interface StorageGauges {
   /** Primary: the largest gap between our head and a secondary's acknowledged position. */
   maxSecondaryLagWal: number;
   knownSecondaries: number;
+  /** Ordered WAL rows retained, and their bytes as the retention bound counts them. */
+  walRetainedRows: number;
+  walRetainedBytes: number;
+}
+
+/** In-process figures of the merkle index (absent on a node that is not active). */
+export interface MerkleGauges {
+  dirtyPages: number;
+  appliedLsn: number;
 }
 
 export class Metrics {
   readonly registry = new Registry();
   readonly handleRequest: Summary<'method'>;
 
-  constructor(readStorage: () => Promise<StorageGauges>) {
+  /** Where the merkle index and WAL collection report what they did. */
+  readonly merkle: MerkleSink & { walCollected(deleted: number): void; synced(keys: number): void };
+
+  constructor(readStorage: () => Promise<StorageGauges>, readMerkle: () => MerkleGauges | null = () => null) {
     collectDefaultMetrics({ register: this.registry });
     this.handleRequest = new Summary({
       name: 'vault_core_handle_request',
@@ -48,5 +61,36 @@ export class Metrics {
     gauge('coffer_replication_known_secondaries', 'Primary: secondaries not revoked', (s) => s.knownSecondaries);
     gauge('coffer_wal_unordered_rows', 'WAL rows written but not yet given a position', (s) => s.walUnorderedRows);
     gauge('coffer_wal_oldest_unordered_age_seconds', 'Age of the oldest WAL row still waiting for a position (the xid horizon lag)', (s) => s.walOldestUnorderedAgeSeconds);
+    gauge('vault_logshipper_buffer_length', 'Ordered WAL rows retained for shipping (bounded by logshipper_buffer_length)', (s) => s.walRetainedRows);
+    gauge('vault_logshipper_buffer_size', 'Bytes of retained WAL as the bound counts them (bounded by logshipper_buffer_size)', (s) => s.walRetainedBytes);
+
+    const r = [this.registry];
+    const ms = (name: string, help: string) => new Summary({ name, help, percentiles: [0.5, 0.99], maxAgeSeconds: 300, ageBuckets: 5, registers: r });
+    const flushMs = ms('vault_merkle_flushdirty', 'Time to flush a batch of dirty merkle pages, in milliseconds');
+    const flushPages = ms('vault_merkle_flushdirty_num_pages', 'Merkle pages written per flush');
+    const cpMs = ms('vault_merkle_savecheckpoint', 'Time to save a merkle checkpoint, in milliseconds');
+    const cpDirty = ms('vault_merkle_savecheckpoint_num_dirty', 'Dirty merkle pages recorded in a checkpoint');
+    const recoverySeconds = new Gauge({ name: 'coffer_merkle_recovery_seconds', help: 'Duration of the last merkle recovery (redo or rebuild)', labelNames: ['mode'], registers: r });
+    const recoveryRecords = new Gauge({ name: 'coffer_merkle_recovery_records', help: 'WAL records scanned by the last merkle redo', registers: r });
+    const gc = new Counter({ name: 'coffer_wal_gc_deleted_total', help: 'WAL rows removed by garbage collection (bounded WAL)', registers: r });
+    const synced = new Counter({ name: 'coffer_merkle_sync_keys_total', help: 'Secondary: keys fetched or purged by merkle-sync', registers: r });
+    new Gauge({ name: 'coffer_merkle_dirty_pages', help: 'Merkle subpages changed since their last flush (this node, if active)', registers: r, collect() { this.set(readMerkle()?.dirtyPages ?? 0); } });
+    new Gauge({ name: 'coffer_merkle_applied_lsn', help: 'WAL position the in-memory merkle index reflects (this node, if active)', registers: r, collect() { this.set(readMerkle()?.appliedLsn ?? 0); } });
+    this.merkle = {
+      flushed: (pages, t) => {
+        flushPages.observe(pages);
+        flushMs.observe(t);
+      },
+      checkpointed: (dirty, t) => {
+        cpDirty.observe(dirty);
+        cpMs.observe(t);
+      },
+      recovered: (rep: RecoveryReport) => {
+        recoverySeconds.set({ mode: rep.mode }, rep.ms / 1000);
+        recoveryRecords.set(rep.recordsScanned);
+      },
+      walCollected: (n) => gc.inc(n),
+      synced: (n) => synced.inc(n),
+    };
   }
 }

@@ -1,5 +1,6 @@
 /**
- * The cluster-to-cluster endpoints (not Vault API): a secondary registers, copies, heartbeats
+ * The cluster-to-cluster endpoints (not Vault API): a secondary registers, reconciles (merkle-diff,
+ * merkle-sync), heartbeats
  * and forwards writes to its primary; the primary pushes WAL batches to the secondary. Every
  * call is authenticated with the secondary's replication credential.
  */
@@ -29,10 +30,8 @@ export function replicationInternalRouter(r: Replication): express.Router {
     if (typeof b.api_addr !== 'string' || !/^https?:\/\//.test(b.api_addr)) throw new InvalidRequest('api_addr must be an http(s) URL');
     return r.register(id, b.api_addr.replace(/\/$/, ''), String(b.version ?? ''));
   }));
-  router.get('/snapshot', h(async (req) => {
-    await asSecondary(req);
-    return { entries: await r.snapshot(String(req.query.after ?? ''), Number(req.query.limit ?? 1000)) };
-  }));
+  router.post('/merkle-diff', h(async (req) => r.merkleDiff(await asSecondary(req), req.body ?? {})));
+  router.post('/merkle-sync', h(async (req) => r.merkleSync(await asSecondary(req), req.body ?? {})));
   router.get('/keyring', h(async (req) => ({ keyring: await r.sealedKeyringFor(await asSecondary(req)) })));
   router.post('/heartbeat', h(async (req) => r.heartbeatFrom(await asSecondary(req), req.body ?? {})));
   router.post('/forward', (req, res) => {

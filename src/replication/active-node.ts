@@ -7,7 +7,9 @@
  */
 import { sql, type Kysely } from 'kysely';
 import type { Logger } from 'pino';
+import type { MerkleIndex } from '../merkle/index';
 import { ActiveLease } from '../storage/active-lease';
+import { collectWal, type WalRetention } from '../storage/merkle';
 import type { DB } from '../storage/schema';
 import { sequenceWal } from '../storage/wal';
 
@@ -23,6 +25,13 @@ export interface ActiveNodeOptions {
   leasePollMs?: number;
   /** Runs after the sequencer handed out new positions (replication ships them at once). */
   onSequenced?: () => void;
+  /** The merkle index this node maintains while active (absent: index disabled). */
+  merkle?: MerkleIndex;
+  /** Bounded WAL, collected by the active node after each checkpoint. */
+  retention: WalRetention;
+  checkpointIntervalMs: number;
+  /** Told how many WAL rows garbage collection removed. */
+  onWalCollected?: (deleted: number) => void;
 }
 
 export class ActiveNode {
@@ -32,6 +41,9 @@ export class ActiveNode {
   private loop: Promise<void> | null = null;
   private stopping = false;
   private wake: (() => void) | null = null;
+  private housekeeping: NodeJS.Timeout | null = null;
+  /** Set once the merkle index has recovered on this node's current term as active. */
+  merkleReady = false;
   /** Last dense WAL position handed out by this node's sequencer. */
   headLsn = 0;
   /** Writers in this process waiting for their WAL row's position (seq → resolve). */
@@ -72,13 +84,57 @@ export class ActiveNode {
         await tx.updateTable('coffer_nodes').set({ is_active: true, active_since: this.activeSince, last_seen: new Date() }).where('node_id', '=', this.o.nodeId).execute();
       })
       .catch((err) => this.o.log.warn({ err: err.message }, 'could not record active node'));
+    this.startMerkle();
     this.loop = this.runDuties();
+  }
+
+  /**
+   * ARIES recovery of the merkle index, then its background flushes and checkpoints, and WAL
+   * collection. The sequencer starts at once: what it orders meanwhile queues behind recovery.
+   */
+  private startMerkle(): void {
+    const merkle = this.o.merkle;
+    this.merkleReady = false;
+    if (merkle) {
+      const attempt = () =>
+        merkle.recover().then(
+          () => {
+            if (!this.active) return;
+            this.merkleReady = true;
+            merkle.startDuties();
+          },
+          (err) => {
+            this.o.log.warn({ err: (err as Error).message }, 'merkle recovery failed; retrying');
+            if (this.active && !this.stopping) setTimeout(attempt, 1000).unref();
+          },
+        );
+      void attempt();
+    }
+    this.housekeeping = setInterval(() => {
+      if (!this.active || (merkle && !this.merkleReady)) return;
+      const run = async () => {
+        if (merkle) await merkle.checkpoint();
+        // Never collect WAL the index's recovery would need (its last redo point).
+        const { deleted } = await collectWal(this.o.db, this.o.retention, merkle ? merkle.redoPoint : Number.MAX_SAFE_INTEGER);
+        if (deleted > 0) this.o.onWalCollected?.(deleted);
+      };
+      run().catch((err) => this.o.log.warn({ err: (err as Error).message }, 'checkpoint or WAL collection failed'));
+    }, this.o.checkpointIntervalMs);
+    this.housekeeping.unref();
+  }
+
+  private stopMerkle(): Promise<void> {
+    if (this.housekeeping) clearInterval(this.housekeeping);
+    this.housekeeping = null;
+    this.merkleReady = false;
+    return this.o.merkle?.stop() ?? Promise.resolve();
   }
 
   private becomeStandby(why: string): void {
     if (!this.active) return;
     this.active = false;
     this.o.log.warn({ node: this.o.nodeId, why }, 'lost the active lease; now standby');
+    void this.stopMerkle();
     this.wake?.();
   }
 
@@ -118,6 +174,7 @@ export class ActiveNode {
         const r = await sequenceWal(this.o.db);
         assigned = r.assigned;
         this.headLsn = r.headLsn;
+        this.feedMerkle(r.headLsn, r.records ?? []);
         if (assigned > 0) {
           for (const [seq, lsn] of r.pairs ?? []) this.waiters.get(seq)?.(lsn);
           this.o.onSequenced?.();
@@ -140,6 +197,22 @@ export class ActiveNode {
       this.wake = null;
       idleMs = Math.min(idleMs * 2, 20);
     }
+  }
+
+  /** Hands newly ordered records to the index (not awaited: ordering never waits for it). */
+  private feedMerkle(head: number, records: import('../storage/wal').OrderedRecord[]): void {
+    const merkle = this.o.merkle;
+    if (!merkle) return;
+    // The WAL went backwards under the index (a secondary enable wiped it): start over.
+    if (head < merkle.appliedLsn) {
+      void merkle.rebuild('the WAL was reset').catch((err) => this.o.log.warn({ err: (err as Error).message }, 'merkle rebuild failed'));
+      return;
+    }
+    if (records.length === 0) return;
+    merkle.apply(records).catch((err) => {
+      this.o.log.error({ err: (err as Error).message }, 'merkle apply failed; rebuilding the index');
+      void merkle.rebuild('apply failed').catch(() => undefined);
+    });
   }
 
   async leader() {
@@ -172,6 +245,7 @@ export class ActiveNode {
     await this.lease?.stop();
     this.active = false;
     await this.loop;
+    await this.stopMerkle();
     await sql`UPDATE coffer_nodes SET is_active = false WHERE node_id = ${this.o.nodeId}`.execute(this.o.db).catch(() => undefined);
   }
 }

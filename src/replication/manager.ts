@@ -18,13 +18,15 @@ import type { LogicalRequest, LogicalResponse } from '../core/request';
 import { faultPoint } from '../faults';
 import type { JobQueue } from '../queue/jobs';
 import { reencryptLocal } from '../storage/local';
+import type { MerkleIndex } from '../merkle/index';
+import { HASH_BYTES, KEY_BYTES, pageHashes, PAGES, rootOf, SUBPAGES_PER_PAGE } from '../merkle/tree';
+import { entriesOfSubpages, oldestRetainedLsn, pathsOfSubpages, readCheckpoint } from '../storage/merkle';
 import {
   applyBatch,
-  applyEntries,
   readBatch,
   readReplication,
   secondaries,
-  snapshotPage,
+  syncEntries,
   updateReplication,
   wipeReplicated,
   withShipLock,
@@ -33,7 +35,7 @@ import {
   type ShippedEntry,
 } from '../storage/replication';
 import type { DB } from '../storage/schema';
-import { lsnOfSeq, walHead } from '../storage/wal';
+import { lsnOfSeq, walGauges, walHead } from '../storage/wal';
 import type { Mode, SecondaryState } from './states';
 import {
   assertSafePrimaryAddr,
@@ -68,7 +70,25 @@ export interface ReplicationOptions {
   batchMaxRows: number;
   batchMaxBytes: number;
   allowUnsafePrimaryAddr?: boolean;
+  /** This process's merkle index, once recovered and while this node is active. */
+  merkle?: () => MerkleIndex | null;
+  /** Told how many keys a merkle-sync moved (metrics). */
+  onSynced?: (keys: number) => void;
 }
+
+/** A merkle-sync answer stops adding subpages once its entries pass this many bytes. */
+const SYNC_RESPONSE_BYTES = 4 * 1024 * 1024;
+/** A merkle-sync request carries at most this many of the secondary's records ... */
+const SYNC_REQUEST_RECORDS = 64 * 1024;
+/** ... and at most this many subpages. */
+const SYNC_REQUEST_SUBPAGES = 512;
+
+const b64 = (b: Buffer) => b.toString('base64');
+const split = (blob: Buffer, size: number): Buffer[] => {
+  const out: Buffer[] = [];
+  for (let at = 0; at + size <= blob.length; at += size) out.push(blob.subarray(at, at + size));
+  return out;
+};
 
 interface WireEntry {
   path: string;
@@ -85,12 +105,14 @@ function keyringTransportKey(secret: string): Buffer {
 }
 
 const CREDENTIAL_PATH = 'core/replication/credential';
+/** Secondary statuses (primary side) that receive WAL batches. */
+const SHIPPABLE = new Set(['bootstrapping', 'streaming']);
 const secondarySecretPath = (id: string) => `core/replication/secondaries/${id}`;
 
 export class Replication {
   private timer: NodeJS.Timeout | null = null;
   private lastSeenMode: Mode | null = null;
-  private bootstrapping: Promise<void> | null = null;
+  private reconciling: Promise<void> | null = null;
   private connection: 'connected' | 'disconnected' = 'disconnected';
   private lastPrimaryHeartbeat: Date | null = null;
 
@@ -196,7 +218,9 @@ export class Replication {
   /** A secondary announces itself after unwrapping its token; it gets the keyring and our head. */
   async register(secondaryId: string, apiAddr: string, version: string) {
     const head = await walHead(this.o.db);
-    await secondaries.update(this.o.db, secondaryId, { api_addr: apiAddr, status: 'bootstrapping', version, acked_lsn: head, last_heartbeat: new Date() });
+    // Nothing ships until the secondary has reconciled (merkle-diff, merkle-sync) and says
+    // where it stands.
+    await secondaries.update(this.o.db, secondaryId, { api_addr: apiAddr, status: 'reconciling', version, acked_lsn: head, last_heartbeat: new Date() });
     const secret = await this.secretOf(secondaryId);
     const row = await readReplication(this.o.db);
     return {
@@ -212,18 +236,79 @@ export class Replication {
     return seal(keyringTransportKey(secret), 0, 'coffer/replication-keyring', this.o.core.barrier.currentKeyring.serialize()).toString('base64');
   }
 
-  async snapshot(after: string, limit: number): Promise<WireEntry[]> {
-    return (await snapshotPage(this.o.db, after, Math.min(Math.max(limit, 1), 5000))).map(toWire);
+  private index(): MerkleIndex {
+    const m = this.o.merkle?.();
+    if (!m) throw new UpstreamUnavailable('the merkle index is not ready on this node (not the active node, or still recovering); retry');
+    return m;
+  }
+
+  /**
+   * merkle-diff, round trip 1 (primary side). The secondary sends its 64 page hashes; we
+   * answer, from one snapshot of our index at WAL position `lsn`, the 64 subpage hashes of
+   * every page that differs. Shipping to this secondary stops until it reports back.
+   */
+  async merkleDiff(secondaryId: string, body: { pages?: string }) {
+    const theirs = split(Buffer.from(String(body.pages ?? ''), 'base64'), HASH_BYTES);
+    if (theirs.length !== PAGES) throw new InvalidRequest(`pages must be ${PAGES} hashes of ${HASH_BYTES} bytes`);
+    const merkle = this.index();
+    await secondaries.update(this.o.db, secondaryId, { status: 'reconciling' });
+    // Everything ordered so far is in the snapshot, so streaming can resume right after it.
+    await merkle.syncWithWal();
+    const snap = await merkle.snapshot();
+    const ours = pageHashes(snap.subpageHashes);
+    const pages: Record<string, string> = {};
+    ours.forEach((h, p) => {
+      if (!h.equals(theirs[p])) pages[p] = b64(Buffer.concat(snap.subpageHashes.slice(p * SUBPAGES_PER_PAGE, (p + 1) * SUBPAGES_PER_PAGE)));
+    });
+    this.o.log.info({ secondary: secondaryId, lsn: snap.lsn, differing_pages: Object.keys(pages).length }, 'starting merkle diff');
+    return { lsn: snap.lsn, root: b64(rootOf(ours)), pages };
+  }
+
+  /**
+   * merkle-sync, round trip 2 (primary side). The secondary sends its records of the subpages
+   * that differ; we answer the entries it lacks or holds differently, and the key hashes it
+   * holds that we have no row for. A large answer covers a prefix of the subpages (`done`).
+   */
+  async merkleSync(secondaryId: string, body: { subpages?: { sp: number; run: string }[] }) {
+    const req = Array.isArray(body.subpages) ? body.subpages : [];
+    if (req.length === 0 || req.length > SYNC_REQUEST_SUBPAGES) throw new InvalidRequest(`subpages must list 1 to ${SYNC_REQUEST_SUBPAGES} subpages`);
+    const theirs = req.map((t) => ({ sp: Number(t.sp), run: Buffer.from(String(t.run ?? ''), 'base64') }));
+    if (theirs.some((t) => !Number.isInteger(t.sp) || t.sp < 0 || t.sp >= PAGES * SUBPAGES_PER_PAGE || t.run.length % 32 !== 0)) throw new InvalidRequest('bad subpage');
+    const merkle = this.index();
+    const rows = await entriesOfSubpages(this.o.db, theirs.map((t) => t.sp));
+    const bySp = new Map<number, typeof rows>();
+    for (const r of rows) bySp.set(r.sp, [...(bySp.get(r.sp) ?? []), r]);
+    const entries: WireEntry[] = [];
+    const purge: string[] = [];
+    const done: number[] = [];
+    let bytes = 0;
+    for (const t of theirs) {
+      if (done.length > 0 && bytes > SYNC_RESPONSE_BYTES) break;
+      const mine = bySp.get(t.sp) ?? [];
+      const plan = await merkle.planSync({ theirs: [t], rows: mine.map((r) => ({ sp: r.sp, path: r.path, valueHash: r.valueHash })) });
+      for (const i of plan.send) {
+        entries.push(toWire(mine[i]));
+        bytes += mine[i].path.length + (mine[i].value?.length ?? 0);
+      }
+      for (const kh of plan.purge) purge.push(Buffer.from(kh).toString('hex'));
+      done.push(t.sp);
+    }
+    return { entries, purge, done };
   }
 
   async heartbeatFrom(secondaryId: string, body: { applied_lsn?: number; state?: string; api_addr?: string }) {
+    const before = await secondaries.get(this.o.db, secondaryId);
     await secondaries.update(this.o.db, secondaryId, {
       last_heartbeat: new Date(),
       // A secondary that moved (restarted elsewhere, a new active node) says where it is now.
       ...(typeof body.api_addr === 'string' && /^https?:\/\//.test(body.api_addr) ? { api_addr: body.api_addr.replace(/\/$/, '') } : {}),
-      ...(body.state === 'stream-wals' ? { status: 'streaming' } : {}),
+      ...(body.state === 'stream-wals' && before?.status !== 'needs-reconcile' ? { status: 'streaming' } : {}),
     });
-    return { head_lsn: await walHead(this.o.db), version: this.o.version };
+    // Back from reconciliation: stream from the position its merkle-sync reached.
+    if (before?.status === 'reconciling' && body.state === 'stream-wals' && Number.isInteger(body.applied_lsn)) {
+      await secondaries.resync(this.o.db, secondaryId, Number(body.applied_lsn));
+    }
+    return { head_lsn: await walHead(this.o.db), version: this.o.version, reconcile: before?.status === 'needs-reconcile' };
   }
 
   /** Runs a write a secondary forwarded, and answers with the WAL position it got. */
@@ -250,7 +335,7 @@ export class Replication {
   private async wakeShipping(): Promise<void> {
     const head = await walHead(this.o.db);
     for (const s of await secondaries.list(this.o.db)) {
-      if (s.status === 'revoked' || s.status === 'pending' || !s.apiAddr) continue;
+      if (!SHIPPABLE.has(s.status) || !s.apiAddr) continue;
       if (s.ackedLsn < head) await this.enqueueShip(s.secondaryId);
     }
   }
@@ -286,7 +371,14 @@ export class Replication {
   private async shipOne(secondaryId: string): Promise<boolean> {
     {
       const s = await secondaries.get(this.o.db, secondaryId);
-      if (!s || s.status === 'revoked' || !s.apiAddr) return false;
+      if (!s || !SHIPPABLE.has(s.status) || !s.apiAddr) return false;
+      // Bounded WAL: if what this secondary needs next was collected, it must reconcile.
+      const oldest = await oldestRetainedLsn(this.o.db);
+      if (oldest === null ? s.ackedLsn < (await walHead(this.o.db)) : oldest > s.ackedLsn + 1) {
+        this.o.log.warn({ secondary: secondaryId, acked: s.ackedLsn, oldest }, 'no matching WALs available; the secondary must reconcile (merkle-diff)');
+        await secondaries.update(this.o.db, secondaryId, { status: 'needs-reconcile', last_error: `WAL after ${s.ackedLsn} is no longer retained; reconciling` });
+        return false;
+      }
       const batch = await readBatch(this.o.db, s.ackedLsn, this.o.batchMaxRows, this.o.batchMaxBytes);
       if (!batch) return false;
       const secret = await this.secretOf(secondaryId);
@@ -351,6 +443,8 @@ export class Replication {
 
     // Point of no return: wipe replicated data and take the primary's keyring.
     await wipeReplicated(this.o.db);
+    // The index must describe the wiped (empty) storage before it is compared with anything.
+    await this.o.merkle?.()?.rebuild('secondary enable wiped the replicated data');
     await this.adoptKeyring(reg.body.keyring, b.secret);
     await this.o.core.barrier.transaction((tx) => tx.putLocal(CREDENTIAL_PATH, { secondary_id: b.secondary_id, secret: b.secret }));
     await updateReplication(this.o.db, {
@@ -358,10 +452,11 @@ export class Replication {
       set_id: reg.body.set_id,
       secondary_id: b.secondary_id,
       primary_api_addr: addr,
-      state: 'bootstrapping',
+      state: 'merkle-diff',
       applied_lsn: 0,
-      bootstrap_lsn: reg.body.head_lsn,
-      bootstrap_after: '',
+      sync_lsn: null,
+      sync_progress: 0,
+      sync_total_keys: 0,
       last_error: null,
     });
     this.lastSeenMode = null;
@@ -479,14 +574,23 @@ export class Replication {
 
   /** Active secondary node: finish bootstrapping; heartbeat the primary. */
   private async secondaryDuties(row: ReplicationRow): Promise<void> {
-    if (row.state === 'bootstrapping' && !this.bootstrapping) {
-      this.bootstrapping = this.bootstrap().finally(() => (this.bootstrapping = null));
+    if (row.state === 'merkle-diff' || row.state === 'merkle-sync' || row.state === 'bootstrapping') {
+      if (!this.reconciling && this.o.merkle?.()) {
+        this.reconciling = this.reconcile()
+          .catch(async (err) => {
+            this.connection = 'disconnected';
+            this.o.log.warn({ err: (err as Error).message }, 'merkle reconciliation failed; retrying');
+            await updateReplication(this.o.db, { last_error: (err as Error).message }).catch(() => undefined);
+            await new Promise((r) => setTimeout(r, 500));
+          })
+          .finally(() => (this.reconciling = null));
+      }
       return;
     }
     if (row.state !== 'stream-wals' && row.state !== 'idle') return;
     try {
       const cred = await this.credential();
-      const res = await call<{ head_lsn: number; version: string }>(`${row.primaryApiAddr}${INTERNAL_PREFIX}/heartbeat`, {
+      const res = await call<{ head_lsn: number; version: string; reconcile?: boolean }>(`${row.primaryApiAddr}${INTERNAL_PREFIX}/heartbeat`, {
         body: { applied_lsn: row.appliedLsn, state: row.state, api_addr: this.o.apiAddr },
         headers: { [CREDENTIAL_HEADER]: credentialHeader(cred.secondary_id, cred.secret) },
         timeoutMs: 2000,
@@ -499,6 +603,11 @@ export class Replication {
       }
       this.connection = 'connected';
       this.lastPrimaryHeartbeat = new Date();
+      if (res.body.reconcile) {
+        this.o.log.warn('non-matching guard: the primary no longer retains our WAL position; starting merkle diff');
+        await updateReplication(this.o.db, { state: 'merkle-diff', sync_progress: 0, sync_total_keys: 0 });
+        return;
+      }
       if (row.state !== 'stream-wals') await updateReplication(this.o.db, { state: 'stream-wals', last_error: null });
       await updateReplication(this.o.db, { last_heartbeat: new Date() });
     } catch (err) {
@@ -507,25 +616,164 @@ export class Replication {
     }
   }
 
-  /** Copies the primary's data in pages, resumable from the path cursor. */
-  private async bootstrap(): Promise<void> {
-    const cred = await this.credential();
+  /**
+   * A secondary that is new, or whose WAL position the primary no longer retains, or that was
+   * told to recover: merkle-diff → merkle-sync → stream-wals (DESIGN.md "Merkle index and
+   * recovery"). Two round trips when few keys differ:
+   *
+   *   1. diff: our 64 page hashes → the primary's subpage hashes of the pages that differ, at
+   *      its WAL position P;
+   *   2. sync: our records of the differing subpages → the entries we lack or hold
+   *      differently, and the keys we hold that it has no row for.
+   *
+   * Then streaming resumes after P: a write the primary took meanwhile is in its WAL after P
+   * (or already in what sync fetched; apply keeps the newer version), so none is missed.
+   * Restartable: a crash anywhere starts again at the diff.
+   */
+  private async reconcile(): Promise<void> {
+    const merkle = this.o.merkle?.();
+    if (!merkle) return;
     let row = await readReplication(this.o.db);
+    const cred = await this.credential();
     const headers = { [CREDENTIAL_HEADER]: credentialHeader(cred.secondary_id, cred.secret) };
-    let after = row.bootstrapAfter ?? '';
-    for (;;) {
-      const res = await call<{ entries: WireEntry[] }>(`${row.primaryApiAddr}${INTERNAL_PREFIX}/snapshot?after=${encodeURIComponent(after)}&limit=1000`, { headers });
-      if (res.status !== 200) throw new UpstreamUnavailable(`snapshot failed: ${res.status}`);
-      const entries = res.body.entries.map(fromWire);
-      if (entries.length === 0) break;
-      await applyEntries(this.o.db, entries);
-      after = entries[entries.length - 1].path;
-      await updateReplication(this.o.db, { bootstrap_after: after });
+    await updateReplication(this.o.db, { state: 'merkle-diff' });
+    // Our index must describe all of our storage: let the last applied rows be ordered.
+    const settle = Date.now() + 10_000;
+    while ((await walGauges(this.o.db)).walUnorderedRows > 0 && Date.now() < settle) await new Promise((r) => setTimeout(r, 10));
+    await merkle.syncWithWal();
+    const mine = await merkle.snapshot();
+    const myPages = pageHashes(mine.subpageHashes);
+    const diff = await call<{ lsn: number; root: string; pages: Record<string, string>; errors?: string[] }>(`${row.primaryApiAddr}${INTERNAL_PREFIX}/merkle-diff`, {
+      body: { pages: b64(Buffer.concat(myPages)) },
+      headers,
+      timeoutMs: 30_000,
+    });
+    if (diff.status !== 200) throw new UpstreamUnavailable(`merkle-diff failed (${diff.status}): ${(diff.body.errors ?? []).join('; ')}`);
+    this.connection = 'connected';
+    this.lastPrimaryHeartbeat = new Date();
+    const differing: number[] = [];
+    for (const [p, blob] of Object.entries(diff.body.pages)) {
+      const theirs = split(Buffer.from(blob, 'base64'), HASH_BYTES);
+      for (let i = 0; i < SUBPAGES_PER_PAGE; i++) {
+        const sp = Number(p) * SUBPAGES_PER_PAGE + i;
+        if (!theirs[i]?.equals(mine.subpageHashes[sp])) differing.push(sp);
+      }
     }
+    const lsn = Number(diff.body.lsn);
+    this.o.log.info({ num_conflict_subpages: differing.length, primary_lsn: lsn }, 'starting merkle sync');
+    await updateReplication(this.o.db, { state: 'merkle-sync', sync_lsn: lsn, sync_progress: 0, sync_total_keys: 0 });
+
+    let moved = 0;
+    let found = 0;
+    const runs = await merkle.runsOf(differing);
+    let remaining = differing;
+    while (remaining.length > 0) {
+      // One request: as many subpages as fit the record and subpage bounds (at least one).
+      const batch: number[] = [];
+      let recs = 0;
+      for (const sp of remaining) {
+        const n = runs.get(sp)!.length / 32;
+        if (batch.length > 0 && (batch.length >= SYNC_REQUEST_SUBPAGES || recs + n > SYNC_REQUEST_RECORDS)) break;
+        batch.push(sp);
+        recs += n;
+      }
+      const res = await call<{ entries: WireEntry[]; purge: string[]; done: number[]; errors?: string[] }>(`${row.primaryApiAddr}${INTERNAL_PREFIX}/merkle-sync`, {
+        body: { subpages: batch.map((sp) => ({ sp, run: b64(runs.get(sp)!) })) },
+        headers,
+        timeoutMs: 60_000,
+      });
+      if (res.status !== 200) throw new UpstreamUnavailable(`merkle-sync failed (${res.status}): ${(res.body.errors ?? []).join('; ')}`);
+      const done = new Set(res.body.done.map(Number));
+      if (done.size === 0) throw new UpstreamUnavailable('merkle-sync made no progress');
+      // Purged keys come as hashes: find our paths in those subpages with those hashes.
+      let purgePaths: string[] = [];
+      if (res.body.purge.length > 0) {
+        const wanted = new Set(res.body.purge);
+        const paths = await pathsOfSubpages(this.o.db, [...done]);
+        const hashes = await merkle.keyHashes(paths);
+        purgePaths = paths.filter((_, i) => wanted.has(Buffer.from(hashes[i]).subarray(0, KEY_BYTES).toString('hex')));
+      }
+      found += res.body.entries.length + purgePaths.length;
+      await updateReplication(this.o.db, { sync_total_keys: found });
+      moved += await syncEntries(this.o.db, res.body.entries.map(fromWire), purgePaths);
+      await updateReplication(this.o.db, { sync_progress: moved });
+      remaining = remaining.filter((sp) => !done.has(sp));
+    }
+    this.o.onSynced?.(moved);
+    // Entries synced may be encrypted under a keyring term we have not seen yet.
+    await this.refreshKeyring().catch(() => undefined);
     row = await readReplication(this.o.db);
-    await updateReplication(this.o.db, { state: 'stream-wals', applied_lsn: row.bootstrapLsn ?? 0, bootstrap_lsn: null, bootstrap_after: null });
+    if (row.state !== 'merkle-sync') return; // disabled meanwhile
+    await updateReplication(this.o.db, { state: 'stream-wals', applied_lsn: lsn, sync_lsn: null, last_error: null });
     await this.o.core.reloadMounts().catch(() => undefined);
-    this.o.log.info({ lsn: row.bootstrapLsn }, 'bootstrap complete; streaming WAL');
+    this.o.log.info({ keys: moved, lsn }, 'merkle sync complete; streaming WAL');
+    // Tell the primary at once where to stream from (the heartbeat carries our position).
+    await this.secondaryDuties(await readReplication(this.o.db));
+  }
+
+  // ------------------------------------------------------------------ operator endpoints
+
+  /** sys/replication/recover: a secondary reconciles again; a primary restarts shipping. */
+  async recover(): Promise<LogicalResponse> {
+    const row = await readReplication(this.o.db);
+    if (row.mode === 'disabled') throw new InvalidRequest('replication is not enabled on this cluster');
+    if (row.mode === 'secondary') {
+      await updateReplication(this.o.db, { state: 'merkle-diff', sync_progress: 0, sync_total_keys: 0 });
+      return { warnings: ['Reconciling with the primary (merkle-diff, merkle-sync), then streaming WAL.'] };
+    }
+    for (const s of await secondaries.list(this.o.db)) if (s.status !== 'revoked') await secondaries.update(this.o.db, s.secondaryId, { last_error: null });
+    await this.wakeShipping();
+    return { warnings: ['Shipping restarted to every secondary.'] };
+  }
+
+  /** sys/replication/reindex: rebuilds the merkle index from storage in the background. */
+  async reindex(): Promise<LogicalResponse> {
+    const merkle = this.index();
+    if (merkle.reindexProgress) return { warnings: ['A reindex is already running; see sys/replication/status.'] };
+    void merkle
+      .rebuild('reindex requested')
+      .then(() => updateReplication(this.o.db, { last_reindex_at: new Date() }))
+      .catch((err) => this.o.log.error({ err: (err as Error).message }, 'reindex failed'));
+    return { warnings: ['Reindex started; progress is in sys/replication/status (reindex_in_progress, reindex_building_progress).'] };
+  }
+
+  /** sys/replication/merkle-check: compares the index with a rebuild, as Vault's report does. */
+  async merkleCheck(): Promise<LogicalResponse> {
+    const merkle = this.index();
+    const r = await merkle.check();
+    const byPage = new Map<number, number[]>();
+    for (const sp of r.corrupted) byPage.set(Math.floor(sp / SUBPAGES_PER_PAGE), [...(byPage.get(Math.floor(sp / SUBPAGES_PER_PAGE)) ?? []), sp % SUBPAGES_PER_PAGE]);
+    const tuples: Record<string, { corrupted: boolean; subpages: number[] }> = {};
+    for (const [p, subs] of byPage) tuples[String(p)] = { corrupted: true, subpages: subs };
+    return {
+      data: {
+        merkle_corruption_report: {
+          corrupted_root: r.corrupted.length > 0,
+          corrupted_tree_map: {
+            '1': { tree_type: 'replicated', root_hash: b64(r.root), corrupted_subtree_root: r.corrupted.length > 0, corrupted_index_tuples_map: tuples },
+          },
+          last_corruption_check_epoch: new Date().toISOString(),
+          checked_lsn: r.lsn,
+        },
+      },
+    };
+  }
+
+  /** The root this node can vouch for: its live index, else the last checkpoint's. */
+  private async merkleRoot(): Promise<string> {
+    const live = this.o.merkle?.();
+    if (live) return b64((await live.root()).root);
+    const cp = await readCheckpoint(this.o.db);
+    return cp ? b64(cp.root) : '';
+  }
+
+  private reindexStatus(row: ReplicationRow): Record<string, unknown> {
+    const p = this.o.merkle?.()?.reindexProgress;
+    return {
+      last_reindex_epoch: row.lastReindexAt ? String(Math.floor(row.lastReindexAt.getTime() / 1000)) : '0',
+      reindex_in_progress: !!p,
+      ...(p ? { reindex_stage: p.stage, reindex_building_progress: p.done, reindex_building_total: p.total } : {}),
+    };
   }
 
   // ------------------------------------------------------------------ status
@@ -543,7 +791,8 @@ export class Replication {
         state: 'running',
         last_wal: head,
         last_performance_wal: head,
-        merkle_root: '', // placeholder: the merkle index arrives with the next issue
+        merkle_root: await this.merkleRoot(),
+        ...this.reindexStatus(row),
         known_secondaries: list.filter((s) => s.status !== 'revoked').map((s) => s.secondaryId),
         secondaries: list
           .filter((s) => s.status !== 'revoked')
@@ -567,11 +816,12 @@ export class Replication {
       mode: 'secondary',
       cluster_id: row.setId,
       state,
-      connection_state: this.connection === 'connected' ? 'ready' : state === 'bootstrapping' ? 'connecting' : 'transient_failure',
+      connection_state: this.connection === 'connected' ? 'ready' : state === 'merkle-diff' ? 'connecting' : 'transient_failure',
       secondary_id: row.secondaryId,
       last_remote_wal: row.appliedLsn,
       last_wal: head,
-      merkle_root: '',
+      merkle_root: await this.merkleRoot(),
+      ...this.reindexStatus(row),
       primaries: [
         {
           api_address: row.primaryApiAddr ?? '',
@@ -582,7 +832,7 @@ export class Replication {
       ],
       known_primary_cluster_addrs: [],
       last_error: row.lastError ?? '',
-      ...(state === 'bootstrapping' ? { sync_progress: row.bootstrapAfter ? 1 : 0, sync_total_keys: 0 } : {}),
+      ...(state === 'merkle-sync' || state === 'merkle-diff' ? { sync_progress: row.syncProgress, sync_total_keys: row.syncTotalKeys } : {}),
     };
   }
 }

@@ -55,6 +55,29 @@ export function replicationRoutes(r: Replication): RouteDef[] {
         },
       },
     },
+    {
+      pattern: 'replication/reindex',
+      summary: 'Rebuilds the merkle index from storage (in the background; progress in the status).',
+      sudo: true,
+      fields: {
+        diff: { type: 'bool', description: 'Accepted for compatibility (the rebuild always compares every key).' },
+        force: { type: 'bool', description: 'Accepted for compatibility (the rebuild always scans all storage).' },
+        skip_flush: { type: 'bool', description: 'Accepted for compatibility (the rebuilt index is always written).' },
+      },
+      operations: { update: () => r.reindex() },
+    },
+    {
+      pattern: 'replication/merkle-check',
+      summary: 'Compares the merkle index with a rebuild from storage and reports corrupted pages.',
+      sudo: true,
+      operations: { update: () => r.merkleCheck() },
+    },
+    {
+      pattern: 'replication/recover',
+      summary: 'Recovers replication from a bad state: a secondary reconciles again; a primary restarts shipping.',
+      sudo: true,
+      operations: { update: () => r.recover() },
+    },
     { pattern: 'replication/performance/secondary/disable', summary: 'Leaves the replication set.', sudo: true, operations: { update: () => r.disableSecondary() } },
   ];
 }

@@ -7,12 +7,14 @@ import * as m0001 from '../../db/migrations/0001_initial';
 import * as m0002 from '../../db/migrations/0002_leases';
 import * as m0003 from '../../db/migrations/0003_keyring_term';
 import * as m0004 from '../../db/migrations/0004_replication';
+import * as m0005 from '../../db/migrations/0005_merkle';
 
 const migrations: Record<string, Migration> = {
   '0001_initial': m0001,
   '0002_leases': m0002,
   '0003_keyring_term': m0003,
   '0004_replication': m0004,
+  '0005_merkle': m0005,
 };
 
 const provider: MigrationProvider = { getMigrations: async () => migrations };

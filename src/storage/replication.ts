@@ -77,6 +77,56 @@ export async function applyEntries(db: Kysely<DB>, entries: ShippedEntry[]): Pro
   return rows.length;
 }
 
+/** A secondary applies shipped WAL only in these states (not while bootstrapping or reconciling). */
+const APPLYING_STATES = new Set(['stream-wals', 'idle']);
+
+const SYNC_PUT = (paths: string[], versions: number[], values: (Buffer | null)[], hashes: (Buffer | null)[]) => sql<{ seq: number }>`
+  WITH x AS (
+    SELECT * FROM unnest(${paths}::text[], ${versions}::bigint[], ${values}::bytea[], ${hashes}::bytea[]) AS t(p, v, val, h)
+  ), e AS (
+    INSERT INTO coffer_entries AS cur (path, version, value, value_hash, updated_at)
+    SELECT p, v, val, h, clock_timestamp() FROM x
+    ON CONFLICT (path) DO UPDATE
+       SET version = EXCLUDED.version, value = EXCLUDED.value,
+           value_hash = EXCLUDED.value_hash, updated_at = EXCLUDED.updated_at
+     WHERE cur.version IS DISTINCT FROM EXCLUDED.version OR cur.value_hash IS DISTINCT FROM EXCLUDED.value_hash
+    RETURNING path, version, value, value_hash
+  )
+  INSERT INTO coffer_wal (path, op, key_version, value_hash, value_size)
+  SELECT path, CASE WHEN value IS NULL THEN 'delete' ELSE 'put' END, version, value_hash, coalesce(octet_length(value), 0) FROM e
+  RETURNING seq`;
+
+const SYNC_PURGE = (paths: string[]) => sql<{ seq: number }>`
+  WITH d AS (DELETE FROM coffer_entries WHERE path = ANY(${paths}::text[]) RETURNING path, version)
+  INSERT INTO coffer_wal (path, op, key_version)
+  SELECT path, 'delete', version + 1 FROM d
+  RETURNING seq`;
+
+/**
+ * merkle-sync on a secondary: makes the given keys exactly what the primary holds — its
+ * version and ciphertext (or tombstone) — and removes keys the primary has no row for. The
+ * primary is the truth here, so this is not "newer version wins". Refused unless this cluster
+ * is a secondary in merkle-sync (invariant 7: only replication writes replicated data here).
+ */
+export async function syncEntries(db: Kysely<DB>, entries: ShippedEntry[], purgePaths: string[]): Promise<number> {
+  return db.transaction().execute(async (tx) => {
+    const { rows } = await sql<{ mode: string; state: string }>`SELECT mode, state FROM coffer_replication WHERE id = 1 FOR UPDATE`.execute(tx);
+    if (rows[0].mode !== 'secondary' || rows[0].state !== 'merkle-sync') throw new Error(`merkle-sync refused: cluster is ${rows[0].mode} in state ${rows[0].state}`);
+    let changed = 0;
+    if (entries.length) {
+      const r = await SYNC_PUT(
+        entries.map((e) => e.path),
+        entries.map((e) => e.version),
+        entries.map((e) => e.value),
+        entries.map((e) => (e.value ? valueHash(e.value) : null)),
+      ).execute(tx);
+      changed += r.rows.length;
+    }
+    if (purgePaths.length) changed += (await SYNC_PURGE(purgePaths).execute(tx)).rows.length;
+    return changed;
+  });
+}
+
 export type ApplyOutcome = { applied: true; appliedLsn: number; changed: number } | { applied: false; appliedLsn: number; reason: string };
 
 /** Applies a shipped batch exactly once, in order (invariant 3). */
@@ -87,7 +137,7 @@ export async function applyBatch(db: Kysely<DB>, batch: Batch): Promise<ApplyOut
     const cur = rows[0];
     const applied = Number(cur.applied_lsn);
     if (cur.mode !== 'secondary') return { applied: false as const, appliedLsn: applied, reason: 'not a secondary' };
-    if (cur.state === 'bootstrapping' || cur.state === 'connecting') return { applied: false as const, appliedLsn: applied, reason: `secondary is ${cur.state}` };
+    if (!APPLYING_STATES.has(cur.state)) return { applied: false as const, appliedLsn: applied, reason: `secondary is ${cur.state}` };
     if (batch.fromLsn !== applied + 1) return { applied: false as const, appliedLsn: applied, reason: `batch starts at ${batch.fromLsn}, expected ${applied + 1}` };
     const changed = await applyEntries(tx, batch.entries);
     await sql`UPDATE coffer_replication SET applied_lsn = ${batch.toLsn}, last_heartbeat = now(), updated_at = now(), last_error = NULL WHERE id = 1`.execute(tx);
@@ -95,17 +145,11 @@ export async function applyBatch(db: Kysely<DB>, batch: Batch): Promise<ApplyOut
   });
 }
 
-/** One page of the full data set, in path order, for bootstrapping a secondary. */
-export async function snapshotPage(db: Kysely<DB>, after: string, limit: number): Promise<ShippedEntry[]> {
-  const { rows } = await sql<{ path: string; version: number; value: Buffer | null }>`
-    SELECT path, version, value FROM coffer_entries WHERE path > ${after} ORDER BY path LIMIT ${limit}`.execute(db);
-  return rows.map((r) => ({ path: r.path, version: Number(r.version), value: r.value }));
-}
 
 /** Secondary enable: every replicated entry and this cluster's WAL go (Vault wipes too). */
 export async function wipeReplicated(db: Kysely<DB>): Promise<void> {
   await db.transaction().execute(async (tx) => {
-    await sql`TRUNCATE coffer_entries, coffer_wal`.execute(tx);
+    await sql`TRUNCATE coffer_entries, coffer_wal, coffer_merkle_pages, coffer_merkle_checkpoint`.execute(tx);
     await sql`UPDATE coffer_wal_head SET last_lsn = 0 WHERE id = 1`.execute(tx);
     await sql`ALTER SEQUENCE coffer_wal_seq_seq RESTART`.execute(tx);
   });
@@ -121,6 +165,10 @@ export interface ReplicationRow {
   appliedLsn: number;
   bootstrapLsn: number | null;
   bootstrapAfter: string | null;
+  syncLsn: number | null;
+  syncProgress: number;
+  syncTotalKeys: number;
+  lastReindexAt: Date | null;
   lastHeartbeat: Date | null;
   lastError: string | null;
 }
@@ -137,6 +185,10 @@ export async function readReplication(db: Kysely<DB>): Promise<ReplicationRow> {
     appliedLsn: Number(r.applied_lsn),
     bootstrapLsn: r.bootstrap_lsn === null ? null : Number(r.bootstrap_lsn),
     bootstrapAfter: r.bootstrap_after,
+    syncLsn: r.sync_lsn === null ? null : Number(r.sync_lsn),
+    syncProgress: Number(r.sync_progress),
+    syncTotalKeys: Number(r.sync_total_keys),
+    lastReindexAt: r.last_reindex_at,
     lastHeartbeat: r.last_heartbeat,
     lastError: r.last_error,
   };
@@ -156,6 +208,10 @@ export async function updateReplication(
     bootstrap_after: string | null;
     last_heartbeat: Date | null;
     last_error: string | null;
+    sync_lsn: number | null;
+    sync_progress: number;
+    sync_total_keys: number;
+    last_reindex_at: Date | null;
   }>,
 ): Promise<void> {
   await db.updateTable('coffer_replication').set({ ...patch, updated_at: new Date() }).where('id', '=', 1).execute();

@@ -11,6 +11,7 @@ export interface EntriesTable {
   value: Buffer | null;
   value_hash: Buffer | null;
   updated_at: Timestamp;
+  merkle_subpage: ColumnType<number, never, never>;
 }
 
 export interface WalTable {
@@ -114,6 +115,10 @@ export interface ReplicationTable {
   applied_lsn: ColumnType<number, number | undefined>;
   bootstrap_lsn: number | null;
   bootstrap_after: string | null;
+  sync_lsn: number | null;
+  sync_progress: ColumnType<number, number | undefined>;
+  sync_total_keys: ColumnType<number, number | undefined>;
+  last_reindex_at: Date | null;
   last_heartbeat: Date | null;
   last_error: string | null;
   updated_at: ColumnType<Date, Date | undefined>;
@@ -132,7 +137,26 @@ export interface SecondariesTable {
   created_at: ColumnType<Date, Date | undefined, never>;
 }
 
+export interface MerklePagesTable {
+  subpage: number;
+  page_lsn: Int8;
+  hash: Buffer;
+  records: Buffer;
+  flushed_at: Timestamp;
+}
+
+export interface MerkleCheckpointTable {
+  id: number;
+  checkpoint_lsn: Int8;
+  redo_lsn: Int8;
+  dirty: Record<string, number>;
+  root: Buffer;
+  taken_at: Timestamp;
+}
+
 export interface DB {
+  coffer_merkle_pages: MerklePagesTable;
+  coffer_merkle_checkpoint: MerkleCheckpointTable;
   coffer_replication: ReplicationTable;
   coffer_secondaries: SecondariesTable;
   coffer_leases: LeasesTable;

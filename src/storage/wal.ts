@@ -19,6 +19,7 @@
  */
 import { sql, type Kysely } from 'kysely';
 import type { DB } from './schema';
+import { WAL_ROW_OVERHEAD_BYTES } from './merkle';
 
 /** Advisory-lock key of the sequencer ("coffer-wal" as ASCII, fits in int8). */
 const SEQUENCER_LOCK = 0x636f666665727761n;
@@ -28,6 +29,17 @@ export interface SequenceResult {
   headLsn: number;
   /** The (seq, lsn) pairs handed out, for in-process waiters. */
   pairs?: [number, number][];
+  /** The records ordered, in LSN order, for the merkle index. */
+  records?: OrderedRecord[];
+}
+
+export interface OrderedRecord {
+  lsn: number;
+  path: string;
+  op: 'put' | 'delete';
+  valueHash: Buffer | null;
+  /** The key's merkle subpage (coffer_key_subpage). */
+  sp: number;
 }
 
 interface Candidate {
@@ -36,14 +48,21 @@ interface Candidate {
   key_version: number;
 }
 
+interface Row extends Candidate {
+  eligible: boolean;
+  op: 'put' | 'delete';
+  value_hash: Buffer | null;
+  sp: number;
+}
+
 /** Pure: the order in which an eligible batch takes its positions. Exported for unit tests. */
-export function orderBatch(batch: Candidate[], olderOutside: Map<string, number>): Candidate[] {
+export function orderBatch<T extends Candidate>(batch: T[], olderOutside: Map<string, number>): T[] {
   const eligible = batch.filter((r) => {
     const blocker = olderOutside.get(r.path);
     return blocker === undefined || r.key_version < blocker;
   });
   // Keep the (xid, seq) slots, but give each key's slots to its rows in version order.
-  const byPath = new Map<string, Candidate[]>();
+  const byPath = new Map<string, T[]>();
   for (const r of eligible) {
     const list = byPath.get(r.path) ?? [];
     list.push(r);
@@ -68,13 +87,13 @@ export async function sequenceWal(db: Kysely<DB>, maxRows = 5000): Promise<Seque
     // keys: older versions of a key that fall beyond the LIMIT must join the batch (else a
     // batch full of held-back rows would never progress), and rows still above the horizon
     // are the blockers that hold newer versions back.
-    const { rows } = await sql<Candidate & { eligible: boolean }>`
+    const { rows } = await sql<Row>`
       WITH h AS (SELECT pg_snapshot_xmin(pg_current_snapshot()) AS x),
            b AS (SELECT w.seq, w.path FROM coffer_wal w, h
                   WHERE w.lsn IS NULL AND w.xid < h.x
                   ORDER BY w.xid, w.seq
                   LIMIT ${maxRows})
-      SELECT w.seq, w.path, w.key_version, (w.xid < h.x) AS eligible
+      SELECT w.seq, w.path, w.key_version, (w.xid < h.x) AS eligible, w.op, w.value_hash, coffer_key_subpage(w.path) AS sp
         FROM coffer_wal w, h
        WHERE w.lsn IS NULL AND (w.seq IN (SELECT seq FROM b) OR w.path IN (SELECT path FROM b))
        ORDER BY w.xid, w.seq`.execute(tx);
@@ -97,7 +116,12 @@ export async function sequenceWal(db: Kysely<DB>, maxRows = 5000): Promise<Seque
        WHERE w.seq = v.seq`.execute(tx);
     const newHead = headLsn + ordered.length;
     await tx.updateTable('coffer_wal_head').set({ last_lsn: newHead }).where('id', '=', 1).execute();
-    return { assigned: ordered.length, headLsn: newHead, pairs: ordered.map((r, i) => [Number(r.seq), lsns[i]]) };
+    return {
+      assigned: ordered.length,
+      headLsn: newHead,
+      pairs: ordered.map((r, i) => [Number(r.seq), lsns[i]]),
+      records: ordered.map((r, i) => ({ lsn: lsns[i], path: r.path, op: r.op, valueHash: r.value_hash, sp: r.sp })),
+    };
   });
 }
 
@@ -144,9 +168,17 @@ export async function lsnOfSeq(db: Kysely<DB>, seq: number): Promise<number | nu
 
 /** WAL figures for metrics: head, rows waiting for a position and the age of the oldest. */
 export async function walGauges(db: Kysely<DB>) {
-  const { rows } = await sql<{ head: number; unordered: number; age: number | null }>`
+  const { rows } = await sql<{ head: number; unordered: number; age: number | null; retained: number; bytes: number }>`
     SELECT (SELECT last_lsn FROM coffer_wal_head WHERE id = 1) AS head,
            (SELECT count(*)::int FROM coffer_wal WHERE lsn IS NULL) AS unordered,
-           (SELECT extract(epoch FROM now() - min(written_at))::float8 FROM coffer_wal WHERE lsn IS NULL) AS age`.execute(db);
-  return { walHeadLsn: Number(rows[0].head), walUnorderedRows: Number(rows[0].unordered), walOldestUnorderedAgeSeconds: Number(rows[0].age ?? 0) };
+           (SELECT extract(epoch FROM now() - min(written_at))::float8 FROM coffer_wal WHERE lsn IS NULL) AS age,
+           (SELECT count(*)::int FROM coffer_wal WHERE lsn IS NOT NULL) AS retained,
+           (SELECT coalesce(sum(value_size + ${WAL_ROW_OVERHEAD_BYTES}), 0)::float8 FROM coffer_wal WHERE lsn IS NOT NULL) AS bytes`.execute(db);
+  return {
+    walHeadLsn: Number(rows[0].head),
+    walUnorderedRows: Number(rows[0].unordered),
+    walOldestUnorderedAgeSeconds: Number(rows[0].age ?? 0),
+    walRetainedRows: Number(rows[0].retained),
+    walRetainedBytes: Number(rows[0].bytes),
+  };
 }
