@@ -1,11 +1,12 @@
 /**
  * `npm run bench [-- scenario ...]`: runs scenarios, prints each figure beside its reference
  * measured in the same run (as a ratio), and writes bench/results/<time>.json.
- * Scenarios: write, read, replication. BENCH_SECONDS sets the duration of each measurement (default 8).
+ * Scenarios: write, read, replication, merkle (BENCH_MERKLE_N entries, default 10^6). BENCH_SECONDS sets the duration of each measurement (default 8).
  */
 import { mkdirSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { cpus } from 'node:os';
+import { merkleScenario } from './scenarios/merkle';
 import { readScenario } from './scenarios/read';
 import { replicationScenario } from './scenarios/replication';
 import { writeScenario } from './scenarios/write';
@@ -24,6 +25,7 @@ const SCENARIOS: Record<string, (seconds: number) => Promise<Figure[]>> = {
   write: writeScenario,
   read: readScenario,
   replication: replicationScenario,
+  merkle: merkleScenario,
 };
 
 function fmt(n: number): string {
