@@ -8,12 +8,12 @@
  * (nodejs/node#17248). Vault itself treats `LIST /p` exactly like `GET /p?list=true`, so
  * we make that translation below the parser.
  *
- * A plain `net.Server` (or `tls.Server`) accepts each connection and wraps its socket in a
- * `ListRewritingSocket`: a Duplex that passes bytes through unchanged except for request
- * lines starting with `LIST `, which become `GET <target>?list=true` (or `&list=true` when
- * the target already has a query). The wrapped socket is handed to an ordinary
- * `http.Server` with `emit('connection', ...)`, so everything above it — Express, timeouts,
- * keep-alive, `Expect: 100-continue` — is stock Node.
+ * A plain `net.Server` (or `tls.Server`) accepts each connection, makes its socket's
+ * readable side pass bytes through unchanged except for request lines starting with `LIST `,
+ * which become `GET <target>?list=true` (or `&list=true` when the target already has a
+ * query), and hands the socket itself to an ordinary `http.Server` with
+ * `emit('connection', ...)`, so everything above it — Express, timeouts, keep-alive,
+ * `Expect: 100-continue`, writes — is stock Node on a real socket (see `rewriteReads`).
  *
  * To rewrite request lines and nothing else (a request body may well contain the text
  * `LIST /x HTTP/1.1`), `ListRequestRewriter` follows HTTP/1.1 message framing: it reads
@@ -29,7 +29,6 @@
 import * as http from 'node:http';
 import * as net from 'node:net';
 import * as tls from 'node:tls';
-import { Duplex } from 'node:stream';
 
 export interface ListenOptions {
   host: string;
@@ -132,11 +131,16 @@ function chunkSize(line: string): number | undefined {
 
 /** Collects one chunk's output: runs of the input chunk, interleaved with inserted bytes. */
 class Output {
-  private readonly parts: Buffer[] = [];
+  private chunk: Buffer = EMPTY;
+  private parts: Buffer[] = [];
   private runStart = 0;
   private runEnd = 0;
 
-  constructor(private readonly chunk: Buffer) {}
+  /** Starts on a new chunk (one Output is reused for every chunk of a connection). */
+  reset(chunk: Buffer): void {
+    this.chunk = chunk;
+    this.runStart = this.runEnd = 0;
+  }
 
   pass(start: number, end: number): void {
     if (start === end) return;
@@ -151,15 +155,44 @@ class Output {
   }
 
   result(): Buffer {
-    if (this.parts.length === 0 && this.runStart === 0 && this.runEnd === this.chunk.length) return this.chunk;
-    this.flushRun();
-    return this.parts.length === 1 ? this.parts[0] : Buffer.concat(this.parts);
+    const chunk = this.chunk;
+    this.chunk = EMPTY;
+    if (this.parts.length === 0 && this.runStart === 0 && this.runEnd === chunk.length) return chunk;
+    this.flushRun(chunk);
+    const parts = this.parts;
+    this.parts = [];
+    if (parts.length === 0) return EMPTY;
+    return parts.length === 1 ? parts[0] : Buffer.concat(parts);
   }
 
-  private flushRun(): void {
-    if (this.runStart !== this.runEnd) this.parts.push(this.chunk.subarray(this.runStart, this.runEnd));
+  private flushRun(chunk = this.chunk): void {
+    if (this.runStart !== this.runEnd) this.parts.push(chunk.subarray(this.runStart, this.runEnd));
     this.runStart = this.runEnd = 0;
   }
+}
+
+const EMPTY = Buffer.alloc(0);
+const LIST_BYTES = Buffer.from(LIST_PREFIX, 'latin1');
+const COLON = 0x3a;
+const HTAB = 0x09;
+/** Header names that decide framing, as lower-case bytes. */
+const FRAMING_HEADERS: Array<[Buffer, ListedHeader | 'upgrade']> = [
+  [Buffer.from('content-length', 'latin1'), 'contentLength'],
+  [Buffer.from('transfer-encoding', 'latin1'), 'transferEncoding'],
+  [Buffer.from('connection', 'latin1'), 'connection'],
+  [Buffer.from('upgrade', 'latin1'), 'upgrade'],
+];
+
+/** Whether chunk[start..] is `name` (case-insensitively) followed by a colon. */
+function isHeaderName(chunk: Buffer, start: number, end: number, name: Buffer): boolean {
+  if (end - start <= name.length || chunk[start + name.length] !== COLON) return false;
+  for (let k = 0; k < name.length; k++) {
+    const byte = chunk[start + k];
+    const want = name[k];
+    // Letters match either case; anything else ('-') must match exactly.
+    if (byte !== want && !(want >= 0x61 && want <= 0x7a && byte === want - 0x20)) return false;
+  }
+  return true;
 }
 
 type State =
@@ -182,14 +215,17 @@ type State =
  * stream into `GET <target>?list=true HTTP/1.x`, tracking message framing so that only
  * request lines are ever touched. Feed it chunks in order; `flush()` at end of stream.
  * Exported for tests.
+ *
+ * It runs on every byte a client sends, so the common case is kept cheap: a line that lies
+ * whole in one chunk is inspected in place (its first bytes decide whether it matters for
+ * framing) and only the few framing headers are turned into strings; a chunk that needs no
+ * change is returned as the same buffer.
  */
 export class ListRequestRewriter {
   private state: State = 'request-start';
-  /** Bytes of a request line held back while they could still be the start of `LIST `. */
+  /** Bytes of a request line held back (at the end of a chunk) while they could still be the start of `LIST `. */
   private held = '';
-  /** Where in the current chunk the held bytes start; -1 when they came with an earlier chunk. */
-  private heldStart = -1;
-  /** The current line so far (latin1), for head, chunk-size and trailer lines. */
+  /** The current line so far (latin1) when it began in an earlier chunk. */
   private line = '';
   private sectionBytes = 0;
   private inRequestLine = true;
@@ -198,13 +234,15 @@ export class ListRequestRewriter {
   private lastHeader: ListedHeader | undefined;
   /** Body or chunk bytes still to pass through. */
   private remaining = 0;
+  private readonly out = new Output();
 
   /** `upgradeAccepted()` says whether the HTTP server will take over a connection on `Upgrade:`. */
   constructor(private readonly upgradeAccepted: () => boolean = () => false) {}
 
   transform(chunk: Buffer): Buffer {
-    const out = new Output(chunk);
-    this.heldStart = -1;
+    if (this.state === 'passthrough') return chunk;
+    const out = this.out;
+    out.reset(chunk);
     let i = 0;
     while (i < chunk.length) i = this.step(chunk, i, out);
     return out.result();
@@ -217,7 +255,7 @@ export class ListRequestRewriter {
     return held;
   }
 
-  /** Consumes at least one byte of `chunk` from `i`; returns the index of the next unconsumed byte. */
+  /** Consumes bytes of `chunk` from `i` (at least one, or hands over to another state); returns the index of the next unconsumed byte. */
   private step(chunk: Buffer, i: number, out: Output): number {
     switch (this.state) {
       case 'request-start':
@@ -236,30 +274,54 @@ export class ListRequestRewriter {
   }
 
   private requestStart(chunk: Buffer, i: number, out: Output): number {
+    if (this.held !== '') return this.continueHeld(chunk, i, out);
     const byte = chunk[i];
-    if (this.held === '') {
-      if (byte === CR || byte === LF) {
-        out.pass(i, i + 1); // llhttp skips blank lines before a request
-        return i + 1;
-      }
-      this.heldStart = i;
+    if (byte === CR || byte === LF) {
+      out.pass(i, i + 1); // llhttp skips blank lines before a request
+      return i + 1;
     }
-    this.held += String.fromCharCode(byte);
-    if (this.held === LIST_PREFIX) {
-      out.insert(GET_PREFIX);
-      this.head.method = 'LIST';
-      this.countSection(GET_PREFIX.length);
-      this.state = 'list-target';
-      this.held = '';
-    } else if (!LIST_PREFIX.startsWith(this.held)) {
-      if (this.heldStart >= 0) out.pass(this.heldStart, i + 1);
-      else out.insert(Buffer.from(this.held, 'latin1'));
-      this.line = this.held;
-      this.countSection(this.held.length);
+    let n = 0;
+    while (n < LIST_BYTES.length && i + n < chunk.length && chunk[i + n] === LIST_BYTES[n]) n++;
+    if (n === LIST_BYTES.length) {
+      this.startListTarget(out);
+      return i + n;
+    }
+    if (i + n < chunk.length) {
+      // Not LIST: an ordinary request line, which the head-line state takes from its start.
       this.state = 'head-line';
-      this.held = '';
+      return i;
     }
-    return i + 1;
+    // The chunk ends within what could still be `LIST `: hold those bytes back.
+    this.held = chunk.toString('latin1', i);
+    return chunk.length;
+  }
+
+  /** A request line whose first bytes were held back from an earlier chunk: one byte at a time. */
+  private continueHeld(chunk: Buffer, i: number, out: Output): number {
+    const held = this.held + String.fromCharCode(chunk[i]);
+    if (held === LIST_PREFIX) {
+      this.held = '';
+      this.startListTarget(out);
+      return i + 1;
+    }
+    if (LIST_PREFIX.startsWith(held)) {
+      this.held = held;
+      return i + 1;
+    }
+    // Not LIST after all: release the held bytes; the line goes on from byte i.
+    out.insert(Buffer.from(this.held, 'latin1'));
+    this.line = this.held;
+    this.countSection(this.held.length);
+    this.held = '';
+    this.state = 'head-line';
+    return i;
+  }
+
+  private startListTarget(out: Output): void {
+    out.insert(GET_PREFIX);
+    this.head.method = 'LIST';
+    this.countSection(GET_PREFIX.length);
+    this.state = 'list-target';
   }
 
   /** Copies the target of a LIST request line; appends the list parameter where it ends. */
@@ -296,9 +358,13 @@ export class ListRequestRewriter {
     const end = lf === -1 ? chunk.length : lf + 1;
     out.pass(i, end);
     if (!this.countSection(end - i)) return end;
-    this.line += chunk.toString('latin1', i, end);
-    if (lf !== -1) {
-      const line = this.line.replace(/\r?\n$/, '');
+    if (lf === -1) {
+      this.line += chunk.toString('latin1', i, end);
+    } else if (this.line === '' && this.state === 'head-line') {
+      // The whole line is in this chunk: look at it in place. Its end excludes CRLF (or LF).
+      this.onHeadLineBytes(chunk, i, lf > i && chunk[lf - 1] === CR ? lf - 1 : lf);
+    } else {
+      const line = (this.line + chunk.toString('latin1', i, end)).replace(/\r?\n$/, '');
       this.line = '';
       this.onLine(line);
     }
@@ -317,6 +383,31 @@ export class ListRequestRewriter {
         if (line === '') this.startRequest();
         return;
     }
+  }
+
+  /** `onHeadLine` for a line lying whole in `chunk` between `start` and `end`: strings only for what matters. */
+  private onHeadLineBytes(chunk: Buffer, start: number, end: number): void {
+    if (this.inRequestLine) {
+      this.inRequestLine = false;
+      if (this.head.method === '') {
+        // Only CONNECT changes framing; other methods need not be spelled out.
+        const sp = chunk.indexOf(SP, start);
+        this.head.method = chunk[start] === 0x43 /* C */ ? chunk.toString('latin1', start, sp === -1 || sp > end ? end : sp) : '-';
+      }
+      return;
+    }
+    if (start === end) return this.onHeadComplete();
+    const first = chunk[start];
+    if (first === SP || first === HTAB) return this.continueHeader(chunk.toString('latin1', start, end));
+    const lower = first | 0x20;
+    if (lower === 0x63 /* c */ || lower === 0x74 /* t */ || lower === 0x75 /* u */) {
+      for (const [name] of FRAMING_HEADERS) {
+        if (isHeaderName(chunk, start, end, name)) return this.addHeader(chunk.toString('latin1', start, end));
+      }
+    }
+    // Any other header: it ends a folded framing header (a line without a colon is one llhttp rejects).
+    const colon = chunk.indexOf(COLON, start);
+    if (colon !== -1 && colon < end) this.lastHeader = undefined;
   }
 
   private onHeadLine(line: string): void {
@@ -387,7 +478,12 @@ export class ListRequestRewriter {
     this.startSection('request-start');
     this.inRequestLine = true;
     this.targetHasQuery = false;
-    this.head = emptyHead();
+    const head = this.head;
+    head.method = '';
+    head.upgrade = false;
+    if (head.contentLength.length) head.contentLength = [];
+    if (head.transferEncoding.length) head.transferEncoding = [];
+    if (head.connection.length) head.connection = [];
     this.lastHeader = undefined;
   }
 
@@ -408,153 +504,42 @@ export class ListRequestRewriter {
 }
 
 // ---------------------------------------------------------------------------------------
-// The socket wrapper http.Server reads from
+// Rewriting on the accepted socket itself
 // ---------------------------------------------------------------------------------------
 
+/** Set on a socket once the client has sent a byte: a connection without it has no request to finish. */
+const RECEIVED_DATA = Symbol('coffer.receivedData');
+
+type RewrittenSocket = net.Socket & { [RECEIVED_DATA]?: boolean; _handle?: { _consumed?: boolean } | null };
+
 /**
- * A Duplex over an accepted socket that rewrites LIST request lines on the way in and
- * writes straight through on the way out. It mimics as much of `net.Socket` as
- * `http.Server` and request handlers use: address getters, timeouts, `destroySoon`,
- * half-close, backpressure both ways, and destruction propagating both ways.
+ * Makes `socket` deliver rewritten bytes to whoever reads it. The http.Server reads the socket
+ * itself (no wrapper stream in between: responses are written straight to it, and timeouts,
+ * half-close, `destroySoon` and TLS properties are the real socket's), so the rewriting sits
+ * where the socket's bytes enter its readable side: `push()`, which Node's stream machinery
+ * calls for every chunk read from the handle (and with null at end of stream).
+ *
+ * An http.Server normally hands a native socket's handle to its parser in C++ ("consume"),
+ * so that bytes never reach JavaScript; marking the handle as consumed already makes it read
+ * through `push()` and 'data' events instead, as it does for any stream. The listener tests
+ * (test/unit/list-method.test.ts) would fail at once if a Node version stopped honouring this.
  */
-class ListRewritingSocket extends Duplex {
-  private readonly rewriter: ListRequestRewriter;
-  /** The callback of a write waiting for the raw socket to drain. */
-  private pendingWrite: ((error?: Error | null) => void) | null = null;
-  private receivedData = false;
-
-  constructor(
-    readonly raw: net.Socket,
-    upgradeAccepted: () => boolean,
-  ) {
-    // Half-open like an http.Server's sockets: http decides when to end its side.
-    super({ allowHalfOpen: true });
-    this.rewriter = new ListRequestRewriter(upgradeAccepted);
-    void raw.remoteAddress; // net.Socket caches the peer address once read; read it while connected
-    raw.on('data', (chunk: Buffer) => this.onRawData(chunk));
-    raw.on('end', () => this.onRawEnd());
-    raw.on('drain', () => this.releasePendingWrite());
-    raw.on('timeout', () => this.emit('timeout'));
-    raw.on('error', (error) => this.destroy(error));
-    raw.on('close', () => this.destroy());
-  }
-
-  get remoteAddress(): string | undefined {
-    return this.raw.remoteAddress;
-  }
-  get remotePort(): number | undefined {
-    return this.raw.remotePort;
-  }
-  get remoteFamily(): string | undefined {
-    return this.raw.remoteFamily;
-  }
-  get localAddress(): string | undefined {
-    return this.raw.localAddress;
-  }
-  get localPort(): number | undefined {
-    return this.raw.localPort;
-  }
-  get bytesRead(): number {
-    return this.raw.bytesRead;
-  }
-  get bytesWritten(): number {
-    return this.raw.bytesWritten;
-  }
-  /** Express's `req.protocol` / `req.secure` read this. */
-  get encrypted(): boolean | undefined {
-    return this.raw instanceof tls.TLSSocket ? true : undefined;
-  }
-  get authorized(): boolean | undefined {
-    return this.raw instanceof tls.TLSSocket ? this.raw.authorized : undefined;
-  }
-
-  /** False until the client has sent a byte: such a connection has no request to finish. */
-  get hasReceivedData(): boolean {
-    return this.receivedData;
-  }
-
-  getPeerCertificate(detailed?: boolean): tls.PeerCertificate | tls.DetailedPeerCertificate | null {
-    return this.raw instanceof tls.TLSSocket ? this.raw.getPeerCertificate(detailed === true) : null;
-  }
-
-  address(): net.AddressInfo | object {
-    return this.raw.address();
-  }
-
-  setTimeout(ms: number, callback?: () => void): this {
-    this.raw.setTimeout(ms);
-    if (callback) {
-      if (ms === 0) this.removeListener('timeout', callback);
-      else this.once('timeout', callback);
+function rewriteReads(socket: RewrittenSocket, upgradeAccepted: () => boolean): void {
+  const rewriter = new ListRequestRewriter(upgradeAccepted);
+  const push = socket.push;
+  socket.push = function rewrittenPush(this: RewrittenSocket, chunk: unknown, encoding?: BufferEncoding): boolean {
+    if (chunk === null) {
+      const held = rewriter.flush();
+      if (held.length > 0) push.call(this, held);
+      return push.call(this, null);
     }
-    return this;
-  }
-
-  setNoDelay(noDelay?: boolean): this {
-    this.raw.setNoDelay(noDelay);
-    return this;
-  }
-
-  setKeepAlive(enable?: boolean, initialDelay?: number): this {
-    this.raw.setKeepAlive(enable, initialDelay);
-    return this;
-  }
-
-  /** Like net.Socket's: end, and destroy once everything written has been flushed. */
-  destroySoon(): void {
-    if (this.writable) this.end();
-    if (this.writableFinished) this.destroy();
-    else this.once('finish', () => this.destroy());
-  }
-
-  override _read(): void {
-    this.raw.resume();
-  }
-
-  override _write(chunk: Buffer, _encoding: BufferEncoding, callback: (error?: Error | null) => void): void {
-    if (this.raw.write(chunk)) callback();
-    else this.pendingWrite = callback;
-  }
-
-  override _writev(
-    chunks: Array<{ chunk: Buffer; encoding: BufferEncoding }>,
-    callback: (error?: Error | null) => void,
-  ): void {
-    this.raw.cork();
-    let flowing = true;
-    for (const { chunk } of chunks) flowing = this.raw.write(chunk);
-    this.raw.uncork();
-    if (flowing) callback();
-    else this.pendingWrite = callback;
-  }
-
-  override _final(callback: (error?: Error | null) => void): void {
-    this.raw.end(callback); // `finish` only once the raw socket has flushed, so destroySoon loses nothing
-  }
-
-  override _destroy(error: Error | null, callback: (error?: Error | null) => void): void {
-    this.pendingWrite = null;
-    this.raw.destroy();
-    callback(error);
-  }
-
-  private onRawData(chunk: Buffer): void {
-    this.receivedData = true;
-    const rewritten = this.rewriter.transform(chunk);
-    if (rewritten.length > 0 && !this.push(rewritten)) this.raw.pause();
-  }
-
-  private onRawEnd(): void {
-    const held = this.rewriter.flush();
-    if (held.length > 0) this.push(held);
-    this.push(null);
-  }
-
-  private releasePendingWrite(): void {
-    const callback = this.pendingWrite;
-    this.pendingWrite = null;
-    callback?.();
-  }
+    if (!Buffer.isBuffer(chunk)) return push.call(this, chunk, encoding);
+    this[RECEIVED_DATA] = true;
+    const out = rewriter.transform(chunk);
+    // Everything held back (part of a request line): keep reading.
+    return out.length > 0 ? push.call(this, out) : true;
+  };
+  if (socket._handle) socket._handle._consumed = true;
 }
 
 // ---------------------------------------------------------------------------------------
@@ -563,7 +548,7 @@ class ListRewritingSocket extends Duplex {
 
 /** Tracks connections and responses so that, once draining, every connection closes as soon as it is idle. */
 class ConnectionDrain {
-  private readonly sockets = new Set<ListRewritingSocket>();
+  private readonly sockets = new Set<RewrittenSocket>();
   private readonly inFlight = new Set<http.ServerResponse>();
   draining = false;
 
@@ -571,7 +556,7 @@ class ConnectionDrain {
     server.on('request', (_req: http.IncomingMessage, res: http.ServerResponse) => this.track(res));
   }
 
-  adopt(socket: ListRewritingSocket): void {
+  adopt(socket: RewrittenSocket): void {
     this.sockets.add(socket);
     socket.once('close', () => this.sockets.delete(socket));
   }
@@ -582,7 +567,7 @@ class ConnectionDrain {
     // Idle between requests, by Node's own bookkeeping.
     this.server.closeIdleConnections();
     // Node counts a connection that has not sent anything yet as busy; it is not.
-    for (const socket of this.sockets) if (!socket.hasReceivedData) socket.destroy();
+    for (const socket of this.sockets) if (!socket[RECEIVED_DATA]) socket.destroy();
   }
 
   private track(res: http.ServerResponse): void {
@@ -639,9 +624,9 @@ export async function listen(handler: http.RequestListener, opts: ListenOptions)
   socketServer.on(opts.tls ? 'secureConnection' : 'connection', (raw: net.Socket) => {
     // A TLS handshake can complete after close() has begun: too late.
     if (drain.draining) return void raw.destroy();
-    const socket = new ListRewritingSocket(raw, upgradeAccepted);
-    drain.adopt(socket);
-    httpServer.emit('connection', socket);
+    rewriteReads(raw, upgradeAccepted);
+    drain.adopt(raw);
+    httpServer.emit('connection', raw);
   });
 
   let address: net.AddressInfo;

@@ -7,7 +7,7 @@
 import express, { type Request, type Response } from 'express';
 import { InvalidRequest } from '../core/errors';
 import type { LogicalRequest } from '../core/request';
-import type { Replication } from '../replication/manager';
+import { RELAYED_HEADER, type Replication } from '../replication/manager';
 import { CREDENTIAL_HEADER } from '../replication/wire';
 import { toHttpError } from './errors';
 
@@ -30,8 +30,20 @@ export function replicationInternalRouter(r: Replication): express.Router {
     if (typeof b.api_addr !== 'string' || !/^https?:\/\//.test(b.api_addr)) throw new InvalidRequest('api_addr must be an http(s) URL');
     return r.register(id, b.api_addr.replace(/\/$/, ''), String(b.version ?? ''));
   }));
-  router.post('/merkle-diff', h(async (req) => r.merkleDiff(await asSecondary(req), req.body ?? {})));
-  router.post('/merkle-sync', h(async (req) => r.merkleSync(await asSecondary(req), req.body ?? {})));
+  // The index lives on the active node: a standby relays these two there.
+  for (const path of ['/merkle-diff', '/merkle-sync'] as const) {
+    router.post(path, (req, res) => {
+      (async () => {
+        const id = await asSecondary(req);
+        const relayed = await r.viaActive(path, req.body ?? {}, req.header(CREDENTIAL_HEADER)!, req.header(RELAYED_HEADER) !== undefined);
+        if (relayed) return res.status(relayed.status).json(relayed.body);
+        return res.json(path === '/merkle-diff' ? await r.merkleDiff(id, req.body ?? {}) : await r.merkleSync(id, req.body ?? {}));
+      })().catch((err) => {
+        const e = toHttpError(err);
+        res.status(e.status).json({ errors: e.errors });
+      });
+    });
+  }
   router.get('/keyring', h(async (req) => ({ keyring: await r.sealedKeyringFor(await asSecondary(req)) })));
   router.post('/heartbeat', h(async (req) => r.heartbeatFrom(await asSecondary(req), req.body ?? {})));
   router.post('/forward', (req, res) => {

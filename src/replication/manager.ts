@@ -52,6 +52,8 @@ import {
 } from './wire';
 
 export const INTERNAL_PREFIX = '/v1/sys/replication/performance/internal';
+/** Marks an internal call a standby relayed to its active node (relayed at most once). */
+export const RELAYED_HEADER = 'x-coffer-relayed';
 const WAL_WAIT_WARNING =
   "Timeout hit while waiting for local replicated cluster to apply primary's write; this client may encounter stale reads of values written during this operation.";
 
@@ -234,6 +236,18 @@ export class Replication {
   async sealedKeyringFor(secondaryId: string): Promise<string> {
     const secret = await this.secretOf(secondaryId);
     return seal(keyringTransportKey(secret), 0, 'coffer/replication-keyring', this.o.core.barrier.currentKeyring.serialize()).toString('base64');
+  }
+
+  /**
+   * merkle-diff and merkle-sync need the in-memory index, which only the active node holds: a
+   * standby that receives one relays it to the active node once (null: answer here).
+   */
+  async viaActive(path: '/merkle-diff' | '/merkle-sync', body: unknown, credential: string, relayed: boolean): Promise<{ status: number; body: unknown } | null> {
+    if (this.o.merkle?.()) return null;
+    const leader = await this.o.db.selectFrom('coffer_nodes').select('api_addr').where('is_active', '=', true).executeTakeFirst();
+    if (relayed || !leader || leader.api_addr === this.o.apiAddr) return null; // index() explains
+    const res = await call(`${leader.api_addr}${INTERNAL_PREFIX}${path}`, { body, headers: { [CREDENTIAL_HEADER]: credential, [RELAYED_HEADER]: '1' }, timeoutMs: 60_000 });
+    return { status: res.status, body: res.body };
   }
 
   private index(): MerkleIndex {
