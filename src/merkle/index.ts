@@ -218,7 +218,8 @@ export class MerkleIndex {
     for (const sp of missing) {
       const got = loaded.get(sp);
       // Loading never changes what the index says: the image is the state it already knew.
-      this.subs[sp].run = got ? got.run : EMPTY_RUN;
+      // (A concurrent loader may have loaded and an apply changed it since: keep that.)
+      if (this.subs[sp].run === null) this.subs[sp].run = got ? got.run : EMPTY_RUN;
     }
   }
 

@@ -80,6 +80,8 @@ export interface ReplicationOptions {
 
 /** A merkle-sync answer stops adding subpages once its entries pass this many bytes. */
 const SYNC_RESPONSE_BYTES = 4 * 1024 * 1024;
+/** merkle-sync reads the primary's entries this many subpages at a time. */
+const SYNC_READ_SUBPAGES = 32;
 /** A merkle-sync request carries at most this many of the secondary's records ... */
 const SYNC_REQUEST_RECORDS = 64 * 1024;
 /** ... and at most this many subpages. */
@@ -289,39 +291,40 @@ export class Replication {
     const theirs = req.map((t) => ({ sp: Number(t.sp), run: Buffer.from(String(t.run ?? ''), 'base64') }));
     if (theirs.some((t) => !Number.isInteger(t.sp) || t.sp < 0 || t.sp >= PAGES * SUBPAGES_PER_PAGE || t.run.length % 32 !== 0)) throw new InvalidRequest('bad subpage');
     const merkle = this.index();
-    const rows = await entriesOfSubpages(this.o.db, theirs.map((t) => t.sp));
-    const bySp = new Map<number, typeof rows>();
-    for (const r of rows) bySp.set(r.sp, [...(bySp.get(r.sp) ?? []), r]);
     const entries: WireEntry[] = [];
     const purge: string[] = [];
     const done: number[] = [];
     let bytes = 0;
-    for (const t of theirs) {
-      if (done.length > 0 && bytes > SYNC_RESPONSE_BYTES) break;
-      const mine = bySp.get(t.sp) ?? [];
-      const plan = await merkle.planSync({ theirs: [t], rows: mine.map((r) => ({ sp: r.sp, path: r.path, valueHash: r.valueHash })) });
+    // A few subpages at a time from Postgres, until the answer is big enough.
+    for (let at = 0; at < theirs.length && !(done.length > 0 && bytes > SYNC_RESPONSE_BYTES); at += SYNC_READ_SUBPAGES) {
+      const group = theirs.slice(at, at + SYNC_READ_SUBPAGES);
+      const rows = await entriesOfSubpages(this.o.db, group.map((t) => t.sp));
+      const plan = await merkle.planSync({ theirs: group, rows: rows.map((r) => ({ sp: r.sp, path: r.path, valueHash: r.valueHash })) });
       for (const i of plan.send) {
-        entries.push(toWire(mine[i]));
-        bytes += mine[i].path.length + (mine[i].value?.length ?? 0);
+        entries.push(toWire(rows[i]));
+        bytes += rows[i].path.length + (rows[i].value?.length ?? 0);
       }
       for (const kh of plan.purge) purge.push(Buffer.from(kh).toString('hex'));
-      done.push(t.sp);
+      done.push(...group.map((t) => t.sp));
     }
     return { entries, purge, done };
   }
 
   async heartbeatFrom(secondaryId: string, body: { applied_lsn?: number; state?: string; api_addr?: string }) {
     const before = await secondaries.get(this.o.db, secondaryId);
+    // Back from reconciliation: stream from the position its merkle-sync reached. The cursor
+    // moves in the same UPDATE that makes the secondary shippable again: were it a separate
+    // statement, a shipping job in between would see 'streaming' with the pre-reconcile cursor,
+    // find that WAL collected, and send the secondary back to needs-reconcile (a second,
+    // needless reconciliation; test/cluster/merkle-reconcile.test.ts).
+    const back = before?.status === 'reconciling' && body.state === 'stream-wals' && Number.isInteger(body.applied_lsn);
     await secondaries.update(this.o.db, secondaryId, {
       last_heartbeat: new Date(),
       // A secondary that moved (restarted elsewhere, a new active node) says where it is now.
       ...(typeof body.api_addr === 'string' && /^https?:\/\//.test(body.api_addr) ? { api_addr: body.api_addr.replace(/\/$/, '') } : {}),
       ...(body.state === 'stream-wals' && before?.status !== 'needs-reconcile' ? { status: 'streaming' } : {}),
+      ...(back ? { acked_lsn: Number(body.applied_lsn) } : {}),
     });
-    // Back from reconciliation: stream from the position its merkle-sync reached.
-    if (before?.status === 'reconciling' && body.state === 'stream-wals' && Number.isInteger(body.applied_lsn)) {
-      await secondaries.resync(this.o.db, secondaryId, Number(body.applied_lsn));
-    }
     return { head_lsn: await walHead(this.o.db), version: this.o.version, reconcile: before?.status === 'needs-reconcile' };
   }
 
