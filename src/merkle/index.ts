@@ -428,7 +428,7 @@ export class MerkleIndex {
       // Persist the whole image first: older (maybe corrupt) images must not survive.
       const images = built.subs.map((s, subpage) => ({ subpage, pageLsn: built.lsn, hash: s.hash!, run: s.run! }));
       await this.o.db.transaction().execute(async (tx) => {
-        for (let i = 0; i < images.length; i += 256) await savePages(tx, images.slice(i, i + 256), true);
+        for (let i = 0; i < images.length; i += 64) await savePages(tx, images.slice(i, i + 64), true);
         await tx.deleteFrom('coffer_merkle_checkpoint').execute();
         await saveCheckpoint(tx, { checkpointLsn: built.lsn, redoLsn: built.lsn + 1, dirty: new Map(), root: rootOf(pageHashes(images.map((p) => p.hash))) });
       });

@@ -79,7 +79,7 @@ export interface ReplicationOptions {
 }
 
 /** A merkle-sync answer stops adding subpages once its entries pass this many bytes. */
-const SYNC_RESPONSE_BYTES = 4 * 1024 * 1024;
+const SYNC_RESPONSE_BYTES = 2 * 1024 * 1024;
 /** merkle-sync reads the primary's entries this many subpages at a time. */
 const SYNC_READ_SUBPAGES = 32;
 /** A merkle-sync request carries at most this many of the secondary's records ... */
