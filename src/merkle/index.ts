@@ -349,8 +349,21 @@ export class MerkleIndex {
   /**
    * Fuzzy checkpoint: the LSN the index has reached and the dirty-page table (in-flight pages
    * included, with their recLSN), taken at one instant without stopping writes or flushes.
+   * One at a time (the housekeeping timer does not wait for the last one): overlapping
+   * checkpoints could land out of order, leaving an older one stored after `redoPoint` moved to
+   * the newer one's and the WAL collection deleted what the older one needs — the next
+   * recovery would then rebuild from storage instead of redo
+   * (test/integration/merkle-index.test.ts, "overlapping checkpoints").
    */
-  async checkpoint(): Promise<void> {
+  checkpoint(): Promise<void> {
+    if (this.checkpointing) return this.checkpointing;
+    this.checkpointing = this.checkpointOnce().finally(() => (this.checkpointing = null));
+    return this.checkpointing;
+  }
+
+  private checkpointing: Promise<void> | null = null;
+
+  private async checkpointOnce(): Promise<void> {
     if (this.paused) return;
     const t0 = performance.now();
     const dirty = new Map(this.dpt);
@@ -424,6 +437,8 @@ export class MerkleIndex {
     this.paused = true;
     try {
       await this.flushing?.catch(() => undefined);
+      // A checkpoint begun before the pause must not land after the rebuild's own.
+      await this.checkpointing?.catch(() => undefined);
       const built = await this.buildFromStorage();
       // Persist the whole image first: older (maybe corrupt) images must not survive.
       const images = built.subs.map((s, subpage) => ({ subpage, pageLsn: built.lsn, hash: s.hash!, run: s.run! }));
@@ -516,9 +531,34 @@ export class MerkleIndex {
       built.subs = replay.subs;
     }
     const theirs = await this.hashesOf(built.subs);
-    const corrupted: number[] = [];
-    for (let sp = 0; sp < SUBPAGES; sp++) if (!theirs[sp].equals(mine.subpageHashes[sp])) corrupted.push(sp);
-    return { lsn: mine.lsn, root: rootOf(pageHashes(mine.subpageHashes)), corrupted };
+    const corrupted = new Set<number>(await this.damagedImages());
+    for (let sp = 0; sp < SUBPAGES; sp++) if (!theirs[sp].equals(mine.subpageHashes[sp])) corrupted.add(sp);
+    return { lsn: mine.lsn, root: rootOf(pageHashes(mine.subpageHashes)), corrupted: [...corrupted].sort((a, b) => a - b) };
+  }
+
+  /**
+   * Subpages known only by their flushed image (after recovery, until a write loads them) whose
+   * stored records do not hash to the hash the index uses for them. Comparing hashes alone
+   * cannot see such damage (the stored hash is what the index reports), yet the first write to
+   * the subpage would load the damaged records and spread it (test/cluster/merkle-endpoints).
+   */
+  private async damagedImages(): Promise<number[]> {
+    const out: number[] = [];
+    const unloaded = this.subs.flatMap((s, sp) => (s.run === null ? [sp] : []));
+    for (let i = 0; i < unloaded.length; i += 256) {
+      const chunk = unloaded.slice(i, i + 256);
+      const loaded = await loadRuns(this.o.db, chunk);
+      // Only subpages still unloaded now: no write touched them, so the image read is the one
+      // whose hash the index holds.
+      const still = chunk.filter((sp) => this.subs[sp].run === null && this.subs[sp].hash !== null);
+      if (still.length === 0) continue;
+      const want = still.map((sp) => this.subs[sp].hash!);
+      const got = await this.o.pool.run('hashRuns', { runs: still.map((sp) => own(loaded.get(sp)?.run ?? EMPTY_RUN)) });
+      still.forEach((sp, k) => {
+        if (!asBuffer(got[k]).equals(want[k])) out.push(sp);
+      });
+    }
+    return out;
   }
 
   private async hashesOf(subs: Subpage[]): Promise<Buffer[]> {

@@ -288,6 +288,8 @@ export class Replication {
   async merkleSync(secondaryId: string, body: { subpages?: { sp: number; run: string }[] }) {
     const req = Array.isArray(body.subpages) ? body.subpages : [];
     if (req.length === 0 || req.length > SYNC_REQUEST_SUBPAGES) throw new InvalidRequest(`subpages must list 1 to ${SYNC_REQUEST_SUBPAGES} subpages`);
+    // Each element must be an object (a null or a number here was a TypeError: a 500).
+    if (req.some((t) => t === null || typeof t !== 'object' || (t.run !== undefined && typeof t.run !== 'string'))) throw new InvalidRequest('bad subpage');
     const theirs = req.map((t) => ({ sp: Number(t.sp), run: Buffer.from(String(t.run ?? ''), 'base64') }));
     if (theirs.some((t) => !Number.isInteger(t.sp) || t.sp < 0 || t.sp >= PAGES * SUBPAGES_PER_PAGE || t.run.length % 32 !== 0)) throw new InvalidRequest('bad subpage');
     const merkle = this.index();

@@ -72,7 +72,9 @@ export async function saveCheckpoint(db: Kysely<DB> | Transaction<DB>, cp: Omit<
     VALUES (1, ${cp.checkpointLsn}, ${cp.redoLsn}, ${dirty}::jsonb, ${cp.root}, clock_timestamp())
     ON CONFLICT (id) DO UPDATE
        SET checkpoint_lsn = EXCLUDED.checkpoint_lsn, redo_lsn = EXCLUDED.redo_lsn, dirty = EXCLUDED.dirty,
-           root = EXCLUDED.root, taken_at = EXCLUDED.taken_at`.execute(db);
+           root = EXCLUDED.root, taken_at = EXCLUDED.taken_at
+     -- never back: a late checkpoint of a node that just lost the active lease is dropped
+     WHERE coffer_merkle_checkpoint.checkpoint_lsn <= EXCLUDED.checkpoint_lsn`.execute(db);
 }
 
 export interface WalForRedo {
