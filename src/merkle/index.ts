@@ -22,6 +22,7 @@ import {
   loadPageHeads,
   loadRuns,
   oldestRetainedLsn,
+  orderedThrough,
   readCheckpoint,
   saveCheckpoint,
   savePages,
@@ -309,10 +310,19 @@ export class MerkleIndex {
     return this.flushing;
   }
 
-  private async flushOnce(all: boolean): Promise<void> {
+  /** Flushes every dirty subpage whose recLSN is below `lsn` (the WAL bound needs them clean). */
+  async flushBefore(lsn: number): Promise<void> {
+    await this.flushing?.catch(() => undefined);
+    if (this.flushing) return;
+    this.flushing = this.flushOnce(false, lsn).finally(() => (this.flushing = null));
+    return this.flushing;
+  }
+
+  private async flushOnce(all: boolean, before?: number): Promise<void> {
     if (this.dpt.size === 0 || this.paused) return;
     const t0 = performance.now();
-    const n = all ? this.dpt.size : Math.min(this.dpt.size, Math.max(1, Math.ceil(this.dpt.size * this.o.flushFraction)));
+    const old = before === undefined ? 0 : [...this.dpt.values()].filter((rec) => rec < before).length;
+    const n = all ? this.dpt.size : Math.max(old, Math.min(this.dpt.size, Math.max(1, Math.ceil(this.dpt.size * this.o.flushFraction))));
     const chosen = [...this.dpt.entries()].sort((a, b) => a[1] - b[1]).slice(0, n);
     const pages = chosen.map(([sp, rec]) => {
       this.dpt.delete(sp);
@@ -475,18 +485,18 @@ export class MerkleIndex {
   reindexProgress: { stage: string; done: number; total: number } | null = null;
 
   /** A complete index built from one snapshot of the entries, and the WAL head it matches. */
-  async buildFromStorage(): Promise<{ lsn: number; subs: Subpage[] }> {
+  async buildFromStorage(): Promise<{ lsn: number; pendingSeq: number; subs: Subpage[] }> {
     const subs = MerkleIndex.emptySubs(0);
     this.reindexProgress = { stage: 'scanning', done: 0, total: SUBPAGES };
     let done = 0;
-    const lsn = await scanRuns(this.o.db, async (_head, batch) => {
+    const { head: lsn, pendingSeq } = await scanRuns(this.o.db, async (_head, batch) => {
       const hashes = await this.o.pool.run('hashRuns', { runs: batch.map((b) => own(b.run)) });
       batch.forEach((b, i) => (subs[b.subpage] = { run: b.run, hash: asBuffer(hashes[i]), pageLsn: 0 }));
       done = batch[batch.length - 1].subpage + 1;
       this.reindexProgress = { stage: 'scanning', done, total: SUBPAGES };
     }).finally(() => (this.reindexProgress = null));
     for (const s of subs) s.pageLsn = lsn;
-    return { lsn, subs };
+    return { lsn, pendingSeq, subs };
   }
 
   private finishRecovery(report: RecoveryReport): void {
@@ -519,8 +529,15 @@ export class MerkleIndex {
    */
   async check(): Promise<{ lsn: number; root: Buffer; corrupted: number[] }> {
     const built = await this.buildFromStorage();
-    // Let the live index reach the rebuild's point, then take its picture.
-    await this.catchUp(built.lsn);
+    // The rebuild holds writes that were committed but not yet ordered at its snapshot; the
+    // live index gets them once ordered. Wait for that, bring the index up to the WAL head,
+    // then take its picture (and replay the rebuild to the same point below).
+    const until = Date.now() + 30_000;
+    while (built.pendingSeq > 0 && !(await orderedThrough(this.o.db, built.pendingSeq))) {
+      if (Date.now() > until) throw new Error('merkle-check: writes committed before the check are still not ordered after 30 s (a long transaction holds the xid horizon)');
+      await new Promise((r) => setTimeout(r, 10));
+    }
+    await this.catchUp(Math.max(built.lsn, await walHead(this.o.db)));
     const mine = await this.serial(() => this.snapshot());
     // Bring the rebuild forward to the picture's LSN with the same redo the index uses.
     if (mine.lsn > built.lsn) {

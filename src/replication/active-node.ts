@@ -114,9 +114,21 @@ export class ActiveNode {
       if (!this.active || (merkle && !this.merkleReady)) return;
       const run = async () => {
         if (merkle) await merkle.checkpoint();
-        // Never collect WAL the index's recovery would need (its last redo point).
-        const { deleted } = await collectWal(this.o.db, this.o.retention, merkle ? merkle.redoPoint : Number.MAX_SAFE_INTEGER);
-        if (deleted > 0) this.o.onWalCollected?.(deleted);
+        // Never collect WAL the index's recovery would need (its last redo point) ...
+        const collect = async () => {
+          const r = await collectWal(this.o.db, this.o.retention, merkle ? merkle.redoPoint : Number.MAX_SAFE_INTEGER);
+          if (r.deleted > 0) this.o.onWalCollected?.(r.deleted);
+          return r;
+        };
+        const r = await collect();
+        // ... but when that is what keeps the WAL over its bound (a burst outran the gentle
+        // background flush), flush the subpages holding it back, checkpoint, and collect again
+        // — as Postgres checkpoints early when WAL passes max_wal_size.
+        if (merkle && r.wanted > r.cutoff) {
+          await merkle.flushBefore(r.wanted + 1);
+          await merkle.checkpoint();
+          await collect();
+        }
       };
       run().catch((err) => this.o.log.warn({ err: (err as Error).message }, 'checkpoint or WAL collection failed'));
     }, this.o.checkpointIntervalMs);

@@ -108,13 +108,17 @@ export async function scanRuns(
   db: Kysely<DB>,
   onBatch: (head: number, runs: { subpage: number; run: Buffer }[]) => Promise<void>,
   batchSize = 64,
-): Promise<number> {
+): Promise<{ head: number; pendingSeq: number }> {
   return db
     .transaction()
     .setIsolationLevel('repeatable read')
     .execute(async (tx) => {
-      const { rows } = await sql<{ last_lsn: number }>`SELECT last_lsn FROM coffer_wal_head WHERE id = 1`.execute(tx);
+      // The snapshot also holds committed writes not yet ordered (their rows have no LSN): the
+      // newest such row is reported so a caller comparing with the live index can wait for it.
+      const { rows } = await sql<{ last_lsn: number; pending: number | null }>`
+        SELECT last_lsn, (SELECT max(seq) FROM coffer_wal WHERE lsn IS NULL) AS pending FROM coffer_wal_head WHERE id = 1`.execute(tx);
       const head = Number(rows[0].last_lsn);
+      const pendingSeq = Number(rows[0].pending ?? 0);
       await sql`
         DECLARE coffer_rebuild NO SCROLL CURSOR FOR
         SELECT merkle_subpage AS subpage,
@@ -127,8 +131,14 @@ export async function scanRuns(
         if (batch.length === 0) break;
         await onBatch(head, batch);
       }
-      return head;
+      return { head, pendingSeq };
     });
+}
+
+/** True once no WAL row up to insertion number `seq` is still waiting for a position. */
+export async function orderedThrough(db: Kysely<DB>, seq: number): Promise<boolean> {
+  const { rows } = await sql<{ n: number }>`SELECT count(*)::int AS n FROM coffer_wal WHERE lsn IS NULL AND seq <= ${seq}`.execute(db);
+  return rows[0].n === 0;
 }
 
 /** Entries (tombstones included) of some subpages, for merkle-sync. */
@@ -159,9 +169,15 @@ export const WAL_ROW_OVERHEAD_BYTES = 128;
 /**
  * Bounded WAL: deletes ordered rows older than the retention window, but never at or after
  * `keepFrom` (the merkle index's redo point: recovery must be able to read from there).
- * Returns how many rows went and the new oldest position.
+ * Returns how many rows went, the position collected up to, and the one the bound alone wanted
+ * (higher when recovery's redo point held collection back: the caller flushes and retries).
  */
-export async function collectWal(db: Kysely<DB>, retention: WalRetention, keepFrom: number, maxDelete = 20_000): Promise<{ deleted: number; cutoff: number }> {
+export async function collectWal(
+  db: Kysely<DB>,
+  retention: WalRetention,
+  keepFrom: number,
+  maxDelete = 20_000,
+): Promise<{ deleted: number; cutoff: number; wanted: number }> {
   const { rows } = await sql<{ cutoff: number | null }>`
     WITH head AS (SELECT last_lsn FROM coffer_wal_head WHERE id = 1),
          recent AS (
@@ -172,10 +188,11 @@ export async function collectWal(db: Kysely<DB>, retention: WalRetention, keepFr
              (SELECT last_lsn FROM head) - ${retention.maxRows},
              coalesce((SELECT max(lsn) FROM recent WHERE bytes > ${retention.maxBytes}), 0)
            ) AS cutoff`.execute(db);
-  const cutoff = Math.min(Number(rows[0].cutoff ?? 0), keepFrom - 1);
-  if (cutoff <= 0) return { deleted: 0, cutoff: 0 };
+  const wanted = Number(rows[0].cutoff ?? 0);
+  const cutoff = Math.min(wanted, keepFrom - 1);
+  if (cutoff <= 0) return { deleted: 0, cutoff: 0, wanted };
   const del = await sql`
     DELETE FROM coffer_wal WHERE seq IN (
       SELECT seq FROM coffer_wal WHERE lsn IS NOT NULL AND lsn <= ${cutoff} ORDER BY lsn LIMIT ${maxDelete})`.execute(db);
-  return { deleted: Number(del.numAffectedRows ?? 0), cutoff };
+  return { deleted: Number(del.numAffectedRows ?? 0), cutoff, wanted };
 }
