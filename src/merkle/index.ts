@@ -233,6 +233,9 @@ export class MerkleIndex {
     while (next <= to) {
       const chunk = await walForRedo(this.o.db, next, to, REDO_CHUNK);
       if (chunk.length === 0 || chunk[0].lsn !== next) throw new WalGap(next, chunk[0]?.lsn ?? null);
+      // Dense inside the chunk too (collection only ever removes a prefix, but say so if not).
+      const hole = chunk.findIndex((r, i) => r.lsn !== next + i);
+      if (hole > 0) throw new WalGap(next + hole, chunk[hole].lsn);
       scanned += chunk.length;
       const r = await this.redoRecords(chunk);
       applied += r.applied;
