@@ -89,6 +89,9 @@ export class MustForward extends kind('must_forward') {
 /** The primary could not be reached (or refused) while forwarding a write. */
 export class UpstreamUnavailable extends kind('upstream_unavailable') {}
 
+/** This cluster was a primary and another cluster has been promoted since: it takes no writes. */
+export class Superseded extends kind('superseded') {}
+
 /** An error the primary answered to a forwarded request, relayed with its status as it is. */
 export class Relayed extends kind('relayed') {
   constructor(

@@ -17,6 +17,7 @@ const STATUS: Record<string, number> = {
   sealed: 503,
   storage_unavailable: 503,
   upstream_unavailable: 502,
+  superseded: 503,
 };
 
 export interface HttpError {

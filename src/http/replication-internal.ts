@@ -68,9 +68,17 @@ export function replicationInternalRouter(r: Replication): express.Router {
       },
     );
   });
-  router.post('/apply', h(async (req) => {
-    await r.authenticatePrimary(req.header(CREDENTIAL_HEADER));
-    return r.applyPushed(req.body);
-  }));
+  router.post('/apply', (req, res) => {
+    (async () => {
+      // Fencing first: a superseded primary learns it from the 409, whoever it is.
+      const stale = await r.epochGuard(req.body ?? {});
+      if (stale) return res.status(409).json({ errors: [stale.reason], epoch: stale.epoch });
+      await r.authenticatePrimary(req.header(CREDENTIAL_HEADER));
+      return res.json(await r.applyPushed(req.body));
+    })().catch((err) => {
+      const e = toHttpError(err);
+      res.status(e.status).json({ errors: e.errors });
+    });
+  });
   return router;
 }

@@ -12,7 +12,7 @@ import { createHash, randomUUID } from 'node:crypto';
 import type { Kysely } from 'kysely';
 import type { Logger } from 'pino';
 import type { Core } from '../core/core';
-import { InvalidRequest, PermissionDenied, PreconditionFailed, Relayed, UpstreamUnavailable } from '../core/errors';
+import { InvalidRequest, PermissionDenied, PreconditionFailed, Relayed, Superseded, UpstreamUnavailable } from '../core/errors';
 import { Keyring, open, seal } from '../core/keyring';
 import type { LogicalRequest, LogicalResponse } from '../core/request';
 import { faultPoint } from '../faults';
@@ -23,6 +23,7 @@ import { HASH_BYTES, KEY_BYTES, pageHashes, PAGES, rootOf, SUBPAGES_PER_PAGE } f
 import { entriesOfSubpages, oldestRetainedLsn, pathsOfSubpages, readCheckpoint } from '../storage/merkle';
 import {
   applyBatch,
+  divergenceReport,
   readBatch,
   readReplication,
   secondaries,
@@ -116,6 +117,7 @@ const secondarySecretPath = (id: string) => `core/replication/secondaries/${id}`
 export class Replication {
   private timer: NodeJS.Timeout | null = null;
   private lastSeenMode: Mode | null = null;
+  private lastSeenSuperseded = false;
   private reconciling: Promise<void> | null = null;
   private connection: 'connected' | 'disconnected' = 'disconnected';
   private lastPrimaryHeartbeat: Date | null = null;
@@ -145,15 +147,26 @@ export class Replication {
 
   private async tick(): Promise<void> {
     const row = await readReplication(this.o.db);
-    if (row.mode !== this.lastSeenMode) {
+    const superseded = row.mode === 'primary' && row.supersededByEpoch !== null;
+    if (row.mode !== this.lastSeenMode || superseded !== this.lastSeenSuperseded) {
       // Another process of this cluster changed the role: follow it.
       this.lastSeenMode = row.mode;
-      this.o.core.barrier.replicatedReadOnly = row.mode === 'secondary';
-      this.o.core.forwarder = row.mode === 'secondary' ? { forward: (req) => this.forward(req) } : null;
+      this.lastSeenSuperseded = superseded;
+      this.o.core.barrier.replicatedReadOnly = row.mode === 'secondary' || superseded;
+      this.o.core.forwarder =
+        row.mode === 'secondary'
+          ? { forward: (req) => this.forward(req) }
+          : superseded
+            ? {
+                forward: async () => {
+                  throw new Superseded(`this cluster was superseded by a promoted primary (epoch ${row.supersededByEpoch}); demote it and re-point it with secondary/update-primary`);
+                },
+              }
+            : null;
       if (!this.o.core.sealed) await this.o.core.reloadMounts().catch(() => undefined);
     }
     if (!this.o.isActive() || this.o.core.sealed) return;
-    if (row.mode === 'primary') await this.wakeShipping();
+    if (row.mode === 'primary' && !superseded) await this.wakeShipping();
     if (row.mode === 'secondary') await this.secondaryDuties(row);
   }
 
@@ -167,7 +180,7 @@ export class Replication {
     const row = await readReplication(this.o.db);
     if (row.mode === 'secondary') throw new InvalidRequest('this cluster is a secondary; promote it instead');
     if (row.mode === 'primary') return { warnings: ['this cluster is already a performance primary'] };
-    await updateReplication(this.o.db, { mode: 'primary', set_id: randomUUID(), state: 'running' });
+    await updateReplication(this.o.db, { mode: 'primary', set_id: randomUUID(), state: 'running', epoch: 1, superseded_by_epoch: null });
     this.lastSeenMode = null;
     return { warnings: ['This cluster is now a performance primary.'] };
   }
@@ -230,6 +243,7 @@ export class Replication {
     return {
       set_id: row.setId,
       head_lsn: head,
+      epoch: row.epoch,
       version: this.o.version,
       keyring: seal(keyringTransportKey(secret), 0, 'coffer/replication-keyring', this.o.core.barrier.currentKeyring.serialize()).toString('base64'),
     };
@@ -327,7 +341,8 @@ export class Replication {
       ...(body.state === 'stream-wals' && before?.status !== 'needs-reconcile' ? { status: 'streaming' } : {}),
       ...(back ? { acked_lsn: Number(body.applied_lsn) } : {}),
     });
-    return { head_lsn: await walHead(this.o.db), version: this.o.version, reconcile: before?.status === 'needs-reconcile' };
+    const me = await readReplication(this.o.db);
+    return { head_lsn: await walHead(this.o.db), version: this.o.version, epoch: me.epoch, reconcile: before?.status === 'needs-reconcile' };
   }
 
   /** Runs a write a secondary forwarded, and answers with the WAL position it got. */
@@ -401,13 +416,19 @@ export class Replication {
       const batch = await readBatch(this.o.db, s.ackedLsn, this.o.batchMaxRows, this.o.batchMaxBytes);
       if (!batch) return false;
       const secret = await this.secretOf(secondaryId);
-      const res = await call<{ applied: boolean; applied_lsn: number; reason?: string; errors?: string[] }>(`${s.apiAddr}${INTERNAL_PREFIX}/apply`, {
-        body: { from_lsn: batch.fromLsn, to_lsn: batch.toLsn, key_term: this.o.core.barrier.currentKeyring.activeTerm, entries: batch.entries.map(toWire) },
+      const me = await readReplication(this.o.db);
+      if (me.mode !== 'primary' || me.supersededByEpoch !== null) return false;
+      const res = await call<{ applied: boolean; applied_lsn: number; reason?: string; epoch?: number; errors?: string[] }>(`${s.apiAddr}${INTERNAL_PREFIX}/apply`, {
+        body: { epoch: me.epoch, from_lsn: batch.fromLsn, to_lsn: batch.toLsn, key_term: this.o.core.barrier.currentKeyring.activeTerm, entries: batch.entries.map(toWire) },
         headers: { [CREDENTIAL_HEADER]: credentialHeader(secondaryId, secret) },
       }).catch(async (err: Error) => {
         await secondaries.update(this.o.db, secondaryId, { last_error: err.message });
         throw err;
       });
+      if (res.status === 409 && Number(res.body?.epoch) > me.epoch) {
+        await this.markSuperseded(Number(res.body.epoch), `${s.apiAddr} answered: ${(res.body.errors ?? []).join('; ')}`);
+        return false;
+      }
       if (res.status !== 200) {
         const msg = `secondary answered ${res.status}: ${(res.body?.errors ?? []).join('; ')}`;
         await secondaries.update(this.o.db, secondaryId, { last_error: msg });
@@ -435,9 +456,10 @@ export class Replication {
   // ------------------------------------------------------------------ secondary
 
   /** secondary/enable: unwrap the token at the primary, wipe, take its keyring, bootstrap. */
-  async enableSecondary(token: string, primaryApiAddr?: string): Promise<LogicalResponse> {
+  async enableSecondary(token: string, primaryApiAddr?: string, repoint = false): Promise<LogicalResponse> {
     const row = await readReplication(this.o.db);
-    if (row.mode === 'primary') throw new InvalidRequest('this cluster is a performance primary; disable it first');
+    if (row.mode === 'primary') throw new InvalidRequest(repoint ? 'this cluster is a performance primary; demote it first' : 'this cluster is a performance primary; disable it first');
+    if (repoint && row.mode !== 'secondary') throw new InvalidRequest('this cluster is not a performance secondary (enable it as one instead)');
     const act = decodeActivation(token);
     const addr = (primaryApiAddr || act.addr).replace(/\/$/, '');
     assertSafePrimaryAddr(addr, this.o.allowUnsafePrimaryAddr);
@@ -454,16 +476,19 @@ export class Replication {
       throw new InvalidRequest(`primary runs Coffer ${b.version}, newer than this cluster's ${this.o.version}; upgrade this cluster first`);
     }
     const headers = { [CREDENTIAL_HEADER]: credentialHeader(b.secondary_id, b.secret) };
-    const reg = await call<{ set_id: string; head_lsn: number; version: string; keyring: string; errors?: string[] }>(`${addr}${INTERNAL_PREFIX}/register`, {
+    const reg = await call<{ set_id: string; head_lsn: number; version: string; keyring: string; epoch?: number; errors?: string[] }>(`${addr}${INTERNAL_PREFIX}/register`, {
       body: { api_addr: this.o.apiAddr, version: this.o.version },
       headers,
     });
     if (reg.status !== 200) throw new InvalidRequest(`primary refused registration: ${(reg.body.errors ?? []).join('; ')}`);
 
-    // Point of no return: wipe replicated data and take the primary's keyring.
-    await wipeReplicated(this.o.db);
-    // The index must describe the wiped (empty) storage before it is compared with anything.
-    await this.o.merkle?.()?.rebuild('secondary enable wiped the replicated data');
+    // Point of no return: wipe replicated data (not when re-pointing: the merkle diff then moves
+    // only what differs) and take the primary's keyring.
+    if (!repoint) {
+      await wipeReplicated(this.o.db);
+      // The index must describe the wiped (empty) storage before it is compared with anything.
+      await this.o.merkle?.()?.rebuild('secondary enable wiped the replicated data');
+    }
     await this.adoptKeyring(reg.body.keyring, b.secret);
     await this.o.core.barrier.transaction((tx) => tx.putLocal(CREDENTIAL_PATH, { secondary_id: b.secondary_id, secret: b.secret }));
     await updateReplication(this.o.db, {
@@ -476,11 +501,21 @@ export class Replication {
       sync_lsn: null,
       sync_progress: 0,
       sync_total_keys: 0,
+      epoch: Math.max(Number(reg.body.epoch ?? 0), row.epoch),
+      superseded_by_epoch: null,
+      primary_head_lsn: reg.body.head_lsn,
+      primary_contact_at: new Date(),
       last_error: null,
     });
     this.lastSeenMode = null;
     await this.tick();
-    return { warnings: ['This cluster is now a performance secondary; its replicated data was replaced by the primary\'s.'] };
+    return {
+      warnings: [
+        repoint
+          ? 'This cluster now follows the new primary; it reconciles by merkle diff (keys it must overwrite are kept in its divergence report).'
+          : "This cluster is now a performance secondary; its replicated data was replaced by the primary's.",
+      ],
+    };
   }
 
   async disableSecondary(): Promise<LogicalResponse> {
@@ -491,6 +526,101 @@ export class Replication {
     this.lastSeenMode = null;
     await this.tick();
     return { status: 204 };
+  }
+
+  // ------------------------------------------------------------------ failover
+
+  /**
+   * secondary/promote: this secondary becomes the primary of the set, in a new epoch. It keeps
+   * every write it has applied; the response says how far behind the old primary it was at the
+   * last contact (what asynchronous replication may have lost). Other secondaries and the old
+   * primary (demoted) re-point with `update-primary` and reconcile by merkle diff.
+   */
+  async promote(force = false): Promise<LogicalResponse> {
+    const row = await readReplication(this.o.db);
+    if (row.mode !== 'secondary') throw new InvalidRequest('this cluster is not a performance secondary');
+    if ((row.state === 'merkle-diff' || row.state === 'merkle-sync') && !force) {
+      throw new InvalidRequest(`this secondary is in ${row.state}: its data is partial; finish reconciling or promote with force=true`);
+    }
+    const epoch = Math.max(row.epoch, 1) + 1;
+    await updateReplication(this.o.db, {
+      mode: 'primary',
+      state: 'running',
+      epoch,
+      superseded_by_epoch: null,
+      primary_api_addr: null,
+      secondary_id: null,
+      sync_lsn: null,
+      last_error: null,
+    });
+    await secondaries.deleteAll(this.o.db);
+    await this.o.core.barrier.transaction((tx) => tx.deleteLocal(CREDENTIAL_PATH));
+    this.lastSeenMode = null;
+    await this.tick();
+    const behind = row.primaryHeadLsn === null ? null : Math.max(0, row.primaryHeadLsn - row.appliedLsn);
+    this.o.log.warn({ epoch, applied_lsn: row.appliedLsn, primary_head_at_last_contact: row.primaryHeadLsn, behind }, 'promoted to performance primary');
+    return {
+      data: {
+        epoch,
+        last_remote_wal: row.appliedLsn,
+        primary_last_wal_at_last_contact: row.primaryHeadLsn,
+        last_contact_time: row.primaryContactAt?.toISOString() ?? null,
+        wal_behind_at_last_contact: behind,
+      },
+      warnings: [
+        `This cluster is now the performance primary (epoch ${epoch}). ` +
+          (behind === null
+            ? 'It never heard its old primary report a WAL position.'
+            : `At the last contact with the old primary (${row.primaryContactAt?.toISOString()}), it was ${behind} WAL position(s) behind: writes the old primary acknowledged after those may not be here.`),
+        'Re-point the other secondaries and the old primary (after demoting it) with secondary/update-primary and new secondary tokens from this cluster.',
+      ],
+    };
+  }
+
+  /** primary/demote: this primary becomes a secondary that follows nobody until update-primary. */
+  async demote(): Promise<LogicalResponse> {
+    const row = await readReplication(this.o.db);
+    if (row.mode !== 'primary') throw new InvalidRequest('this cluster is not a performance primary');
+    await updateReplication(this.o.db, { mode: 'secondary', state: 'idle', primary_api_addr: null, secondary_id: null, last_error: 'demoted: waiting for secondary/update-primary' });
+    await secondaries.deleteAll(this.o.db);
+    this.lastSeenMode = null;
+    await this.tick();
+    return { warnings: ['This cluster is now a performance secondary; it connects nowhere until secondary/update-primary. Its replicated data is kept.'] };
+  }
+
+  /** Refuses a batch from a primary of an older epoch (409, with ours, so it learns it is superseded). */
+  async epochGuard(body: { epoch?: unknown }): Promise<{ epoch: number; reason: string } | null> {
+    const row = await readReplication(this.o.db);
+    const theirs = Number(body?.epoch ?? 0);
+    if (row.mode === 'primary' && row.epoch > theirs) return { epoch: row.epoch, reason: `this cluster was promoted to primary at epoch ${row.epoch}; the sender (epoch ${theirs}) is superseded` };
+    if (row.mode === 'secondary' && theirs > 0 && row.epoch > theirs) return { epoch: row.epoch, reason: `this secondary follows epoch ${row.epoch}; the sender (epoch ${theirs}) is superseded` };
+    return null;
+  }
+
+  /** A primary that learnt a higher epoch exists stops taking writes and says so in its status. */
+  private async markSuperseded(epoch: number, why: string): Promise<void> {
+    const row = await readReplication(this.o.db);
+    if (row.mode !== 'primary' || epoch <= row.epoch || row.supersededByEpoch !== null) return;
+    this.o.log.error({ epoch: row.epoch, superseded_by_epoch: epoch, why }, 'this primary has been superseded by a promoted cluster; it takes no more writes');
+    await updateReplication(this.o.db, { superseded_by_epoch: epoch, last_error: `superseded: ${why}` });
+    this.lastSeenMode = null;
+  }
+
+  async divergence(): Promise<LogicalResponse> {
+    const rows = await divergenceReport(this.o.db);
+    return {
+      data: {
+        keys: rows.map((r) => ({
+          path: r.path,
+          action: r.action,
+          local_version: Number(r.local_version),
+          local_value_sha256: r.local_value_sha256?.toString('hex') ?? null,
+          primary_version: r.primary_version === null ? null : Number(r.primary_version),
+          epoch: Number(r.epoch),
+          detected_at: r.detected_at.toISOString(),
+        })),
+      },
+    };
   }
 
   private async adoptKeyring(sealedB64: string, secret: string): Promise<void> {
@@ -516,6 +646,8 @@ export class Replication {
     const batch: Batch = { fromLsn: Number(body.from_lsn), toLsn: Number(body.to_lsn), entries: (body.entries ?? []).map(fromWire) };
     if (!Number.isInteger(batch.fromLsn) || !Number.isInteger(batch.toLsn) || batch.toLsn < batch.fromLsn) throw new InvalidRequest('bad batch bounds');
     if (body.key_term && !this.o.core.barrier.currentKeyring.has(Number(body.key_term))) await this.refreshKeyring();
+    const epoch = Number((body as { epoch?: number }).epoch ?? 0);
+    if (epoch > 0) await this.o.db.updateTable('coffer_replication').set({ epoch: epoch }).where('id', '=', 1).where('epoch', '<', epoch).execute();
     const out = await applyBatch(this.o.db, batch);
     if (out.applied && batch.entries.some((e) => e.path.startsWith('core/mounts') || e.path.startsWith('core/auth'))) {
       await this.o.core.reloadMounts().catch(() => undefined);
@@ -609,7 +741,8 @@ export class Replication {
     if (row.state !== 'stream-wals' && row.state !== 'idle') return;
     try {
       const cred = await this.credential();
-      const res = await call<{ head_lsn: number; version: string; reconcile?: boolean }>(`${row.primaryApiAddr}${INTERNAL_PREFIX}/heartbeat`, {
+      if (!row.primaryApiAddr) return; // demoted: follows nobody until update-primary
+      const res = await call<{ head_lsn: number; version: string; epoch?: number; reconcile?: boolean }>(`${row.primaryApiAddr}${INTERNAL_PREFIX}/heartbeat`, {
         body: { applied_lsn: row.appliedLsn, state: row.state, api_addr: this.o.apiAddr },
         headers: { [CREDENTIAL_HEADER]: credentialHeader(cred.secondary_id, cred.secret) },
         timeoutMs: 2000,
@@ -628,7 +761,12 @@ export class Replication {
         return;
       }
       if (row.state !== 'stream-wals') await updateReplication(this.o.db, { state: 'stream-wals', last_error: null });
-      await updateReplication(this.o.db, { last_heartbeat: new Date() });
+      await updateReplication(this.o.db, {
+        last_heartbeat: new Date(),
+        primary_head_lsn: Number(res.body.head_lsn),
+        primary_contact_at: new Date(),
+        ...(Number(res.body.epoch) > row.epoch ? { epoch: Number(res.body.epoch) } : {}),
+      });
     } catch (err) {
       this.connection = 'disconnected';
       if (row.state !== 'idle') await updateReplication(this.o.db, { state: 'idle', last_error: (err as Error).message });
@@ -812,6 +950,9 @@ export class Replication {
         last_performance_wal: head,
         merkle_root: await this.merkleRoot(),
         ...this.reindexStatus(row),
+        epoch: row.epoch,
+        superseded: row.supersededByEpoch !== null,
+        ...(row.supersededByEpoch !== null ? { superseded_by_epoch: row.supersededByEpoch } : {}),
         known_secondaries: list.filter((s) => s.status !== 'revoked').map((s) => s.secondaryId),
         secondaries: list
           .filter((s) => s.status !== 'revoked')
@@ -841,6 +982,7 @@ export class Replication {
       last_wal: head,
       merkle_root: await this.merkleRoot(),
       ...this.reindexStatus(row),
+      epoch: row.epoch,
       primaries: [
         {
           api_address: row.primaryApiAddr ?? '',

@@ -78,6 +78,38 @@ export function replicationRoutes(r: Replication): RouteDef[] {
       sudo: true,
       operations: { update: () => r.recover() },
     },
+    {
+      pattern: 'replication/performance/secondary/promote',
+      summary: 'Promotes this secondary to primary of the set, in a new epoch (the old primary is fenced).',
+      sudo: true,
+      fields: {
+        force: { type: 'bool', default: false, description: 'Promote even while reconciling (the data may be partial).' },
+        primary_cluster_addr: { type: 'string', description: 'Accepted for compatibility.' },
+      },
+      operations: { update: (ctx) => r.promote(Boolean(ctx.fields.force)) },
+    },
+    {
+      pattern: 'replication/performance/primary/demote',
+      summary: 'Demotes this primary to a secondary that follows nobody until update-primary (its data is kept).',
+      sudo: true,
+      operations: { update: () => r.demote() },
+    },
+    {
+      pattern: 'replication/performance/secondary/update-primary',
+      summary: 'Re-points this secondary at a (new) primary with a token from it; no wipe: it reconciles by merkle diff.',
+      sudo: true,
+      fields: {
+        token: { type: 'string', required: true, description: 'An activation token from the new primary.' },
+        primary_api_addr: { type: 'string', description: "Overrides the primary's address inside the token." },
+      },
+      operations: { update: (ctx) => r.enableSecondary(ctx.fields.token, ctx.fields.primary_api_addr, true) },
+    },
+    {
+      pattern: 'replication/performance/divergence',
+      summary: 'Keys this cluster held that its primary did not, overwritten or removed by merkle-sync (values stay encrypted).',
+      sudo: true,
+      operations: { read: () => r.divergence() },
+    },
     { pattern: 'replication/performance/secondary/disable', summary: 'Leaves the replication set.', sudo: true, operations: { update: () => r.disableSecondary() } },
   ];
 }

@@ -8,6 +8,7 @@ import * as m0002 from '../../db/migrations/0002_leases';
 import * as m0003 from '../../db/migrations/0003_keyring_term';
 import * as m0004 from '../../db/migrations/0004_replication';
 import * as m0005 from '../../db/migrations/0005_merkle';
+import * as m0006 from '../../db/migrations/0006_failover';
 
 const migrations: Record<string, Migration> = {
   '0001_initial': m0001,
@@ -15,6 +16,7 @@ const migrations: Record<string, Migration> = {
   '0003_keyring_term': m0003,
   '0004_replication': m0004,
   '0005_merkle': m0005,
+  '0006_failover': m0006,
 };
 
 const provider: MigrationProvider = { getMigrations: async () => migrations };

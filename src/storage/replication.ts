@@ -108,11 +108,33 @@ const SYNC_PURGE = (paths: string[]) => sql<{ seq: number }>`
  * primary is the truth here, so this is not "newer version wins". Refused unless this cluster
  * is a secondary in merkle-sync (invariant 7: only replication writes replicated data here).
  */
+export async function divergenceReport(db: Kysely<DB>, limit = 1000) {
+  return db.selectFrom('coffer_divergence').selectAll().orderBy('id', 'desc').limit(limit).execute();
+}
+
 export async function syncEntries(db: Kysely<DB>, entries: ShippedEntry[], purgePaths: string[]): Promise<number> {
   return db.transaction().execute(async (tx) => {
     const { rows } = await sql<{ mode: string; state: string }>`SELECT mode, state FROM coffer_replication WHERE id = 1 FOR UPDATE`.execute(tx);
     if (rows[0].mode !== 'secondary' || rows[0].state !== 'merkle-sync') throw new Error(`merkle-sync refused: cluster is ${rows[0].mode} in state ${rows[0].state}`);
     let changed = 0;
+    // Before overwriting: keep a record of every live value here that the primary does not
+    // have — same or newer version with another value, or a key it has no row for.
+    const epoch = Number((await sql<{ epoch: number }>`SELECT epoch FROM coffer_replication WHERE id = 1`.execute(tx)).rows[0].epoch);
+    if (entries.length) {
+      await sql`
+        INSERT INTO coffer_divergence (path, local_version, local_value_sha256, primary_version, action, epoch)
+        SELECT c.path, c.version, c.value_hash, x.v, CASE WHEN x.h IS NULL THEN 'deleted' ELSE 'overwritten' END, ${epoch}
+          FROM coffer_entries c
+          JOIN unnest(${entries.map((e) => e.path)}::text[], ${entries.map((e) => e.version)}::bigint[],
+                      ${entries.map((e) => (e.value ? valueHash(e.value) : null))}::bytea[]) AS x(p, v, h) ON c.path = x.p
+         WHERE c.value IS NOT NULL AND c.version >= x.v AND c.value_hash IS DISTINCT FROM x.h`.execute(tx);
+    }
+    if (purgePaths.length) {
+      await sql`
+        INSERT INTO coffer_divergence (path, local_version, local_value_sha256, primary_version, action, epoch)
+        SELECT path, version, value_hash, NULL, 'purged', ${epoch} FROM coffer_entries
+         WHERE path = ANY(${purgePaths}::text[]) AND value IS NOT NULL`.execute(tx);
+    }
     if (entries.length) {
       const r = await SYNC_PUT(
         entries.map((e) => e.path),
@@ -169,6 +191,10 @@ export interface ReplicationRow {
   syncProgress: number;
   syncTotalKeys: number;
   lastReindexAt: Date | null;
+  epoch: number;
+  supersededByEpoch: number | null;
+  primaryHeadLsn: number | null;
+  primaryContactAt: Date | null;
   lastHeartbeat: Date | null;
   lastError: string | null;
 }
@@ -189,6 +215,10 @@ export async function readReplication(db: Kysely<DB>): Promise<ReplicationRow> {
     syncProgress: Number(r.sync_progress),
     syncTotalKeys: Number(r.sync_total_keys),
     lastReindexAt: r.last_reindex_at,
+    epoch: Number(r.epoch),
+    supersededByEpoch: r.superseded_by_epoch === null ? null : Number(r.superseded_by_epoch),
+    primaryHeadLsn: r.primary_head_lsn === null ? null : Number(r.primary_head_lsn),
+    primaryContactAt: r.primary_contact_at,
     lastHeartbeat: r.last_heartbeat,
     lastError: r.last_error,
   };
@@ -212,6 +242,10 @@ export async function updateReplication(
     sync_progress: number;
     sync_total_keys: number;
     last_reindex_at: Date | null;
+    epoch: number;
+    superseded_by_epoch: number | null;
+    primary_head_lsn: number | null;
+    primary_contact_at: Date | null;
   }>,
 ): Promise<void> {
   await db.updateTable('coffer_replication').set({ ...patch, updated_at: new Date() }).where('id', '=', 1).execute();

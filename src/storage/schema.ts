@@ -119,6 +119,10 @@ export interface ReplicationTable {
   sync_progress: ColumnType<number, number | undefined>;
   sync_total_keys: ColumnType<number, number | undefined>;
   last_reindex_at: Date | null;
+  epoch: ColumnType<number, number | undefined>;
+  superseded_by_epoch: number | null;
+  primary_head_lsn: number | null;
+  primary_contact_at: Date | null;
   last_heartbeat: Date | null;
   last_error: string | null;
   updated_at: ColumnType<Date, Date | undefined>;
@@ -154,7 +158,19 @@ export interface MerkleCheckpointTable {
   taken_at: Timestamp;
 }
 
+export interface DivergenceTable {
+  id: Generated<number>;
+  detected_at: Timestamp;
+  path: string;
+  local_version: Int8;
+  local_value_sha256: Buffer | null;
+  primary_version: Int8 | null;
+  action: 'overwritten' | 'deleted' | 'purged';
+  epoch: Int8;
+}
+
 export interface DB {
+  coffer_divergence: DivergenceTable;
   coffer_merkle_pages: MerklePagesTable;
   coffer_merkle_checkpoint: MerkleCheckpointTable;
   coffer_replication: ReplicationTable;
