@@ -153,18 +153,21 @@ export async function merkleScenario(seconds: number): Promise<Figure[]> {
     await bulkLoad(pdb.url, N);
     log(`loaded ${N} entries in ${((performance.now() - t) / 1000).toFixed(1)} s`);
 
-    // 1. full reindex
+    // 1. full reindex (on a primary: a cluster with replication disabled reports no index fields)
+    await vault(pri.addr, 'POST', 'sys/replication/performance/primary/enable', { token: pri.token, body: {} });
     await metric(primary, rootToken, 'nodejs_eventloop_lag_max_seconds'); // resets the window
     t = performance.now();
     await vault(pri.addr, 'POST', 'sys/replication/reindex', { token: pri.token, body: {} });
-    await waitFor('reindex to finish', async () => (await status(pri.addr)).last_reindex_epoch !== '0' && !(await status(pri.addr)).reindex_in_progress, { timeoutMs: 600_000, intervalMs: 100 });
+    await waitFor('reindex to finish', async () => {
+      const s = await status(pri.addr);
+      return s.mode === 'primary' && s.last_reindex_epoch !== '0' && s.reindex_in_progress === false;
+    }, { timeoutMs: 600_000, intervalMs: 100 });
     const reindexWall = (performance.now() - t) / 1000;
     const reindexSeconds = (await metric(primary, rootToken, 'coffer_merkle_recovery_seconds', 'mode="rebuild"')) ?? reindexWall;
     const reindexLagMax = (await metric(primary, rootToken, 'nodejs_eventloop_lag_max_seconds')) ?? NaN;
     log(`reindex ${reindexSeconds.toFixed(2)} s (wall ${reindexWall.toFixed(2)} s), event-loop delay max ${(reindexLagMax * 1000).toFixed(1)} ms`);
 
     // ---------------------------------------------------------------- 2. a new secondary: full sync
-    await vault(pri.addr, 'POST', 'sys/replication/performance/primary/enable', { token: pri.token, body: {} });
     proxy = await recordingProxy(() => pri.addr);
     const sdb = await createTestDatabase('bench_merkle_s');
     dbs.push(sdb);
@@ -216,8 +219,13 @@ export async function merkleScenario(seconds: number): Promise<Figure[]> {
       });
       log(`d=${d}: ${rts} round trips, ${bytes} B total (${payload} payload), ${(bytes / fullBytes).toFixed(5)} of a full copy`);
     }
-    const [pr, sr] = [await status(pri.addr), await status(secondary.addr)];
-    log(`roots after reconciliation: primary ${pr.merkle_root} secondary ${sr.merkle_root} (writes quiesced: ${pr.merkle_root === sr.merkle_root ? 'equal' : 'DIFFERENT'})`);
+    // The secondary's index takes in what merkle-sync wrote once its own WAL is ordered.
+    t = performance.now();
+    const equalRoot = await waitFor('equal roots', async () => {
+      const [pr, sr] = [await status(pri.addr), await status(secondary.addr)];
+      return pr.merkle_root && pr.merkle_root === sr.merkle_root ? pr.merkle_root : null;
+    }, { timeoutMs: 120_000, intervalMs: 100 }).catch(() => null);
+    log(`roots after reconciliation: ${equalRoot ? `equal (${equalRoot}) ${((performance.now() - t) / 1000).toFixed(2)} s after stream-wals` : 'DIFFERENT after 120 s'}`);
 
     // ---------------------------------------------------------------- 4. recovery after kill -9
     await mountKv2(pri.addr, pri.token, 'secret').catch(() => undefined);
