@@ -13,6 +13,7 @@ import { Metrics, type MerkleGauges } from './http/metrics';
 import { walGauges } from './storage/wal';
 import { replicationGauges } from './storage/replication';
 import { listen, type RunningListener } from './http/list-method';
+import { clusterApp, listenCluster, type ClusterListener } from './http/cluster-listener';
 import { ActiveNode } from './replication/active-node';
 import { openEmbedded, openPostgres, type Database } from './storage/db';
 import { migrateToLatest } from './storage/migrate';
@@ -39,6 +40,8 @@ export interface RunningServer {
   database: Database;
   listeners: RunningListener[];
   apiAddr: string;
+  /** The cluster listener's advertised address (replication over mutual TLS); '' without TLS. */
+  clusterAddr: string;
   log: Logger;
   rootToken?: string;
   unsealKey?: string;
@@ -147,12 +150,22 @@ export async function startServer(config: CofferConfig, dev?: DevOptions): Promi
     });
     for (const l of config.listeners) listeners.push(await startListener(app, l));
     if (!apiAddr) apiAddr = `${scheme}://${listeners[0].address.host}:${listeners[0].address.port}`;
+    // With TLS, replication between clusters runs over mutual TLS on a cluster listener of its
+    // own (Vault's cluster port), with certificates from the primary's replication CA.
+    let cluster: ClusterListener | null = null;
+    let clusterAddr = '';
+    if (!first.tlsDisable) {
+      const bind = clusterBind(config, first, listeners[0]);
+      cluster = await listenCluster(clusterApp(INTERNAL_PREFIX, replicationInternalRouter(replication, { cluster: true }), first.maxRequestSizeBytes), bind.host, bind.port);
+      clusterAddr = config.clusterAddr ?? `https://${hostForUrl(cluster.address.host)}:${cluster.address.port}`;
+      replicationOpts.clusterAddr = clusterAddr;
+    }
     node = new ActiveNode({
       db: database.db,
       connectionString: database.connectionString,
       nodeId,
       apiAddr,
-      clusterAddr: config.clusterAddr ?? '',
+      clusterAddr: clusterAddr || (config.clusterAddr ?? ''),
       log,
       singleProcess: database.embedded,
       onSequenced: () => replication.poke(),
@@ -164,6 +177,20 @@ export async function startServer(config: CofferConfig, dev?: DevOptions): Promi
     replicationOpts.apiAddr = apiAddr;
     await node!.start();
     replication.start();
+    // The cluster listener's certificate follows this cluster's replication role (and the seal).
+    let identityTimer: NodeJS.Timeout | undefined;
+    if (cluster) {
+      const c = cluster;
+      const refresh = () =>
+        void replication.clusterIdentity().then(
+          (id) => c.setIdentity(id),
+          (err) => log.warn({ err: (err as Error).message }, 'could not load the replication certificate'),
+        );
+      replication.tls.onChange = refresh;
+      identityTimer = setInterval(refresh, 1000);
+      identityTimer.unref();
+      refresh();
+    }
 
     const result: RunningServer = {
       core,
@@ -171,13 +198,15 @@ export async function startServer(config: CofferConfig, dev?: DevOptions): Promi
       database,
       listeners,
       apiAddr,
+      clusterAddr,
       log,
       async stop() {
         replication.stop();
+        clearInterval(identityTimer);
         clearInterval(autoUnsealTimer);
         clearInterval(sweepTimer);
         await queue.close().catch(() => undefined);
-        await Promise.all(listeners.map((l) => l.close()));
+        await Promise.all([...listeners.map((l) => l.close()), cluster?.close()]);
         await node!.stop();
         await pool?.destroy();
         await database.close();
@@ -200,12 +229,30 @@ export async function startServer(config: CofferConfig, dev?: DevOptions): Promi
       if (node!.isActive()) core.sweep().catch((err) => log.warn({ err: err.message }, 'expiry sweep failed'));
     }, config.expirySweepIntervalMs);
     sweepTimer.unref();
-    log.info({ apiAddr, node: nodeId, storage: config.storage.type, queue: config.queue ? 'redis' : 'in-process' }, 'coffer server started');
+    log.info({ apiAddr, ...(clusterAddr ? { clusterAddr } : {}), node: nodeId, storage: config.storage.type, queue: config.queue ? 'redis' : 'in-process' }, 'coffer server started');
     return result;
   } catch (err) {
     await database.close().catch(() => undefined);
     throw err;
   }
+}
+
+/**
+ * Where the cluster listener binds: the listener's `cluster_address`; else the API listener's
+ * host with `cluster_addr`'s port; else the API port + 1 (Vault's default), or any free port
+ * when the API port was 0.
+ */
+function clusterBind(config: CofferConfig, first: ListenerConfig, api: RunningListener): { host: string; port: number } {
+  if (first.clusterAddress) return splitAddress(first.clusterAddress);
+  if (config.clusterAddr) {
+    const u = new URL(config.clusterAddr);
+    return { host: api.address.host, port: Number(u.port || 8201) };
+  }
+  return { host: api.address.host, port: splitAddress(first.address).port === 0 ? 0 : api.address.port + 1 };
+}
+
+function hostForUrl(host: string): string {
+  return host.includes(':') ? `[${host}]` : host;
 }
 
 async function startListener(app: ReturnType<typeof createApp>, l: ListenerConfig): Promise<RunningListener> {

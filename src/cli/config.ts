@@ -26,6 +26,8 @@ export interface ListenerConfig {
   tlsDisable: boolean;
   tlsCertFile?: string;
   tlsKeyFile?: string;
+  /** Where the cluster listener (replication over mutual TLS) binds; Vault's `cluster_address`. */
+  clusterAddress?: string;
   maxRequestSizeBytes: number;
   requestTimeoutMs: number;
 }
@@ -563,6 +565,7 @@ const LISTENER_FIELDS = {
   tls_disable: bool,
   tls_cert_file: text,
   tls_key_file: text,
+  cluster_address: hostPort,
   max_request_size: sizeBytes,
   max_request_duration: durationMs,
 };
@@ -586,6 +589,7 @@ function readTcpListener(body: Body, at: string, problems: Problems): ListenerCo
     tlsDisable,
     tlsCertFile: f.tls_cert_file,
     tlsKeyFile: f.tls_key_file,
+    clusterAddress: f.cluster_address,
     maxRequestSizeBytes: f.max_request_size || DEFAULTS.maxRequestSizeBytes,
     requestTimeoutMs: f.max_request_duration || DEFAULTS.requestTimeoutMs,
   });

@@ -106,6 +106,7 @@ export function buildProgram(): Command {
         const cfg = await loadConfig(o.config);
         const s = await startServer(o.logLevel ? { ...cfg, logLevel: o.logLevel } : cfg);
         process.stdout.write(`==> Coffer server started on ${s.apiAddr} (version ${VERSION})\n`);
+        if (s.clusterAddr) process.stdout.write(`==> Cluster listener (replication, mutual TLS) on ${s.clusterAddr}\n`);
         onSignals(() => s.stop());
       } catch (err) {
         fail(err);

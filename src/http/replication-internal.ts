@@ -3,16 +3,29 @@
  * merkle-sync), heartbeats
  * and forwards writes to its primary; the primary pushes WAL batches to the secondary. Every
  * call is authenticated with the secondary's replication credential.
+ *
+ * Served on the API listener (plain-HTTP clusters) and, with `cluster: true`, on the cluster
+ * listener (mutual TLS; src/http/cluster-listener.ts), where the verified client certificate's
+ * common name is checked against the credential as well (replication/cluster-tls.ts).
  */
+import type { TLSSocket } from 'node:tls';
 import express, { type Request, type Response } from 'express';
 import { InvalidRequest } from '../core/errors';
 import type { LogicalRequest } from '../core/request';
 import { RELAYED_HEADER, type Replication } from '../replication/manager';
+import type { Peer } from '../replication/cluster-tls';
 import { CREDENTIAL_HEADER } from '../replication/wire';
 import { toHttpError } from './errors';
 
-export function replicationInternalRouter(r: Replication): express.Router {
+export function replicationInternalRouter(r: Replication, opts: { cluster?: boolean } = {}): express.Router {
   const router = express.Router();
+  /** The caller's verified client certificate (cluster listener only; undefined on an API listener). */
+  const peerOf = (req: Request): Peer | undefined => {
+    if (!opts.cluster) return undefined;
+    const socket = req.socket as TLSSocket;
+    const cn = socket.authorized ? socket.getPeerCertificate()?.subject?.CN : undefined;
+    return { cn: typeof cn === 'string' ? cn : null, relayed: req.header(RELAYED_HEADER) !== undefined };
+  };
   const h = (fn: (req: Request) => Promise<unknown>) => (req: Request, res: Response) => {
     fn(req).then(
       (body) => res.json(body),
@@ -22,13 +35,13 @@ export function replicationInternalRouter(r: Replication): express.Router {
       },
     );
   };
-  const asSecondary = (req: Request) => r.authenticateSecondary(req.header(CREDENTIAL_HEADER));
+  const asSecondary = (req: Request) => r.authenticateSecondary(req.header(CREDENTIAL_HEADER), peerOf(req));
 
   router.post('/register', h(async (req) => {
     const id = await asSecondary(req);
-    const b = req.body as { api_addr?: string; version?: string };
+    const b = req.body as { api_addr?: string; version?: string; cluster_addr?: string };
     if (typeof b.api_addr !== 'string' || !/^https?:\/\//.test(b.api_addr)) throw new InvalidRequest('api_addr must be an http(s) URL');
-    return r.register(id, b.api_addr.replace(/\/$/, ''), String(b.version ?? ''));
+    return r.register(id, b.api_addr.replace(/\/$/, ''), String(b.version ?? ''), typeof b.cluster_addr === 'string' ? b.cluster_addr : undefined);
   }));
   // The index lives on the active node: a standby relays these two there.
   for (const path of ['/merkle-diff', '/merkle-sync'] as const) {
@@ -73,7 +86,7 @@ export function replicationInternalRouter(r: Replication): express.Router {
       // Fencing first: a superseded primary learns it from the 409, whoever it is.
       const stale = await r.epochGuard(req.body ?? {});
       if (stale) return res.status(409).json({ errors: [stale.reason], epoch: stale.epoch });
-      await r.authenticatePrimary(req.header(CREDENTIAL_HEADER));
+      await r.authenticatePrimary(req.header(CREDENTIAL_HEADER), peerOf(req));
       return res.json(await r.applyPushed(req.body));
     })().catch((err) => {
       const e = toHttpError(err);

@@ -46,11 +46,13 @@ import {
   decodeActivation,
   encodeActivation,
   newSecret,
+  type TlsContext,
   parseCredentialHeader,
   secretDigest,
   secretMatches,
   CREDENTIAL_HEADER,
 } from './wire';
+import { admitsPrimary, ReplicationTls, routeToPrimary, type BundleTls, type Credential, type ListenerIdentity, type Peer } from './cluster-tls';
 
 export const INTERNAL_PREFIX = '/v1/sys/replication/performance/internal';
 /** Marks an internal call a standby relayed to its active node (relayed at most once). */
@@ -65,6 +67,8 @@ export interface ReplicationOptions {
   log: Logger;
   /** Set once the listener is up. */
   apiAddr: string;
+  /** This process's cluster listener (replication over mutual TLS), once it is up; none without TLS. */
+  clusterAddr?: string;
   version: string;
   isActive: () => boolean;
   /** The in-process sequencer's answer for a WAL row's position (active node only). */
@@ -121,6 +125,8 @@ export class Replication {
   private reconciling: Promise<void> | null = null;
   private connection: 'connected' | 'disconnected' = 'disconnected';
   private lastPrimaryHeartbeat: Date | null = null;
+  /** The replication CA and certificates (cluster-tls.ts). */
+  readonly tls = new ReplicationTls(() => this.o.core.barrier);
 
   constructor(private readonly o: ReplicationOptions) {}
 
@@ -180,7 +186,10 @@ export class Replication {
     const row = await readReplication(this.o.db);
     if (row.mode === 'secondary') throw new InvalidRequest('this cluster is a secondary; promote it instead');
     if (row.mode === 'primary') return { warnings: ['this cluster is already a performance primary'] };
-    await updateReplication(this.o.db, { mode: 'primary', set_id: randomUUID(), state: 'running', epoch: 1, superseded_by_epoch: null });
+    const setId = randomUUID();
+    // With TLS on our listener: a replication CA (local, never shared) and our own leaf.
+    if (this.o.clusterAddr) await this.tls.mint(setId);
+    await updateReplication(this.o.db, { mode: 'primary', set_id: setId, state: 'running', epoch: 1, superseded_by_epoch: null });
     this.lastSeenMode = null;
     return { warnings: ['This cluster is now a performance primary.'] };
   }
@@ -190,6 +199,7 @@ export class Replication {
     if (row.mode !== 'primary') throw new InvalidRequest('this cluster is not a performance primary');
     await secondaries.deleteAll(this.o.db);
     await updateReplication(this.o.db, { mode: 'disabled', set_id: null, state: 'idle' });
+    await this.tls.drop();
     this.lastSeenMode = null;
     return { warnings: ['Performance replication is disabled; secondaries must be re-enabled with new tokens.'] };
   }
@@ -199,18 +209,20 @@ export class Replication {
     const row = await readReplication(this.o.db);
     if (row.mode !== 'primary') throw new InvalidRequest('this cluster is not a performance primary');
     if (!/^[\w.-]{1,128}$/.test(id)) throw new InvalidRequest('id must be 1-128 letters, digits, ".", "_" or "-"');
+    // A primary with a replication CA issues this secondary a leaf (CN = id) for the bundle.
+    const tls = await this.tls.issueFor(id, this.o.clusterAddr ?? '');
     const secret = newSecret();
     await secondaries.upsert(this.o.db, id, secretDigest(secret));
     this.secrets.delete(id);
     // The primary pushes batches, so it keeps the secret itself, barrier-encrypted and local.
     await this.o.core.barrier.transaction((tx) => tx.putLocal(secondarySecretPath(id), secret));
     const wrapped = await this.o.core.wrapping.wrap(
-      { data: { set_id: row.setId, secondary_id: id, secret, primary_api_addr: this.o.apiAddr, version: this.o.version } },
+      { data: { set_id: row.setId, secondary_id: id, secret, primary_api_addr: this.o.apiAddr, version: this.o.version, ...(tls ? { tls } : {}) } },
       ttlSeconds,
       'sys/replication/performance/primary/secondary-token',
     );
     const info = wrapped.wrapInfo!;
-    return { data: null, wrapInfo: { ...info, token: encodeActivation(this.o.apiAddr, info.token), wrapped_accessor: '' } };
+    return { data: null, wrapInfo: { ...info, token: encodeActivation(this.o.apiAddr, info.token, tls !== undefined), wrapped_accessor: '' } };
   }
 
   async revokeSecondary(id: string): Promise<LogicalResponse> {
@@ -219,21 +231,31 @@ export class Replication {
     await secondaries.update(this.o.db, id, { status: 'revoked' });
     await this.o.db.updateTable('coffer_secondaries').set({ credential_hmac: null }).where('secondary_id', '=', id).execute();
     await this.o.core.barrier.transaction((tx) => tx.deleteLocal(secondarySecretPath(id)));
+    await this.tls.forgetSecondary(id);
     this.secrets.delete(id);
     return { status: 204 };
   }
 
-  /** Checks a secondary's credential on an internal call. */
-  async authenticateSecondary(header: string | undefined): Promise<string> {
+  /**
+   * Checks a secondary's credential on an internal call, and (`peer`: it came in on the cluster
+   * listener) that its client certificate is that secondary's.
+   */
+  async authenticateSecondary(header: string | undefined, peer?: Peer): Promise<string> {
     const cred = parseCredentialHeader(header);
     const row = cred ? await secondaries.get(this.o.db, cred.secondaryId) : null;
     if (!cred || !row || row.status === 'revoked' || !secretMatches(cred.secret, row.credentialHmac)) throw new PermissionDenied();
     if ((await readReplication(this.o.db)).mode !== 'primary') throw new PermissionDenied();
+    await this.tls.admitsSecondary(cred.secondaryId, peer);
     return cred.secondaryId;
   }
 
   /** A secondary announces itself after unwrapping its token; it gets the keyring and our head. */
-  async register(secondaryId: string, apiAddr: string, version: string) {
+  async register(secondaryId: string, apiAddr: string, version: string, clusterAddr?: string) {
+    // Over mutual TLS we push batches to the secondary's cluster listener.
+    if (await this.tls.primaryLeaf()) {
+      if (!clusterAddr) throw new InvalidRequest('this primary replicates over mutual TLS: register with a cluster_addr');
+      await this.tls.setSecondaryAddr(secondaryId, clusterAddr);
+    }
     const head = await walHead(this.o.db);
     // Nothing ships until the secondary has reconciled (merkle-diff, merkle-sync) and says
     // where it stands.
@@ -260,9 +282,11 @@ export class Replication {
    */
   async viaActive(path: '/merkle-diff' | '/merkle-sync', body: unknown, credential: string, relayed: boolean): Promise<{ status: number; body: unknown } | null> {
     if (this.o.merkle?.()) return null;
-    const leader = await this.o.db.selectFrom('coffer_nodes').select('api_addr').where('is_active', '=', true).executeTakeFirst();
+    const leader = await this.o.db.selectFrom('coffer_nodes').select(['api_addr', 'cluster_addr']).where('is_active', '=', true).executeTakeFirst();
     if (relayed || !leader || leader.api_addr === this.o.apiAddr) return null; // index() explains
-    const res = await call(`${leader.api_addr}${INTERNAL_PREFIX}${path}`, { body, headers: { [CREDENTIAL_HEADER]: credential, [RELAYED_HEADER]: '1' }, timeoutMs: 60_000 });
+    // Over mutual TLS: the active node's cluster listener, with this cluster's own leaf.
+    const route = await this.tls.routeToOwnNode(leader.api_addr, leader.cluster_addr);
+    const res = await call(`${route.base}${INTERNAL_PREFIX}${path}`, { body, headers: { [CREDENTIAL_HEADER]: credential, [RELAYED_HEADER]: '1' }, timeoutMs: 60_000, tls: route.tls });
     return { status: res.status, body: res.body };
   }
 
@@ -326,7 +350,9 @@ export class Replication {
     return { entries, purge, done };
   }
 
-  async heartbeatFrom(secondaryId: string, body: { applied_lsn?: number; state?: string; api_addr?: string }) {
+  async heartbeatFrom(secondaryId: string, body: { applied_lsn?: number; state?: string; api_addr?: string; cluster_addr?: string }) {
+    // A secondary whose active node moved says where its cluster listener is now.
+    if (typeof body.cluster_addr === 'string' && (await this.tls.primaryLeaf())) await this.tls.setSecondaryAddr(secondaryId, body.cluster_addr);
     const before = await secondaries.get(this.o.db, secondaryId);
     // Back from reconciliation: stream from the position its merkle-sync reached. The cursor
     // moves in the same UPDATE that makes the secondary shippable again: were it a separate
@@ -418,9 +444,11 @@ export class Replication {
       const secret = await this.secretOf(secondaryId);
       const me = await readReplication(this.o.db);
       if (me.mode !== 'primary' || me.supersededByEpoch !== null) return false;
-      const res = await call<{ applied: boolean; applied_lsn: number; reason?: string; epoch?: number; errors?: string[] }>(`${s.apiAddr}${INTERNAL_PREFIX}/apply`, {
+      const route = await this.tls.routeToSecondary(secondaryId, s.apiAddr);
+      const res = await call<{ applied: boolean; applied_lsn: number; reason?: string; epoch?: number; errors?: string[] }>(`${route.base}${INTERNAL_PREFIX}/apply`, {
         body: { epoch: me.epoch, from_lsn: batch.fromLsn, to_lsn: batch.toLsn, key_term: this.o.core.barrier.currentKeyring.activeTerm, entries: batch.entries.map(toWire) },
         headers: { [CREDENTIAL_HEADER]: credentialHeader(secondaryId, secret) },
+        tls: route.tls,
       }).catch(async (err: Error) => {
         await secondaries.update(this.o.db, secondaryId, { last_error: err.message });
         throw err;
@@ -456,17 +484,23 @@ export class Replication {
   // ------------------------------------------------------------------ secondary
 
   /** secondary/enable: unwrap the token at the primary, wipe, take its keyring, bootstrap. */
-  async enableSecondary(token: string, primaryApiAddr?: string, repoint = false): Promise<LogicalResponse> {
+  async enableSecondary(token: string, primaryApiAddr?: string, repoint = false, apiCa?: string): Promise<LogicalResponse> {
     const row = await readReplication(this.o.db);
     if (row.mode === 'primary') throw new InvalidRequest(repoint ? 'this cluster is a performance primary; demote it first' : 'this cluster is a performance primary; disable it first');
     if (repoint && row.mode !== 'secondary') throw new InvalidRequest('this cluster is not a performance secondary (enable it as one instead)');
     const act = decodeActivation(token);
+    // Refused before the single-use token is spent: its certificates need a cluster listener here.
+    if (act.tls && !this.o.clusterAddr) {
+      throw new InvalidRequest('the primary replicates over mutual TLS, which needs a cluster listener on this cluster: give its listener TLS (tls_disable = false)');
+    }
     const addr = (primaryApiAddr || act.addr).replace(/\/$/, '');
     assertSafePrimaryAddr(addr, this.o.allowUnsafePrimaryAddr);
-    // The wrapping token authenticates its own unwrap (single use: a replay is refused).
-    const unwrap = await call<{ data?: { set_id: string; secondary_id: string; secret: string; version: string }; errors?: string[] }>(`${addr}/v1/sys/wrapping/unwrap`, {
+    // The wrapping token authenticates its own unwrap (single use: a replay is refused);
+    // `apiCa` (ca_file, ca_path) is what we trust the primary's API listener with.
+    const unwrap = await call<{ data?: { set_id: string; secondary_id: string; secret: string; version: string; tls?: BundleTls }; errors?: string[] }>(`${addr}/v1/sys/wrapping/unwrap`, {
       body: {},
       headers: { 'x-vault-token': act.token },
+      tls: apiCa ? { ca: apiCa } : undefined,
     });
     if (unwrap.status !== 200 || !unwrap.body.data) {
       throw new InvalidRequest(`error response unwrapping secondary token; status code is ${unwrap.status}: ${(unwrap.body.errors ?? []).join('; ')}`);
@@ -476,9 +510,14 @@ export class Replication {
       throw new InvalidRequest(`primary runs Coffer ${b.version}, newer than this cluster's ${this.o.version}; upgrade this cluster first`);
     }
     const headers = { [CREDENTIAL_HEADER]: credentialHeader(b.secondary_id, b.secret) };
-    const reg = await call<{ set_id: string; head_lsn: number; version: string; keyring: string; epoch?: number; errors?: string[] }>(`${addr}${INTERNAL_PREFIX}/register`, {
-      body: { api_addr: this.o.apiAddr, version: this.o.version },
+    const cred: Credential = { secondary_id: b.secondary_id, secret: b.secret, ...(apiCa ? { api_ca: apiCa } : {}), ...(b.tls ? { tls: b.tls } : {}) };
+    // With certificates in the bundle, register (and everything after) goes to the primary's
+    // cluster listener over mutual TLS.
+    const route = routeToPrimary(cred, addr);
+    const reg = await call<{ set_id: string; head_lsn: number; version: string; keyring: string; epoch?: number; errors?: string[] }>(`${route.base}${INTERNAL_PREFIX}/register`, {
+      body: { api_addr: this.o.apiAddr, version: this.o.version, ...(b.tls ? { cluster_addr: this.o.clusterAddr } : {}) },
       headers,
+      tls: route.tls,
     });
     if (reg.status !== 200) throw new InvalidRequest(`primary refused registration: ${(reg.body.errors ?? []).join('; ')}`);
 
@@ -490,7 +529,7 @@ export class Replication {
       await this.o.merkle?.()?.rebuild('secondary enable wiped the replicated data');
     }
     await this.adoptKeyring(reg.body.keyring, b.secret);
-    await this.o.core.barrier.transaction((tx) => tx.putLocal(CREDENTIAL_PATH, { secondary_id: b.secondary_id, secret: b.secret }));
+    await this.o.core.barrier.transaction((tx) => tx.putLocal(CREDENTIAL_PATH, cred));
     await updateReplication(this.o.db, {
       mode: 'secondary',
       set_id: reg.body.set_id,
@@ -508,6 +547,7 @@ export class Replication {
       last_error: null,
     });
     this.lastSeenMode = null;
+    this.tls.onChange?.();
     await this.tick();
     return {
       warnings: [
@@ -555,6 +595,8 @@ export class Replication {
     });
     await secondaries.deleteAll(this.o.db);
     await this.o.core.barrier.transaction((tx) => tx.deleteLocal(CREDENTIAL_PATH));
+    // A TLS cluster mints its own replication CA as the new primary (the old one's stays there).
+    if (this.o.clusterAddr && row.setId) await this.tls.mint(row.setId);
     this.lastSeenMode = null;
     await this.tick();
     const behind = row.primaryHeadLsn === null ? null : Math.max(0, row.primaryHeadLsn - row.appliedLsn);
@@ -628,17 +670,37 @@ export class Replication {
     await this.o.core.adoptKeyring(keyring, (convert) => reencryptLocal(this.o.db, convert, keyring.activeTerm));
   }
 
-  private async credential(): Promise<{ secondary_id: string; secret: string }> {
-    const c = await this.o.core.barrier.getLocal<{ secondary_id: string; secret: string }>(CREDENTIAL_PATH);
+  private async credential(): Promise<Credential> {
+    const c = await this.o.core.barrier.getLocal<Credential>(CREDENTIAL_PATH);
     if (!c) throw new PermissionDenied();
     return c;
   }
 
-  /** Checks the primary's credential on a pushed batch. */
-  async authenticatePrimary(header: string | undefined): Promise<void> {
+  /** Where and how this secondary reaches its primary (cluster listener over mutual TLS, or API). */
+  private async toPrimary(row: ReplicationRow): Promise<{ cred: Credential; base: string; headers: Record<string, string>; tls?: TlsContext }> {
+    const cred = await this.credential();
+    const route = routeToPrimary(cred, row.primaryApiAddr);
+    return { cred, base: route.base, tls: route.tls, headers: { [CREDENTIAL_HEADER]: credentialHeader(cred.secondary_id, cred.secret) } };
+  }
+
+  /** What this process's cluster listener presents and trusts in the current role (null: nothing yet). */
+  async clusterIdentity(): Promise<ListenerIdentity | null> {
+    if (this.o.core.sealed) return null;
+    const mode = (await readReplication(this.o.db)).mode;
+    if (mode === 'primary') {
+      const leaf = await this.tls.primaryLeaf();
+      return leaf && { ca: leaf.ca, cert: leaf.cert, key: leaf.key };
+    }
+    if (mode !== 'secondary') return null;
+    const tls = (await this.credential().catch(() => null))?.tls;
+    return tls ? { ca: tls.ca, cert: tls.cert, key: tls.key } : null;
+  }
+
+  /** Checks the primary's credential on a pushed batch, and (over mutual TLS) that it presented the primary's leaf. */
+  async authenticatePrimary(header: string | undefined, peer?: Peer): Promise<void> {
     const cred = parseCredentialHeader(header);
     const mine = await this.credential().catch(() => null);
-    if (!cred || !mine || cred.secondaryId !== mine.secondary_id || cred.secret !== mine.secret) throw new PermissionDenied();
+    if (!cred || !mine || cred.secondaryId !== mine.secondary_id || cred.secret !== mine.secret || !admitsPrimary(mine, peer)) throw new PermissionDenied();
   }
 
   /** A batch pushed by the primary: exactly once, in order (invariant 3). */
@@ -658,21 +720,20 @@ export class Replication {
   }
 
   private async refreshKeyring(): Promise<void> {
-    const row = await readReplication(this.o.db);
-    const cred = await this.credential();
-    const res = await call<{ keyring: string }>(`${row.primaryApiAddr}${INTERNAL_PREFIX}/keyring`, { headers: { [CREDENTIAL_HEADER]: credentialHeader(cred.secondary_id, cred.secret) } });
+    const p = await this.toPrimary(await readReplication(this.o.db));
+    const res = await call<{ keyring: string }>(`${p.base}${INTERNAL_PREFIX}/keyring`, { headers: p.headers, tls: p.tls });
     if (res.status !== 200) throw new UpstreamUnavailable(`could not fetch the primary's keyring (${res.status})`);
-    await this.adoptKeyring(res.body.keyring, cred.secret);
+    await this.adoptKeyring(res.body.keyring, p.cred.secret);
   }
 
   /** Forwards a write to the primary and waits (best effort) until it is applied here. */
   async forward(req: LogicalRequest): Promise<LogicalResponse> {
-    const row = await readReplication(this.o.db);
-    const cred = await this.credential();
-    const res = await call<{ status: number; response: LogicalResponse; lsn: number; errors?: string[] }>(`${row.primaryApiAddr}${INTERNAL_PREFIX}/forward`, {
+    const p = await this.toPrimary(await readReplication(this.o.db));
+    const res = await call<{ status: number; response: LogicalResponse; lsn: number; errors?: string[] }>(`${p.base}${INTERNAL_PREFIX}/forward`, {
       body: { operation: req.operation, path: req.path, data: req.data, query: req.query, headers: { 'content-type': req.headers['content-type'] } },
-      headers: { [CREDENTIAL_HEADER]: credentialHeader(cred.secondary_id, cred.secret) },
+      headers: p.headers,
       timeoutMs: 30_000,
+      tls: p.tls,
     });
     if (res.status >= 500 && !res.body?.response) throw new UpstreamUnavailable(`primary failed the forwarded request: ${(res.body?.errors ?? []).join('; ')}`);
     // The primary's own error (403, 400 …) is relayed as it is.
@@ -740,12 +801,13 @@ export class Replication {
     }
     if (row.state !== 'stream-wals' && row.state !== 'idle') return;
     try {
-      const cred = await this.credential();
       if (!row.primaryApiAddr) return; // demoted: follows nobody until update-primary
-      const res = await call<{ head_lsn: number; version: string; epoch?: number; reconcile?: boolean }>(`${row.primaryApiAddr}${INTERNAL_PREFIX}/heartbeat`, {
-        body: { applied_lsn: row.appliedLsn, state: row.state, api_addr: this.o.apiAddr },
-        headers: { [CREDENTIAL_HEADER]: credentialHeader(cred.secondary_id, cred.secret) },
+      const p = await this.toPrimary(row);
+      const res = await call<{ head_lsn: number; version: string; epoch?: number; reconcile?: boolean }>(`${p.base}${INTERNAL_PREFIX}/heartbeat`, {
+        body: { applied_lsn: row.appliedLsn, state: row.state, api_addr: this.o.apiAddr, ...(p.cred.tls ? { cluster_addr: this.o.clusterAddr } : {}) },
+        headers: p.headers,
         timeoutMs: 2000,
+        tls: p.tls,
       });
       if (res.status !== 200) throw new Error(`primary answered ${res.status}`);
       if (compareVersions(res.body.version, this.o.version) > 0) {
@@ -791,8 +853,7 @@ export class Replication {
     const merkle = this.o.merkle?.();
     if (!merkle) return;
     let row = await readReplication(this.o.db);
-    const cred = await this.credential();
-    const headers = { [CREDENTIAL_HEADER]: credentialHeader(cred.secondary_id, cred.secret) };
+    const { base, headers, tls } = await this.toPrimary(row);
     await updateReplication(this.o.db, { state: 'merkle-diff' });
     // Our index must describe all of our storage: let the last applied rows be ordered.
     const settle = Date.now() + 10_000;
@@ -800,10 +861,11 @@ export class Replication {
     await merkle.syncWithWal();
     const mine = await merkle.snapshot();
     const myPages = pageHashes(mine.subpageHashes);
-    const diff = await call<{ lsn: number; root: string; pages: Record<string, string>; errors?: string[] }>(`${row.primaryApiAddr}${INTERNAL_PREFIX}/merkle-diff`, {
+    const diff = await call<{ lsn: number; root: string; pages: Record<string, string>; errors?: string[] }>(`${base}${INTERNAL_PREFIX}/merkle-diff`, {
       body: { pages: b64(Buffer.concat(myPages)) },
       headers,
       timeoutMs: 30_000,
+      tls,
     });
     if (diff.status !== 200) throw new UpstreamUnavailable(`merkle-diff failed (${diff.status}): ${(diff.body.errors ?? []).join('; ')}`);
     this.connection = 'connected';
@@ -834,10 +896,11 @@ export class Replication {
         batch.push(sp);
         recs += n;
       }
-      const res = await call<{ entries: WireEntry[]; purge: string[]; done: number[]; errors?: string[] }>(`${row.primaryApiAddr}${INTERNAL_PREFIX}/merkle-sync`, {
+      const res = await call<{ entries: WireEntry[]; purge: string[]; done: number[]; errors?: string[] }>(`${base}${INTERNAL_PREFIX}/merkle-sync`, {
         body: { subpages: batch.map((sp) => ({ sp, run: b64(runs.get(sp)!) })) },
         headers,
         timeoutMs: 60_000,
+        tls,
       });
       if (res.status !== 200) throw new UpstreamUnavailable(`merkle-sync failed (${res.status}): ${(res.body.errors ?? []).join('; ')}`);
       const done = new Set(res.body.done.map(Number));

@@ -1,6 +1,6 @@
 /** Vault's replication API (`sys/replication/...`), answered by the Replication manager. */
 import type { RouteDef } from '../core/framework';
-import { InvalidRequest } from '../core/errors';
+import { loadCaRoots } from './cluster-tls';
 import type { Replication } from './manager';
 
 export function replicationRoutes(r: Replication): RouteDef[] {
@@ -46,13 +46,11 @@ export function replicationRoutes(r: Replication): RouteDef[] {
       fields: {
         token: { type: 'string', required: true, description: 'The activation token from the primary.' },
         primary_api_addr: { type: 'string', description: "Overrides the primary's address inside the token." },
-        ca_file: { type: 'string', description: 'PEM CA bundle to trust the primary with (not supported yet).' },
+        ca_file: { type: 'string', description: "A PEM file (on this server) of CA certificates to trust the primary's API listener with, instead of the system's." },
+        ca_path: { type: 'string', description: 'A directory (on this server) whose files are PEM CA certificates, as ca_file.' },
       },
       operations: {
-        update: (ctx) => {
-          if (ctx.fields.ca_file) throw new InvalidRequest('ca_file is not supported yet: use a primary address whose certificate the system trusts');
-          return r.enableSecondary(ctx.fields.token, ctx.fields.primary_api_addr);
-        },
+        update: (ctx) => r.enableSecondary(ctx.fields.token, ctx.fields.primary_api_addr, false, loadCaRoots(ctx.fields.ca_file, ctx.fields.ca_path)),
       },
     },
     {
@@ -101,8 +99,10 @@ export function replicationRoutes(r: Replication): RouteDef[] {
       fields: {
         token: { type: 'string', required: true, description: 'An activation token from the new primary.' },
         primary_api_addr: { type: 'string', description: "Overrides the primary's address inside the token." },
+        ca_file: { type: 'string', description: "A PEM file (on this server) of CA certificates to trust the primary's API listener with." },
+        ca_path: { type: 'string', description: 'A directory (on this server) whose files are PEM CA certificates, as ca_file.' },
       },
-      operations: { update: (ctx) => r.enableSecondary(ctx.fields.token, ctx.fields.primary_api_addr, true) },
+      operations: { update: (ctx) => r.enableSecondary(ctx.fields.token, ctx.fields.primary_api_addr, true, loadCaRoots(ctx.fields.ca_file, ctx.fields.ca_path)) },
     },
     {
       pattern: 'replication/performance/divergence',

@@ -4,22 +4,28 @@
  * here ever holds a plaintext secret.
  */
 import { createHash, randomBytes, timingSafeEqual } from 'node:crypto';
+import * as https from 'node:https';
+import type { PeerCertificate } from 'node:tls';
 import { InvalidRequest, UpstreamUnavailable } from '../core/errors';
 
 export const CREDENTIAL_HEADER = 'x-coffer-replication';
 const ACTIVATION_PREFIX = 'cofferact.';
 
-/** The activation token: the primary's address and a single-use wrapping token. */
-export function encodeActivation(addr: string, wrappingToken: string): string {
-  return ACTIVATION_PREFIX + Buffer.from(JSON.stringify({ addr, token: wrappingToken })).toString('base64url');
+/**
+ * The activation token: the primary's address and a single-use wrapping token; `tls` says the
+ * bundle carries replication certificates (the secondary needs a cluster listener for them,
+ * and can refuse before it spends the single-use token).
+ */
+export function encodeActivation(addr: string, wrappingToken: string, tls = false): string {
+  return ACTIVATION_PREFIX + Buffer.from(JSON.stringify({ addr, token: wrappingToken, ...(tls ? { tls: true } : {}) })).toString('base64url');
 }
 
-export function decodeActivation(token: string): { addr: string; token: string } {
+export function decodeActivation(token: string): { addr: string; token: string; tls?: boolean } {
   if (!token.startsWith(ACTIVATION_PREFIX)) throw new InvalidRequest('invalid activation token');
   try {
     const v = JSON.parse(Buffer.from(token.slice(ACTIVATION_PREFIX.length), 'base64url').toString('utf8'));
     if (typeof v.addr !== 'string' || typeof v.token !== 'string') throw new Error('shape');
-    return v;
+    return v.tls === true ? { addr: v.addr, token: v.token, tls: true } : { addr: v.addr, token: v.token };
   } catch {
     throw new InvalidRequest('invalid activation token');
   }
@@ -57,30 +63,127 @@ export interface WireResponse<T> {
   headers: Headers;
 }
 
-/** POST/GET JSON to another cluster, with a timeout; network failures become UpstreamUnavailable. */
+/**
+ * How to speak TLS to another cluster (https: URLs only; ignored for http:).
+ *
+ * - `ca`: PEM roots to trust instead of the system's (secondary/enable's ca_file, ca_path;
+ *   the replication CA for the cluster listener).
+ * - `cert`, `key`: a client certificate (mutual TLS on the cluster listener).
+ * - `peerName`: the common name the server's certificate must carry. Replication
+ *   certificates name cluster roles (the secondary's id, the primary), not hosts, so when this
+ *   is set it replaces the host name check; the chain is still verified against `ca`.
+ */
+export interface TlsContext {
+  ca?: string;
+  cert?: string;
+  key?: string;
+  peerName?: string;
+}
+
+/** Keep-alive agents, one per TLS context (few: one per peer identity). */
+const agents = new Map<string, https.Agent>();
+const MAX_AGENTS = 256;
+
+function agentFor(tls: TlsContext): https.Agent {
+  const id = createHash('sha256').update(JSON.stringify([tls.ca ?? '', tls.cert ?? '', tls.key ?? '', tls.peerName ?? ''])).digest('hex');
+  let agent = agents.get(id);
+  if (!agent) {
+    if (agents.size >= MAX_AGENTS) {
+      const [oldest, a] = agents.entries().next().value as [string, https.Agent];
+      a.destroy();
+      agents.delete(oldest);
+    }
+    const peerName = tls.peerName;
+    agent = new https.Agent({
+      keepAlive: true,
+      ca: tls.ca,
+      cert: tls.cert,
+      key: tls.key,
+      minVersion: 'TLSv1.2',
+      ...(peerName !== undefined
+        ? {
+            checkServerIdentity: (_host: string, cert: PeerCertificate) =>
+              cert.subject?.CN === peerName ? undefined : new Error(`the server's replication certificate is for "${cert.subject?.CN ?? ''}", not "${peerName}"`),
+          }
+        : {}),
+    });
+    agents.set(id, agent);
+  }
+  return agent;
+}
+
+/** One request over node:https (global fetch takes no client certificate or CA). */
+function httpsRequest(
+  url: string,
+  method: string,
+  headers: Record<string, string>,
+  body: string | undefined,
+  timeoutMs: number,
+  tls: TlsContext,
+): Promise<{ status: number; text: string; headers: Headers }> {
+  return new Promise((resolve, reject) => {
+    const req = https.request(
+      url,
+      { method, headers: body === undefined ? headers : { ...headers, 'content-length': String(Buffer.byteLength(body)) }, agent: agentFor(tls), signal: AbortSignal.timeout(timeoutMs) },
+      (res) => {
+        const chunks: Buffer[] = [];
+        res.on('data', (c: Buffer) => chunks.push(c));
+        res.on('error', reject);
+        res.on('end', () => {
+          const h = new Headers();
+          for (const [k, v] of Object.entries(res.headers)) {
+            if (Array.isArray(v)) for (const x of v) h.append(k, x);
+            else if (v !== undefined) h.set(k, String(v));
+          }
+          resolve({ status: res.statusCode ?? 0, text: Buffer.concat(chunks).toString('utf8'), headers: h });
+        });
+      },
+    );
+    req.on('error', reject);
+    req.end(body);
+  });
+}
+
+/**
+ * POST/GET JSON to another cluster, with a timeout; network (and TLS) failures become
+ * UpstreamUnavailable. With `tls` and an https: URL it goes through node:https with that
+ * context; otherwise through fetch, as before.
+ */
 export async function call<T>(
   url: string,
-  opts: { method?: string; body?: unknown; headers?: Record<string, string>; timeoutMs?: number } = {},
+  opts: { method?: string; body?: unknown; headers?: Record<string, string>; timeoutMs?: number; tls?: TlsContext } = {},
 ): Promise<WireResponse<T>> {
+  const method = opts.method ?? (opts.body === undefined ? 'GET' : 'POST');
+  const headers = { 'content-type': 'application/json', ...(opts.headers ?? {}) };
+  const payload = opts.body === undefined ? undefined : JSON.stringify(opts.body);
+  const timeoutMs = opts.timeoutMs ?? 10_000;
+  if (opts.tls && url.startsWith('https:')) {
+    let r: { status: number; text: string; headers: Headers };
+    try {
+      r = await httpsRequest(url, method, headers, payload, timeoutMs, opts.tls);
+    } catch (err) {
+      throw new UpstreamUnavailable(`cannot reach ${new URL(url).origin}: ${(err as Error).message}`);
+    }
+    return { status: r.status, body: parseBody<T>(r.text), headers: r.headers };
+  }
   let res: Response;
   try {
-    res = await fetch(url, {
-      method: opts.method ?? (opts.body === undefined ? 'GET' : 'POST'),
-      headers: { 'content-type': 'application/json', ...(opts.headers ?? {}) },
-      body: opts.body === undefined ? undefined : JSON.stringify(opts.body),
-      signal: AbortSignal.timeout(opts.timeoutMs ?? 10_000),
-    });
+    res = await fetch(url, { method, headers, body: payload, signal: AbortSignal.timeout(timeoutMs) });
   } catch (err) {
-    throw new UpstreamUnavailable(`cannot reach ${new URL(url).origin}: ${(err as Error).message}`);
+    // fetch says only "fetch failed"; the reason (refused, a certificate not trusted …) is its cause.
+    const cause = (err as Error & { cause?: Error }).cause;
+    throw new UpstreamUnavailable(`cannot reach ${new URL(url).origin}: ${(err as Error).message}${cause?.message ? ` (${cause.message})` : ''}`);
   }
   const text = await res.text();
-  let body: unknown = null;
+  return { status: res.status, body: parseBody<T>(text), headers: res.headers };
+}
+
+function parseBody<T>(text: string): T {
   try {
-    body = text ? JSON.parse(text) : null;
+    return (text ? JSON.parse(text) : null) as T;
   } catch {
-    body = { errors: [text.slice(0, 200)] };
+    return { errors: [text.slice(0, 200)] } as T;
   }
-  return { status: res.status, body: body as T, headers: res.headers };
 }
 
 /** Addresses a secondary may not be pointed at unless configured (SSRF to cloud metadata). */

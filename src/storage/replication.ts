@@ -7,7 +7,6 @@
  * secondary's applied position, in one transaction that also advances it (invariant 3).
  */
 import { sql, type Kysely } from 'kysely';
-import { valueHash } from './entries';
 import type { DB } from './schema';
 
 export interface ShippedEntry {
@@ -46,9 +45,10 @@ export async function readBatch(db: Kysely<DB>, afterLsn: number, maxRows: numbe
   return { fromLsn: afterLsn + 1, toLsn, entries: entries.map((e) => ({ path: e.path, version: Number(e.version), value: e.value })) };
 }
 
-const APPLY = (paths: string[], versions: number[], values: (Buffer | null)[], hashes: (Buffer | null)[]) => sql<{ seq: number }>`
+// Postgres hashes the ciphertext (sha256), not the event loop: a batch can hold thousands.
+const APPLY = (paths: string[], versions: number[], values: (Buffer | null)[]) => sql<{ seq: number }>`
   WITH x AS (
-    SELECT * FROM unnest(${paths}::text[], ${versions}::bigint[], ${values}::bytea[], ${hashes}::bytea[]) AS t(p, v, val, h)
+    SELECT p, v, val, sha256(val) AS h FROM unnest(${paths}::text[], ${versions}::bigint[], ${values}::bytea[]) AS t(p, v, val)
   ), e AS (
     INSERT INTO coffer_entries AS cur (path, version, value, value_hash, updated_at)
     SELECT p, v, val, h, clock_timestamp() FROM x
@@ -72,7 +72,6 @@ export async function applyEntries(db: Kysely<DB>, entries: ShippedEntry[]): Pro
     list.map((e) => e.path),
     list.map((e) => e.version),
     list.map((e) => e.value),
-    list.map((e) => (e.value ? valueHash(e.value) : null)),
   ).execute(db);
   return rows.length;
 }
@@ -80,9 +79,9 @@ export async function applyEntries(db: Kysely<DB>, entries: ShippedEntry[]): Pro
 /** A secondary applies shipped WAL only in these states (not while bootstrapping or reconciling). */
 const APPLYING_STATES = new Set(['stream-wals', 'idle']);
 
-const SYNC_PUT = (paths: string[], versions: number[], values: (Buffer | null)[], hashes: (Buffer | null)[]) => sql<{ seq: number }>`
+const SYNC_PUT = (paths: string[], versions: number[], values: (Buffer | null)[]) => sql<{ seq: number }>`
   WITH x AS (
-    SELECT * FROM unnest(${paths}::text[], ${versions}::bigint[], ${values}::bytea[], ${hashes}::bytea[]) AS t(p, v, val, h)
+    SELECT p, v, val, sha256(val) AS h FROM unnest(${paths}::text[], ${versions}::bigint[], ${values}::bytea[]) AS t(p, v, val)
   ), e AS (
     INSERT INTO coffer_entries AS cur (path, version, value, value_hash, updated_at)
     SELECT p, v, val, h, clock_timestamp() FROM x
@@ -125,8 +124,8 @@ export async function syncEntries(db: Kysely<DB>, entries: ShippedEntry[], purge
         INSERT INTO coffer_divergence (path, local_version, local_value_sha256, primary_version, action, epoch)
         SELECT c.path, c.version, c.value_hash, x.v, CASE WHEN x.h IS NULL THEN 'deleted' ELSE 'overwritten' END, ${epoch}
           FROM coffer_entries c
-          JOIN unnest(${entries.map((e) => e.path)}::text[], ${entries.map((e) => e.version)}::bigint[],
-                      ${entries.map((e) => (e.value ? valueHash(e.value) : null))}::bytea[]) AS x(p, v, h) ON c.path = x.p
+          JOIN (SELECT p, v, sha256(val) AS h FROM unnest(${entries.map((e) => e.path)}::text[], ${entries.map((e) => e.version)}::bigint[],
+                      ${entries.map((e) => e.value)}::bytea[]) AS t(p, v, val)) AS x ON c.path = x.p
          WHERE c.value IS NOT NULL AND c.version >= x.v AND c.value_hash IS DISTINCT FROM x.h`.execute(tx);
     }
     if (purgePaths.length) {
@@ -140,7 +139,6 @@ export async function syncEntries(db: Kysely<DB>, entries: ShippedEntry[], purge
         entries.map((e) => e.path),
         entries.map((e) => e.version),
         entries.map((e) => e.value),
-        entries.map((e) => (e.value ? valueHash(e.value) : null)),
       ).execute(tx);
       changed += r.rows.length;
     }

@@ -35,6 +35,8 @@ export interface StartOptions {
   clusterName?: string;
   /** Listen on this port (a restarted process keeps its address); default: any free port. */
   port?: number;
+  /** Replaces the default plain-HTTP listener block (e.g. a TLS listener). */
+  listenerHcl?: string;
 }
 
 const configDirs = new Set<string>();
@@ -47,7 +49,7 @@ export function writeConfig(o: StartOptions): string {
   writeFileSync(
     file,
     `storage "postgresql" {\n  connection_url = "${o.dbUrl}"\n}\n` +
-      `listener "tcp" {\n  address = "127.0.0.1:${o.port ?? 0}"\n  tls_disable = true\n}\n` +
+      (o.listenerHcl ?? `listener "tcp" {\n  address = "127.0.0.1:${o.port ?? 0}"\n  tls_disable = true\n}\n`) +
       (o.clusterName ? `cluster_name = "${o.clusterName}"\n` : '') +
       `log_level = "${o.logLevel ?? 'info'}"\n` +
       seal +

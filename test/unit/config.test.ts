@@ -125,7 +125,7 @@ describe('parseConfig: complete files', () => {
     logFormat: 'json',
     replication: { bestEffortWalWaitDurationMs: 5000, logshipperBufferLength: 1000, logshipperBufferSizeBytes: 128 * MiB },
     telemetry: { unauthenticatedMetricsAccess: true, prometheusRetentionTimeSeconds: 43_200 },
-    merkle: { flushIntervalMs: 500, flushFraction: 0.1 },
+    merkle: { flushIntervalMs: 500, flushFraction: 0.1, checkpointIntervalMs: 1000, index: true },
   };
 
   it('reads every key of an HCL file', async () => {
@@ -207,7 +207,7 @@ describe('parseConfig: defaults', () => {
       logFormat: 'standard',
       replication: { bestEffortWalWaitDurationMs: 2000, logshipperBufferLength: 16_384, logshipperBufferSizeBytes: 64 * MiB },
       telemetry: { unauthenticatedMetricsAccess: false, prometheusRetentionTimeSeconds: 86_400 },
-      merkle: { flushIntervalMs: 200, flushFraction: 0.02 },
+      merkle: { flushIntervalMs: 200, flushFraction: 0.02, checkpointIntervalMs: 1000, index: true },
     });
     for (const absent of ['apiAddr', 'clusterAddr', 'clusterName', 'seal', 'queue']) expect(config).not.toHaveProperty(absent);
   });
@@ -233,7 +233,7 @@ describe('parseConfig: defaults', () => {
 
   it('keeps defaults for the keys a partial block leaves out', async () => {
     const config = await parseConfig(`${MINIMAL}\nmerkle { flush_fraction = 0.5 }\nreplication {}`, 'coffer.hcl', {});
-    expect(config.merkle).toEqual({ flushIntervalMs: 200, flushFraction: 0.5 });
+    expect(config.merkle).toEqual({ flushIntervalMs: 200, flushFraction: 0.5, checkpointIntervalMs: 1000, index: true });
     expect(config.replication.logshipperBufferLength).toBe(16_384);
   });
 });
@@ -608,7 +608,7 @@ describe('loadConfig', () => {
     expect(config.logLevel).toBe('error');
     expect(config.ui).toBe(true);
     expect(config.listeners.map((l) => l.address)).toEqual(['0.0.0.0:8200', '127.0.0.1:9200']);
-    expect(config.merkle).toEqual({ flushIntervalMs: 1000, flushFraction: 0.5 });
+    expect(config.merkle).toEqual({ flushIntervalMs: 1000, flushFraction: 0.5, checkpointIntervalMs: 1000, index: true });
     expect(config.storage).toEqual({ type: 'postgresql', connectionUrl: 'postgres://second/coffer', maxConnections: 10 });
     expect(Object.isFrozen(config)).toBe(true);
   });
