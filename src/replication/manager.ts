@@ -153,6 +153,14 @@ export class Replication {
 
   private async tick(): Promise<void> {
     const row = await readReplication(this.o.db);
+    const superseded = await this.followRole(row);
+    if (!this.o.isActive() || this.o.core.sealed) return;
+    if (row.mode === 'primary' && !superseded) await this.wakeShipping();
+    if (row.mode === 'secondary') await this.secondaryDuties(row);
+  }
+
+  /** Makes core follow the cluster's role: who may write replicated data, where writes go. */
+  private async followRole(row: ReplicationRow): Promise<boolean> {
     const superseded = row.mode === 'primary' && row.supersededByEpoch !== null;
     if (row.mode !== this.lastSeenMode || superseded !== this.lastSeenSuperseded) {
       // Another process of this cluster changed the role: follow it.
@@ -171,9 +179,7 @@ export class Replication {
             : null;
       if (!this.o.core.sealed) await this.o.core.reloadMounts().catch(() => undefined);
     }
-    if (!this.o.isActive() || this.o.core.sealed) return;
-    if (row.mode === 'primary' && !superseded) await this.wakeShipping();
-    if (row.mode === 'secondary') await this.secondaryDuties(row);
+    return superseded;
   }
 
   async mode(): Promise<Mode> {
@@ -645,7 +651,8 @@ export class Replication {
     if (row.mode !== 'primary' || epoch <= row.epoch || row.supersededByEpoch !== null) return;
     this.o.log.error({ epoch: row.epoch, superseded_by_epoch: epoch, why }, 'this primary has been superseded by a promoted cluster; it takes no more writes');
     await updateReplication(this.o.db, { superseded_by_epoch: epoch, last_error: `superseded: ${why}` });
-    this.lastSeenMode = null;
+    // This process stops taking writes now; the cluster's other processes within a tick.
+    await this.followRole(await readReplication(this.o.db));
   }
 
   async divergence(): Promise<LogicalResponse> {

@@ -137,3 +137,90 @@ test('promote while the primary is down; the old primary is fenced, demoted, re-
   // dc2 and dc3 never held anything dc2 lacked.
   expect((await vault(dc3.addr, 'GET', 'sys/replication/performance/divergence', { token: dc3.token })).body.data.keys).toEqual([]);
 });
+
+/**
+ * Split brain: the primary is only partitioned (alive, taking writes) when the secondary is
+ * promoted. Fencing resolves it: once the link heals, the old primary's first shipment meets
+ * the higher epoch; it marks itself superseded and refuses writes; nothing it accepted during
+ * the partition is applied on the new primary; after demote + update-primary it converges
+ * and its partition-time writes are in its divergence report.
+ */
+test('split brain: promote while the primary is only partitioned; fencing resolves it', async () => {
+  const { FaultProxy } = await import('../harness/fault-proxy');
+  const { startCoffer, initAndUnseal } = await import('../helpers/coffer-process');
+  const { createTestDatabase } = await import('../helpers/pg');
+  const { freePort } = await import('../helpers/replication');
+  const rng = { next: Math.random };
+
+  const dc1 = await startClusterWith('fo_sb1', dbs, { extraHcl: HCL });
+  // dc2 announces itself behind proxy B (the primary's pushes cross it) and reaches dc1 through
+  // proxy A: cutting both partitions the two clusters while the test still talks to each.
+  const port2 = await freePort();
+  const toDc1 = FaultProxy.forUrls([dc1.addr], rng, 'to-dc1');
+  const toDc2 = FaultProxy.forUrls([`http://127.0.0.1:${port2}`], rng, 'to-dc2');
+  await toDc1.listen();
+  await toDc2.listen();
+  const db2 = await createTestDatabase('fo_sb2');
+  dbs.push(db2);
+  const p2 = await startCoffer({ dbUrl: db2.url, port: port2, logLevel: 'warn', extraHcl: `api_addr = "${toDc2.url}"\n${HCL}` });
+  const direct2 = `http://127.0.0.1:${port2}`;
+  const init2 = await initAndUnseal([{ ...p2, addr: direct2 }]);
+  const dc2: Cluster = { p: p2, opts: { dbUrl: db2.url }, token: init2.rootToken, keys: init2.keys, db: db2, addr: direct2 };
+  try {
+    await mountKv1(dc1.addr, dc1.token);
+    await enablePrimary(dc1);
+    const en = await vault(dc2.addr, 'POST', 'sys/replication/performance/secondary/enable', {
+      token: dc2.token,
+      body: { token: await activationToken(dc1, 'dc2'), primary_api_addr: toDc1.url },
+    });
+    expect([en.status, en.body.errors]).toEqual([200, undefined]);
+    await waitForStream(dc2.addr, 'dc2 streams', { timeoutMs: 30_000 });
+    await writeAll(dc1.addr, dc1.token, ['kv/sb/w1'], () => ({ v: 'one' }));
+    await waitFor('W1 on dc2', async () => (await read(dc2, 'sb/w1')) === 'one', { timeoutMs: 20_000 });
+
+    // Partition. dc1 is alive and still acknowledges writes.
+    await toDc1.cut();
+    await toDc2.cut();
+    const partitionWrites = Array.from({ length: 5 }, (_, i) => `sb/p${i}`);
+    await writeAll(dc1.addr, dc1.token, partitionWrites.map((k) => `kv/${k}`), (p) => ({ v: `partitioned:${p}` }));
+    await waitFor('dc2 sees the primary unreachable', async () => (await perfStatus(dc2.addr)).state === 'idle', { timeoutMs: 20_000 });
+
+    // dc2 is promoted and takes writes.
+    const promoted = await vault(dc2.addr, 'POST', 'sys/replication/performance/secondary/promote', { token: dc2.token, body: {} });
+    expect(promoted.status).toBe(200);
+    expect(promoted.body.data.epoch).toBe(2);
+    await writeAll(dc2.addr, dc2.token, ['kv/sb/w3', 'kv/sb/p0'], (p) => ({ v: `new:${p}` }));
+
+    // Heal: dc1's next shipment meets epoch 2.
+    await toDc1.heal();
+    await toDc2.heal();
+    await waitFor('dc1 superseded', async () => (await perfStatus(dc1.addr)).superseded === true, { timeoutMs: 30_000 });
+    expect((await vault(dc1.addr, 'POST', 'kv/sb/after', { token: dc1.token, body: { v: 'x' } })).status).toBe(503);
+    // Nothing dc1 accepted in the partition reached the new primary.
+    for (const k of partitionWrites.slice(1)) expect(await read(dc2, k)).toBeUndefined();
+    expect(await read(dc2, 'sb/p0')).toBe('new:kv/sb/p0');
+
+    // Demote + re-point: dc1 converges on dc2's data; its partition writes are reported.
+    expect((await vault(dc1.addr, 'POST', 'sys/replication/performance/primary/demote', { token: dc1.token, body: {} })).status).toBe(200);
+    const rp = await vault(dc1.addr, 'POST', 'sys/replication/performance/secondary/update-primary', {
+      token: dc1.token,
+      body: { token: await activationToken(dc2, 'dc1'), primary_api_addr: direct2 },
+    });
+    expect([rp.status, rp.body.errors]).toEqual([200, undefined]);
+    await waitForStream(dc1.addr, 'dc1 streams from dc2', { timeoutMs: 30_000 });
+    await waitFor('dc1 converged', async () => (await read(dc1, 'sb/w3')) === 'new:kv/sb/w3' && (await read(dc1, 'sb/p1')) === undefined, { timeoutMs: 30_000 });
+    expect(diffRows(await liveRows(dc2.db.url), await liveRows(dc1.db.url))).toEqual({ onlyOnPrimary: 0, onlySecondary: 0, differing: 0, examples: [] });
+    const report = (await vault(dc1.addr, 'GET', 'sys/replication/performance/divergence', { token: dc1.token })).body.data.keys as { path: string; action: string }[];
+    const reported = new Map(report.map((k) => [k.path.split('/').slice(-2).join('/'), k.action]));
+    expect(Object.fromEntries(partitionWrites.map((k) => [k, reported.get(k)]))).toEqual({
+      'sb/p0': 'overwritten',
+      'sb/p1': 'purged',
+      'sb/p2': 'purged',
+      'sb/p3': 'purged',
+      'sb/p4': 'purged',
+    });
+  } finally {
+    await toDc1.shutdown();
+    await toDc2.shutdown();
+  }
+});
