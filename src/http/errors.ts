@@ -36,7 +36,9 @@ export function toHttpError(err: unknown): HttpError {
   }
   const code = (err as { code?: string })?.code;
   if (code && UNAVAILABLE_CODES.has(code)) return { status: 503, errors: ['storage is unavailable; retry later'] };
-  if (err instanceof Error && /Connection terminated|connect ECONNREFUSED|timeout exceeded when trying to connect/.test(err.message)) {
+  // pg throws the "not queryable" error (no code) for a statement on a client whose connection
+  // already failed, e.g. the ROLLBACK kysely issues after a transaction's connection was reset.
+  if (err instanceof Error && /Connection terminated|connect ECONNREFUSED|timeout exceeded when trying to connect|Client has encountered a connection error and is not queryable/.test(err.message)) {
     return { status: 503, errors: ['storage is unavailable; retry later'] };
   }
   return { status: 500, errors: ['internal error'] };

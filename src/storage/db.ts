@@ -24,6 +24,11 @@ export function openPostgres(connectionString: string, maxConnections = 10): Dat
   const pool = new pg.Pool({ connectionString, max: maxConnections, application_name: 'coffer' });
   // An idle client losing its connection (Postgres restart) must not crash the process.
   pool.on('error', () => undefined);
+  // Nor a checked-out one: the pool removes its own 'error' listener while a client is lent
+  // out, and a connection reset then emits 'error' on the client with no listener (an uncaught
+  // exception: the process died when Postgres went away mid-transaction). The query in flight
+  // still fails with the error; the pool discards the broken client on release.
+  pool.on('connect', (client) => client.on('error', () => undefined));
   const db = new Kysely<DB>({ dialect: new PostgresDialect({ pool }) });
   return { db, connectionString, embedded: false, close: () => db.destroy() };
 }
@@ -38,6 +43,7 @@ export async function openEmbedded(): Promise<Database> {
   // PGlite serves one connection at a time, so the pool holds exactly one.
   const pool = new pg.Pool({ connectionString, max: 1 });
   pool.on('error', () => undefined);
+  pool.on('connect', (client) => client.on('error', () => undefined));
   const db = new Kysely<DB>({ dialect: new PostgresDialect({ pool }) });
   return {
     db,

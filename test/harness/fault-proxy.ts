@@ -262,8 +262,8 @@ export class FaultProxy {
 
   /**
    * Forwards `from` → `to` through the direction's toxics. Chunks keep their order (one FIFO,
-   * one timer): each is delivered at max(arrival + latency ± jitter, previous delivery + its
-   * transmission time at the throttled bandwidth).
+   * one timer): each is delivered at max(arrival + latency ± jitter, previous delivery) + its
+   * transmission time at the throttled bandwidth.
    */
   private pump(p: Pipe, from: net.Socket, to: net.Socket, d: Direction): void {
     const HIGH_WATER = 1 << 20;
