@@ -45,8 +45,13 @@ export async function readBatch(db: Kysely<DB>, afterLsn: number, maxRows: numbe
   return { fromLsn: afterLsn + 1, toLsn, entries: entries.map((e) => ({ path: e.path, version: Number(e.version), value: e.value })) };
 }
 
-// Postgres hashes the ciphertext (sha256), not the event loop: a batch can hold thousands.
-const APPLY = (paths: string[], versions: number[], values: (Buffer | null)[]) => sql<{ seq: number }>`
+/**
+ * Writes shipped entries with their versions, and a WAL row for each one that changed, in one
+ * statement. `newer`: only where the shipped version is newer (streaming apply: idempotent,
+ * order-free per key). `differs`: wherever version or value differ (merkle-sync: the primary is
+ * the truth). Postgres hashes the ciphertext, not the event loop: a batch can hold thousands.
+ */
+const UPSERT_SHIPPED = (paths: string[], versions: number[], values: (Buffer | null)[], when: 'newer' | 'differs') => sql<{ seq: number }>`
   WITH x AS (
     SELECT p, v, val, sha256(val) AS h FROM unnest(${paths}::text[], ${versions}::bigint[], ${values}::bytea[]) AS t(p, v, val)
   ), e AS (
@@ -55,7 +60,7 @@ const APPLY = (paths: string[], versions: number[], values: (Buffer | null)[]) =
     ON CONFLICT (path) DO UPDATE
        SET version = EXCLUDED.version, value = EXCLUDED.value,
            value_hash = EXCLUDED.value_hash, updated_at = EXCLUDED.updated_at
-     WHERE cur.version < EXCLUDED.version
+     WHERE ${when === 'newer' ? sql`cur.version < EXCLUDED.version` : sql`cur.version IS DISTINCT FROM EXCLUDED.version OR cur.value_hash IS DISTINCT FROM EXCLUDED.value_hash`}
     RETURNING path, version, value, value_hash
   )
   INSERT INTO coffer_wal (path, op, key_version, value_hash, value_size)
@@ -68,32 +73,17 @@ export async function applyEntries(db: Kysely<DB>, entries: ShippedEntry[]): Pro
   for (const e of entries) if ((newest.get(e.path)?.version ?? -1) < e.version) newest.set(e.path, e);
   const list = [...newest.values()];
   if (list.length === 0) return 0;
-  const { rows } = await APPLY(
+  const { rows } = await UPSERT_SHIPPED(
     list.map((e) => e.path),
     list.map((e) => e.version),
     list.map((e) => e.value),
+    'newer',
   ).execute(db);
   return rows.length;
 }
 
 /** A secondary applies shipped WAL only in these states (not while bootstrapping or reconciling). */
 const APPLYING_STATES = new Set(['stream-wals', 'idle']);
-
-const SYNC_PUT = (paths: string[], versions: number[], values: (Buffer | null)[]) => sql<{ seq: number }>`
-  WITH x AS (
-    SELECT p, v, val, sha256(val) AS h FROM unnest(${paths}::text[], ${versions}::bigint[], ${values}::bytea[]) AS t(p, v, val)
-  ), e AS (
-    INSERT INTO coffer_entries AS cur (path, version, value, value_hash, updated_at)
-    SELECT p, v, val, h, clock_timestamp() FROM x
-    ON CONFLICT (path) DO UPDATE
-       SET version = EXCLUDED.version, value = EXCLUDED.value,
-           value_hash = EXCLUDED.value_hash, updated_at = EXCLUDED.updated_at
-     WHERE cur.version IS DISTINCT FROM EXCLUDED.version OR cur.value_hash IS DISTINCT FROM EXCLUDED.value_hash
-    RETURNING path, version, value, value_hash
-  )
-  INSERT INTO coffer_wal (path, op, key_version, value_hash, value_size)
-  SELECT path, CASE WHEN value IS NULL THEN 'delete' ELSE 'put' END, version, value_hash, coalesce(octet_length(value), 0) FROM e
-  RETURNING seq`;
 
 const SYNC_PURGE = (paths: string[]) => sql<{ seq: number }>`
   WITH d AS (DELETE FROM coffer_entries WHERE path = ANY(${paths}::text[]) RETURNING path, version)
@@ -135,10 +125,11 @@ export async function syncEntries(db: Kysely<DB>, entries: ShippedEntry[], purge
          WHERE path = ANY(${purgePaths}::text[]) AND value IS NOT NULL`.execute(tx);
     }
     if (entries.length) {
-      const r = await SYNC_PUT(
+      const r = await UPSERT_SHIPPED(
         entries.map((e) => e.path),
         entries.map((e) => e.version),
         entries.map((e) => e.value),
+        'differs',
       ).execute(tx);
       changed += r.rows.length;
     }
