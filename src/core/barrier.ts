@@ -5,7 +5,7 @@
  */
 import { KeyringStale, MustForward, Sealed } from './errors';
 import { Keyring } from './keyring';
-import type { Store, StoreTx } from './ports';
+import type { RawRead, Store, StoreTx } from './ports';
 
 export interface BarrierTx {
   get<T = unknown>(path: string): Promise<T | null>;
@@ -26,9 +26,11 @@ export interface BarrierTx {
 
 /** What an engine stores through: the replicated barrier, or the same calls on local storage. */
 export interface StorageView {
-  get<T = unknown>(path: string): Promise<T | null>;
+  /** `prefetched`: the same read, already fetched (used when it is a plan for exactly this path). */
+  get<T = unknown>(path: string, prefetched?: RawRead | null): Promise<T | null>;
   list(prefix: string): Promise<string[]>;
-  getWithLast<A, B>(path: string, prefix: string): Promise<{ value: A | null; last: { path: string; value: B } | null }>;
+  /** `prefetched`: the same read, already fetched (used when its path and prefix match). */
+  getWithLast<A, B>(path: string, prefix: string, prefetched?: RawRead | null): Promise<{ value: A | null; last: { path: string; value: B } | null }>;
   transaction<T>(fn: (tx: BarrierTx) => Promise<T>): Promise<{ result: T; lastSeq: number }>;
 }
 
@@ -88,9 +90,10 @@ export class Barrier implements StorageView {
     return JSON.parse(plain.toString('utf8')) as T;
   }
 
-  async get<T = unknown>(path: string): Promise<T | null> {
+  async get<T = unknown>(path: string, prefetched?: RawRead | null): Promise<T | null> {
     this.currentKeyring;
-    return this.decrypt<T>(path, await this.store.get(path));
+    const blob = prefetched && prefetched.path === path && prefetched.prefix === null ? prefetched.value : await this.store.get(path);
+    return this.decrypt<T>(path, blob);
   }
 
   async list(prefix: string): Promise<string[]> {
@@ -99,9 +102,9 @@ export class Barrier implements StorageView {
   }
 
   /** The entry at `path` and the last live entry under `prefix`, decrypted, in one round trip. */
-  async getWithLast<A, B>(path: string, prefix: string): Promise<{ value: A | null; last: { path: string; value: B } | null }> {
+  async getWithLast<A, B>(path: string, prefix: string, prefetched?: RawRead | null): Promise<{ value: A | null; last: { path: string; value: B } | null }> {
     this.currentKeyring;
-    const r = await this.store.getWithLast(path, prefix);
+    const r = prefetched && prefetched.path === path && prefetched.prefix === prefix ? prefetched : await this.store.getWithLast(path, prefix);
     return {
       value: await this.decrypt<A>(path, r.value),
       last: r.last ? { path: r.last.path, value: (await this.decrypt<B>(r.last.path, r.last.value))! } : null,

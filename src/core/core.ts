@@ -11,12 +11,12 @@ import { KvEngine } from './kv';
 import { MountTable, type MountEntry } from './mounts';
 import { openApiPaths, RouteTable } from './framework';
 import { Acl, DEFAULT_POLICY, requiresSudo, RESPONSE_WRAPPING_POLICY, type Capability, type Policy } from './policy';
-import type { Store, TokenRecord } from './ports';
+import type { AuthRead, ReadPlan, Store, TokenRecord } from './ports';
 import type { LogicalRequest, LogicalResponse, RequestContext } from './request';
 import { SealState, type StaticSealKey } from './seal';
 import { SysBackend } from './sys/index';
-import { TokenStore, TOKEN_HMAC_KEY_PATH } from './tokens';
-import { randomBytes } from 'node:crypto';
+import { MAX_TOKEN_LENGTH, TokenStore, TOKEN_HMAC_KEY_PATH } from './tokens';
+import { createHash, randomBytes } from 'node:crypto';
 import { AppRoleBackend } from './auth/approle';
 import { TokenBackend } from './auth/token';
 import { UserpassBackend } from './auth/userpass';
@@ -82,6 +82,8 @@ export class Core implements ExpiryTarget {
   /** Engine and auth-method types → the route table serving a mount of that type. */
   readonly backends: Map<string, (m: MountEntry) => RouteTable>;
   private clusterId = '';
+  /** Decoded policies by path and ciphertext hash (see policyFrom). */
+  private readonly decodedPolicies = new Map<string, Policy>();
   private clusterNameValue = '';
   private mountsLoadedAt = 0;
 
@@ -208,6 +210,7 @@ export class Core implements ExpiryTarget {
 
   /** Seals this process (not others: each process holds its own keys in memory). */
   sealLocal(): void {
+    this.decodedPolicies.clear();
     this.barrier.seal();
     this.tokens.setKey(null);
     this.rootKey = null;
@@ -259,20 +262,26 @@ export class Core implements ExpiryTarget {
     }
     const table = route ? this.routesFor(route.mount) : null;
     const matched = table?.match(route!.subpath) ?? null;
-    const token = matched?.def.unauthenticated || req.forwardedBy ? null : await this.authenticate(req.token);
+    const help = req.operation === 'read' && TRUE_VALUES.has(req.query.help ?? '');
+    // The token, its policies and (for a read that plans one) the data, in one round trip.
+    const auth =
+      matched?.def.unauthenticated || req.forwardedBy
+        ? null
+        : await this.authRead(req.token, matched?.def.prefetch && !help ? matched.def.prefetch({ req, token: null, subpath: route!.subpath, params: matched.params, fields: {} }) : null);
+    const token = auth?.token ?? null;
     if (!route || !table || !matched) {
       // Vault checks the token before saying a route does not exist, so an anonymous caller
       // learns nothing about mounts.
       throw new UnsupportedPath(`no handler for route "${req.path}". route entry not found.`);
     }
     const ctx: RequestContext = { req, token, subpath: route.subpath };
-    if (req.operation === 'read' && TRUE_VALUES.has(req.query.help ?? '')) {
+    if (help) {
       // `?help=1`: the route's description and its OpenAPI item, from the same route table.
       return { data: { help: `## ${matched.def.summary}\n`, openapi: { openapi: '3.0.2', paths: openApiPaths(route.prefix, new RouteTable([matched.def])) } } };
     }
     let use: 'ok' | 'last' | 'exhausted' = 'ok';
     if (token) {
-      const acl = await this.aclFor(token);
+      const acl = await this.aclOf(auth!);
       // The existence check decides create vs update for the ACL; root is allowed either way,
       // so it skips the extra storage read.
       if (req.operation === 'update' && matched.def.exists && !acl.root) {
@@ -288,13 +297,15 @@ export class Core implements ExpiryTarget {
       use = await this.tokens.use(token);
       if (use === 'exhausted') throw new PermissionDenied();
       if (token.numUses > 0) ctx.token = { ...token, numUses: token.numUses - 1 };
+      // Only now, authorised, does the handler see what was read with the token.
+      ctx.prefetched = auth!.read;
     }
     const wrapTtl = req.headers['x-vault-wrap-ttl'];
     // A bad wrap TTL is refused before the request runs, so a write is never done unwrapped.
     if (wrapTtl) assertDuration(wrapTtl, 'X-Vault-Wrap-TTL');
     let out: LogicalResponse;
     try {
-      out = await table.dispatch(ctx);
+      out = await table.dispatch(ctx, matched);
     } catch (err) {
       // A secondary's use case tried to write replicated data: nothing committed; the primary
       // runs the request instead (invariant 7), vouched for by this cluster's credential.
@@ -319,6 +330,56 @@ export class Core implements ExpiryTarget {
     const rec = await this.tokens.lookup(token);
     if (!rec) throw new PermissionDenied();
     return rec;
+  }
+
+  /**
+   * Authenticates `token` and reads, in the same statement, its stored policies and the
+   * planned read: what `authenticate` + `aclFor` + the handler's first read would fetch in
+   * 2 + (number of policies) round trips.
+   */
+  private async authRead(token: string | null, read: ReadPlan | null): Promise<AuthRead> {
+    if (!token || token.length > MAX_TOKEN_LENGTH) throw new PermissionDenied();
+    const r = await this.opts.store.authRead(this.tokens.digest(token), read ?? undefined);
+    if (!r || !this.tokens.isLive(r.token)) throw new PermissionDenied();
+    return r;
+  }
+
+  /** `aclFor(auth.token)`, from the policy entries read with the token. */
+  private async aclOf(auth: AuthRead): Promise<Acl> {
+    const stored = new Map(auth.policies.map((p) => [p.path, p.value]));
+    const lookedUp = new Set(auth.policyPaths);
+    const policies: Policy[] = [];
+    for (const name of auth.token.policies.map((n) => n.trim().toLowerCase())) {
+      if (name === 'root') policies.push({ name: 'root', rules: [] });
+      else if (name === 'response-wrapping') policies.push(RESPONSE_WRAPPING_POLICY);
+      else {
+        const path = `core/policies/acl/${name}`;
+        const blob = stored.get(path);
+        // Not looked up: Postgres normalised the name differently (non-ASCII): read it here.
+        const p = blob ? await this.policyFrom(path, blob) : lookedUp.has(path) ? null : await this.barrier.get<Policy>(path);
+        if (name === 'default') policies.push(p ?? DEFAULT_POLICY);
+        else if (p) policies.push(p);
+      }
+    }
+    return new Acl(policies);
+  }
+
+  /**
+   * Decrypts and parses a stored policy, memoised by its path and the SHA-256 of its
+   * ciphertext: the policy is still read from storage on every request (so a change by any
+   * process or by replication applies at once); only the work of decoding an unchanged value
+   * is saved.
+   */
+  private async policyFrom(path: string, blob: Buffer): Promise<Policy | null> {
+    const key = `${path}\0${createHash('sha256').update(blob).digest('base64')}`;
+    const hit = this.decodedPolicies.get(key);
+    if (hit) return hit;
+    const p = await this.barrier.decrypt<Policy>(path, blob);
+    if (p) {
+      if (this.decodedPolicies.size >= 1000) this.decodedPolicies.clear();
+      this.decodedPolicies.set(key, p);
+    }
+    return p;
   }
 
   async aclFor(token: TokenRecord): Promise<Acl> {

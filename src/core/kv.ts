@@ -64,7 +64,7 @@ export class KvEngine {
     const key = `${mount.uuid}:${isKvV2(mount) ? 2 : 1}:${mount.local}`;
     let t = this.tables.get(key);
     if (!t) {
-      t = new KvMount(this.barrier.view(mount.local), this.clock).routes(mountStoragePrefix(mount), isKvV2(mount));
+      t = new KvMount(this.barrier.view(mount.local), this.clock, mount.local).routes(mountStoragePrefix(mount), isKvV2(mount));
       this.tables.set(key, t);
     }
     return t;
@@ -75,6 +75,8 @@ class KvMount {
   constructor(
     private readonly store: StorageView,
     private readonly clock: Clock,
+    /** Local storage has no one-statement read to prefetch. */
+    private readonly local: boolean,
   ) {}
 
   routes(base: string, v2: boolean): RouteTable {
@@ -90,10 +92,11 @@ class KvMount {
         pattern: ':path*',
         summary: 'Pass-through secret storage (KV version 1).',
         exists: async (ctx) => (await this.store.get(at(ctx))) !== null,
+        prefetch: (ctx) => (this.local || ctx.req.operation !== 'read' || !ctx.params.path || ctx.params.path.endsWith('/') ? null : { path: at(ctx), prefix: null }),
         operations: {
           read: async (ctx) => {
             if (!ctx.params.path || ctx.params.path.endsWith('/')) throw new UnsupportedOperation();
-            const data = await this.store.get<Record<string, unknown>>(at(ctx));
+            const data = await this.store.get<Record<string, unknown>>(at(ctx), ctx.prefetched);
             if (!data) throw new NotFound();
             return { data };
           },
@@ -147,6 +150,11 @@ class KvMount {
           version: { type: 'int', description: 'If provided during a read, the value at the version number will be returned.' },
         },
         exists: keyMetaExists,
+        prefetch: (ctx) => {
+          const key = ctx.params.path;
+          if (this.local || ctx.req.operation !== 'read' || !key || key.endsWith('/')) return null;
+          return { path: this.metaPath(base, key), prefix: this.versionsPrefix(base, key) };
+        },
         operations: {
           read: (ctx) => this.data(ctx, base, requireKey(ctx.params.path)),
           update: (ctx) => this.data(ctx, base, requireKey(ctx.params.path)),
@@ -217,7 +225,7 @@ class KvMount {
   }
 
   private versionsPrefix(base: string, key: string): string {
-    return `${base}versions/${createHash('sha256').update(key).digest('hex')}/`;
+    return `${base}versions/${keyHash(key)}/`;
   }
 
   /** Zero-padded so path order is version order (the latest version is the last path). */
@@ -230,7 +238,7 @@ class KvMount {
     switch (req.operation) {
       case 'read': {
         // One round trip for the common case: the metadata and the newest stored version.
-        const { value: meta, last } = await this.store.getWithLast<KeyMetadata, Record<string, unknown>>(this.metaPath(base, key), this.versionsPrefix(base, key));
+        const { value: meta, last } = await this.store.getWithLast<KeyMetadata, Record<string, unknown>>(this.metaPath(base, key), this.versionsPrefix(base, key), ctx.prefetched);
         if (!meta) throw new NotFound();
         const n = req.query.version && req.query.version !== '0' ? positiveInt(req.query.version, 'version') : meta.current_version;
         const vm = meta.versions[String(n)];
@@ -436,6 +444,21 @@ class KvMount {
   private now(): string {
     return this.clock.now().toISOString();
   }
+}
+
+/**
+ * sha256(key) in hex, remembered for recently used keys: a read needs it three times (plan,
+ * read, version path). Keys are paths, not secrets.
+ */
+const keyHashes = new Map<string, string>();
+function keyHash(key: string): string {
+  let h = keyHashes.get(key);
+  if (h === undefined) {
+    h = createHash('sha256').update(key).digest('hex');
+    if (keyHashes.size >= 10_000) keyHashes.clear();
+    keyHashes.set(key, h);
+  }
+  return h;
 }
 
 function versionResponse(meta: KeyMetadata, n: number, vm: VersionMeta) {

@@ -50,9 +50,47 @@ export interface Store {
   /** Stores the keyring and its active term (writes under older terms are then refused). */
   updateKeyring(blob: Buffer, activeTerm: number): Promise<void>;
 
+  /**
+   * A request's authentication data in ONE round trip: the token with this HMAC, the stored ACL
+   * policies its policy names point to and — when `read` is given — what `getWithLast` would
+   * return for it, all from one snapshot. Null when no token has this HMAC (then nothing else
+   * is read).
+   */
+  authRead(hmac: Buffer, read?: ReadPlan): Promise<AuthRead | null>;
+
   tokens: TokenRepo;
   leases: LeaseRepo;
   wrapped: WrapRepo;
+}
+
+/** The entries a read handler asks for first: `getWithLast(path, prefix)`, or `get(path)` when prefix is null. */
+export interface ReadPlan {
+  path: string;
+  prefix: string | null;
+}
+
+/** `getWithLast`'s answer for a plan, still encrypted. */
+export interface RawRead extends ReadPlan {
+  value: Buffer | null;
+  last: { path: string; value: Buffer } | null;
+}
+
+export interface PolicyEntry {
+  path: string;
+  /** The ciphertext. */
+  value: Buffer;
+}
+
+export interface AuthRead {
+  token: TokenRecord;
+  /**
+   * The storage paths Postgres looked up for the token's policy names (`core/policies/acl/` +
+   * trimmed, lower-cased name; not `root` or `response-wrapping`), existing or not.
+   */
+  policyPaths: string[];
+  /** Those of them that exist. */
+  policies: PolicyEntry[];
+  read: RawRead | null;
 }
 
 export interface TokenRecord {

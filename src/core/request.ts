@@ -1,5 +1,5 @@
 /** The logical request and response that flow between http/ and core. */
-import type { TokenRecord } from './ports';
+import type { RawRead, TokenRecord } from './ports';
 
 export type Operation = 'read' | 'create' | 'update' | 'delete' | 'list' | 'patch';
 
@@ -57,4 +57,6 @@ export interface RequestContext {
   token: TokenRecord | null;
   /** The path relative to the mount. */
   subpath: string;
+  /** What the route's `prefetch` plan asked for, read with the token (still encrypted). */
+  prefetched?: RawRead | null;
 }

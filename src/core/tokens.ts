@@ -10,6 +10,8 @@ import { noScheduler, type ExpiryScheduler } from './expiry';
 import type { TokenRecord, TokenRepo } from './ports';
 
 export const TOKEN_HMAC_KEY_PATH = 'core/token-hmac-key';
+/** Longer strings are not looked up: no token is that long. */
+export const MAX_TOKEN_LENGTH = 512;
 
 const ALPHABET = 'ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789';
 
@@ -122,7 +124,7 @@ export class TokenStore {
 
   /** The live record of `token`, or null if unknown, expired or out of uses. */
   async lookup(token: string): Promise<TokenRecord | null> {
-    if (!token || token.length > 512) return null;
+    if (!token || token.length > MAX_TOKEN_LENGTH) return null;
     return this.live(await this.repo.byHmac(this.digest(token)));
   }
 
@@ -131,6 +133,11 @@ export class TokenStore {
     if (!accessor) return null;
     const rec = this.live(await this.repo.byAccessor(accessor));
     return rec && rec.tokenType === 'service' ? rec : null;
+  }
+
+  /** Whether a token record read from storage is usable: not expired, not out of uses. */
+  isLive(rec: TokenRecord): boolean {
+    return this.live(rec) !== null;
   }
 
   private live(rec: TokenRecord | null): TokenRecord | null {

@@ -3,6 +3,8 @@
  * core, render the envelope. Errors become statuses in exactly one place (errors.ts).
  */
 import { randomUUID } from 'node:crypto';
+import type * as http from 'node:http';
+import { parse as parseQuery } from 'node:querystring';
 import express, { type NextFunction, type Request, type Response } from 'express';
 import type { Logger } from 'pino';
 import type { Core } from '../core/core';
@@ -49,14 +51,19 @@ export function createApp(o: AppOptions): express.Express {
   app.set('query parser', 'simple');
   app.set('etag', false);
 
-  app.use((req, res, next) => {
+  const observe = (method: string, pathOf: () => string, res: http.ServerResponse) => {
     const started = process.hrtime.bigint();
     res.setHeader('Cache-Control', 'no-store');
     res.on('finish', () => {
-      o.metrics.handleRequest.observe({ method: req.method }, Number(process.hrtime.bigint() - started) / 1e6);
+      const ms = Number(process.hrtime.bigint() - started) / 1e6;
+      o.metrics.handleRequest.observe({ method }, ms);
       // Paths and statuses only: never bodies, tokens or query values (invariant 8).
-      o.log.debug({ method: req.method, path: req.path, status: res.statusCode, ms: Number(process.hrtime.bigint() - started) / 1e6 }, 'request');
+      if (o.log.isLevelEnabled('debug')) o.log.debug({ method, path: pathOf(), status: res.statusCode, ms }, 'request');
     });
+  };
+
+  app.use((req, res, next) => {
+    observe(req.method, () => req.path, res);
     next();
   });
 
@@ -78,7 +85,7 @@ export function createApp(o: AppOptions): express.Express {
   });
 
   app.all('/v1/{*rest}', (req, res) => {
-    logical(o, req, res).catch((err) => sendCaught(res, err, o.log));
+    logical(o, expressCall(req), res).catch((err) => sendCaught(res, err, o.log));
   });
 
   // Body-parser failures arrive here: malformed JSON is the caller's error, as is size.
@@ -89,15 +96,127 @@ export function createApp(o: AppOptions): express.Express {
     if (e?.status && e.status >= 400 && e.status < 500) return sendError(res, e.status, [e.message ?? 'bad request']);
     sendCaught(res, err, o.log);
   });
+
+  // The hot path, a plain read of a logical path (see hotCall), does not go through Express:
+  // its layers have nothing to do for it (no body to parse, the /v1/ prefix is there, neither
+  // the replication router nor the sys/ routes serve it), and Express's per-request work
+  // (prototypes, router walk) is a good part of such a request's cost here. Express's
+  // handle() is wrapped: a hot read is served at once, as the first layer and the /v1/ route
+  // would serve it, and anything else is handed to Express. Should its answer ever need
+  // Express after all (see sendJson), the request and response are given Express's
+  // prototypes then, as handle() would have.
+  const internals = app as unknown as { handle(req: http.IncomingMessage, res: http.ServerResponse, done?: NextFunction): void };
+  const expressHandle = internals.handle;
+  internals.handle = function handle(this: unknown, req, res, done) {
+    const call = hotCall(req);
+    if (!call) return expressHandle.call(this, req, res, done);
+    (res as HotResponse)[TO_EXPRESS] = () => {
+      Object.setPrototypeOf(req, app.request);
+      Object.setPrototypeOf(res, app.response);
+      (req as Request).res = res as Response;
+    };
+    observe('GET', () => call.path, res);
+    logical(o, call, res).catch((err) => sendCaught(res, err, o.log));
+  };
   return app;
 }
 
-function sendError(res: Response, status: number, errors: string[]): void {
-  if (res.headersSent) return;
-  res.status(status).json({ errors });
+/** What `logical` reads of an HTTP request: Express's req, or a plain one on the hot path. */
+interface HttpCall {
+  method: string;
+  /** The URL's path, as Express's `req.path`. */
+  path: string;
+  /** As Express's `req.query` with the 'simple' parser (node:querystring). */
+  query: Record<string, unknown>;
+  headers: http.IncomingHttpHeaders;
+  remoteAddress: string | undefined;
+  body(): Record<string, unknown>;
 }
 
-function sendCaught(res: Response, err: unknown, log: Logger): void {
+function expressCall(req: Request): HttpCall {
+  return {
+    method: req.method,
+    path: req.path,
+    query: req.query as Record<string, unknown>,
+    headers: req.headers,
+    remoteAddress: req.socket.remoteAddress,
+    body: () => bodyOf(req),
+  };
+}
+
+/** A header as Express's `req.header(name)` reads it (`name` lower-case, not referer). */
+function header(call: HttpCall, name: string): string | undefined {
+  return call.headers[name] as string | undefined;
+}
+
+/**
+ * The hot path's requests: a GET of a path under /v1/ but not under /v1/sys (the prefix the
+ * raw sys/ routes and the replication router match, case-insensitively as Express does),
+ * without a body or conditional headers, whose URL parseurl would split at its first `?`
+ * (its fast case: no `#` or white space) and whose path decodes (Express answers a bad
+ * percent-encoding itself). Null for anything else.
+ */
+function hotCall(req: http.IncomingMessage): HttpCall | null {
+  const h = req.headers;
+  if (req.method !== 'GET' || h['content-length'] !== undefined || h['transfer-encoding'] !== undefined) return null;
+  if (h['if-none-match'] !== undefined || h['if-modified-since'] !== undefined) return null;
+  const url = req.url ?? '';
+  if (url.charCodeAt(0) !== 0x2f) return null;
+  let q = -1;
+  for (let i = 1; i < url.length; i++) {
+    const c = url.charCodeAt(i);
+    if (c === 0x3f) {
+      if (q === -1) q = i;
+    } else if (c === 0x09 || c === 0x0a || c === 0x0c || c === 0x0d || c === 0x20 || c === 0x23 || c === 0xa0 || c === 0xfeff) {
+      return null;
+    }
+  }
+  const path = q === -1 ? url : url.slice(0, q);
+  if (!path.startsWith('/v1/') || path.slice(0, 7).toLowerCase() === '/v1/sys') return null;
+  if (path.includes('%')) {
+    try {
+      decodeURIComponent(path);
+    } catch {
+      return null;
+    }
+  }
+  return { method: 'GET', path, query: parseQuery(q === -1 ? '' : url.slice(q + 1)), headers: h, remoteAddress: req.socket.remoteAddress, body: () => ({}) };
+}
+
+const TO_EXPRESS = Symbol('toExpress');
+/** A hot-path response, which can be given Express's prototypes when its answer needs them. */
+type HotResponse = http.ServerResponse & { [TO_EXPRESS]?: () => void };
+
+/**
+ * `res.status(status).json(body)`, writing exactly what Express would (same status, headers in
+ * the same order, same bytes) without its general machinery, in the one case that needs
+ * none of it: a GET without conditional headers, no Content-Type set yet, a status with a
+ * body. Anything else goes through Express (HEAD, `If-None-Match`/`If-Modified-Since`
+ * freshness, 204/205/304 header stripping).
+ */
+function sendJson(res: http.ServerResponse, status: number, body: unknown): void {
+  const h = res.req.headers;
+  if (
+    res.req.method !== 'GET' || h['if-none-match'] !== undefined || h['if-modified-since'] !== undefined ||
+    res.hasHeader('Content-Type') || status === 204 || status === 205 || status === 304
+  ) {
+    (res as HotResponse)[TO_EXPRESS]?.();
+    (res as Response).status(status).json(body);
+    return;
+  }
+  const text = JSON.stringify(body);
+  res.statusCode = status;
+  res.setHeader('Content-Type', 'application/json; charset=utf-8');
+  res.setHeader('Content-Length', Buffer.byteLength(text, 'utf8'));
+  res.end(text, 'utf8');
+}
+
+function sendError(res: http.ServerResponse, status: number, errors: string[]): void {
+  if (res.headersSent) return;
+  sendJson(res, status, { errors });
+}
+
+function sendCaught(res: http.ServerResponse, err: unknown, log: Logger): void {
   const e = toHttpError(err);
   if (e.status === 500) log.error({ err: redactError(err) }, 'request failed');
   sendError(res, e.status, e.errors);
@@ -109,15 +228,15 @@ function redactError(err: unknown) {
   return { message: e?.message, code: e?.code, stack: e?.stack };
 }
 
-function tokenOf(req: Request): string | null {
-  const h = req.header('x-vault-token');
+function tokenOf(req: Request | HttpCall): string | null {
+  const h = 'header' in req ? req.header('x-vault-token') : header(req, 'x-vault-token');
   if (h) return h;
-  const auth = req.header('authorization');
+  const auth = 'header' in req ? req.header('authorization') : header(req, 'authorization');
   if (auth && auth.startsWith('Bearer ')) return auth.slice(7).trim();
   return null;
 }
 
-function operationOf(req: Request): Operation {
+function operationOf(req: HttpCall): Operation {
   const q = req.query as Record<string, string | undefined>;
   switch (req.method) {
     case 'GET':
@@ -155,27 +274,27 @@ function bodyOf(req: Request): Record<string, unknown> {
   return b as Record<string, unknown>;
 }
 
-async function logical(o: AppOptions, req: Request, res: Response): Promise<void> {
+async function logical(o: AppOptions, req: HttpCall, res: http.ServerResponse): Promise<void> {
   const operation = operationOf(req);
   let path = canonicalPath(req.path.slice('/v1/'.length));
   if (operation === 'list' && path && !path.endsWith('/')) path += '/';
   const lreq: LogicalRequest = {
     operation,
     path,
-    data: operation === 'read' || operation === 'list' ? {} : bodyOf(req),
-    query: Object.fromEntries(Object.entries(req.query as Record<string, unknown>).map(([k, v]) => [k, String(v)])),
+    data: operation === 'read' || operation === 'list' ? {} : req.body(),
+    query: Object.fromEntries(Object.entries(req.query).map(([k, v]) => [k, String(v)])),
     token: tokenOf(req),
     headers: {
-      'content-type': req.header('content-type'),
-      'x-vault-wrap-ttl': req.header('x-vault-wrap-ttl'),
-      'x-vault-wrap-format': req.header('x-vault-wrap-format'),
+      'content-type': header(req, 'content-type'),
+      'x-vault-wrap-ttl': header(req, 'x-vault-wrap-ttl'),
+      'x-vault-wrap-format': header(req, 'x-vault-wrap-format'),
     },
-    remoteAddr: req.socket.remoteAddress,
+    remoteAddr: req.remoteAddress,
   };
-  const required = req.header('x-vault-index');
+  const required = header(req, 'x-vault-index');
   if (required && o.replication && /^\d+$/.test(required)) {
     // X-Vault-Inconsistent: "fail" (default) answers 412 at once; "await-state" waits first.
-    await o.replication.assertIndex(Number(required), req.header('x-vault-inconsistent') === 'await-state');
+    await o.replication.assertIndex(Number(required), header(req, 'x-vault-inconsistent') === 'await-state');
   }
   const out = await o.core.handle(lreq);
   if (out.walSeq) o.node.poke();
@@ -183,12 +302,13 @@ async function logical(o: AppOptions, req: Request, res: Response): Promise<void
   render(res, lreq, out);
 }
 
-function render(res: Response, req: LogicalRequest, out: LogicalResponse): void {
+function render(res: http.ServerResponse, req: LogicalRequest, out: LogicalResponse): void {
   const index = out.replicatedLsn || out.walSeq;
   if (index) res.setHeader('X-Vault-Index', String(index));
   const hasBody = out.data != null || out.auth != null || out.wrapInfo != null || (out.warnings?.length ?? 0) > 0;
   if (!hasBody && (out.status === 204 || out.status === undefined)) {
-    res.status(204).end();
+    res.statusCode = 204; // res.status(204).end()
+    res.end();
     return;
   }
   const envelope: Record<string, unknown> = {
@@ -206,7 +326,7 @@ function render(res: Response, req: LogicalRequest, out: LogicalResponse): void 
   if (req.path.startsWith('sys/') && req.path !== 'sys/wrapping/unwrap' && out.data) {
     for (const [k, v] of Object.entries(out.data)) if (!(k in envelope)) envelope[k] = v;
   }
-  res.status(out.status && out.status !== 204 ? out.status : 200).json(envelope);
+  sendJson(res, out.status && out.status !== 204 ? out.status : 200, envelope);
 }
 
 type RawHandler = (req: Request, res: Response) => Promise<void>;

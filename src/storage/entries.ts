@@ -8,6 +8,7 @@
  */
 import { createHash } from 'node:crypto';
 import { sql, type Kysely, type Transaction } from 'kysely';
+import { preparedQuery } from './db';
 import type { DB } from './schema';
 
 export interface WrittenRow {
@@ -82,13 +83,18 @@ export async function getEntries(db: Kysely<DB> | Transaction<DB>, paths: string
   return paths.map((p) => byPath.get(p) ?? null);
 }
 
+// Reads outside transactions are prepared statements (parsed and planned once per connection).
+const GET_WITH_LAST = `
+  SELECT path, value, 0 AS which FROM coffer_entries WHERE path = $1::text AND value IS NOT NULL
+  UNION ALL
+  (SELECT path, value, 1 AS which FROM coffer_entries
+    WHERE path >= $2::text AND path < $3::text AND value IS NOT NULL
+    ORDER BY path DESC LIMIT 1)`;
+
+const GET_ENTRY = `SELECT value FROM coffer_entries WHERE path = $1::text`;
+
 export async function getWithLast(db: Kysely<DB>, path: string, prefix: string) {
-  const { rows } = await sql<{ path: string; value: Buffer; which: number }>`
-    SELECT path, value, 0 AS which FROM coffer_entries WHERE path = ${path} AND value IS NOT NULL
-    UNION ALL
-    (SELECT path, value, 1 AS which FROM coffer_entries
-      WHERE path >= ${prefix} AND path < ${prefixEnd(prefix)} AND value IS NOT NULL
-      ORDER BY path DESC LIMIT 1)`.execute(db);
+  const rows = await preparedQuery<{ path: string; value: Buffer; which: number }>(db, 'coffer_get_with_last', GET_WITH_LAST, [path, prefix, prefixEnd(prefix)]);
   const own = rows.find((r) => r.which === 0);
   const last = rows.find((r) => r.which === 1);
   return { value: own?.value ?? null, last: last ? { path: last.path, value: last.value } : null };
@@ -101,12 +107,8 @@ export async function deleteEntry(tx: Transaction<DB>, path: string): Promise<Wr
 }
 
 export async function getEntry(db: Kysely<DB>, path: string): Promise<Buffer | null> {
-  const row = await db
-    .selectFrom('coffer_entries')
-    .select('value')
-    .where('path', '=', path)
-    .executeTakeFirst();
-  return row?.value ?? null;
+  const rows = await preparedQuery<{ value: Buffer | null }>(db, 'coffer_get_entry', GET_ENTRY, [path]);
+  return rows[0]?.value ?? null;
 }
 
 /** Upper bound for a prefix range scan under COLLATE "C" (U+10FFFF sorts after any path byte). */

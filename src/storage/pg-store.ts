@@ -1,10 +1,12 @@
 /** Store (src/core/ports.ts) on Postgres through kysely. */
 import { sql, type Kysely, type Transaction } from 'kysely';
-import type { LeaseRecord, LeaseRepo, SealRecord, Store, StoreTx, TokenRecord, TokenRepo, WrapRepo, WrappedRecord } from '../core/ports';
+import pg from 'pg';
+import type { AuthRead, LeaseRecord, LeaseRepo, ReadPlan, SealRecord, Store, StoreTx, TokenRecord, TokenRepo, WrapRepo, WrappedRecord } from '../core/ports';
 import { deleteEntry, getEntries, getEntry, getWithLast, listChildren, prefixEnd, putEntries, putEntry, StaleKeyTerm } from './entries';
 import { KeyringStale } from '../core/errors';
 import { termOf } from '../core/keyring';
 import { deleteLocal, getLocal, putLocal } from './local';
+import { HOT_CONNECTIONS, preparedQuery } from './db';
 import type { DB } from './schema';
 
 function txStore(tx: Transaction<DB>): StoreTx {
@@ -50,6 +52,20 @@ function toToken(r: any): TokenRecord {
     createdAt: r.created_at,
     expiresAt: r.expires_at,
   };
+}
+
+const parseBytea = pg.types.getTypeParser(pg.types.builtins.BYTEA, 'text') as (text: string) => Buffer;
+
+/** A coffer_tokens row as Postgres renders it in JSON (bytea as in text output, timestamps in ISO 8601). */
+function tokenFromJson(j: any): TokenRecord {
+  const bytes = (text: string | null) => (text === null ? null : parseBytea(text));
+  return toToken({
+    ...j,
+    token_hmac: bytes(j.token_hmac),
+    parent_hmac: bytes(j.parent_hmac),
+    created_at: new Date(j.created_at),
+    expires_at: j.expires_at === null ? null : new Date(j.expires_at),
+  });
 }
 
 function tokenRepo(db: Kysely<DB>): TokenRepo {
@@ -159,8 +175,128 @@ function tokenRepo(db: Kysely<DB>): TokenRepo {
   };
 }
 
+/**
+ * The hot path of every authenticated request, as one statement: the token row, its policies'
+ * stored entries and, for a read, the entry and the newest live entry under a prefix
+ * (getWithLast's two lookups). Entries are only looked up for an existing token. The token
+ * row comes as one JSON column (the driver's per-column work is a good part of a query's cost
+ * to this process), which also keeps the prepared statement's result shape fixed whatever
+ * columns a migration adds.
+ *
+ * It serves a batch of requests at once: $1..$4 are arrays (token HMAC; path, prefix and end of
+ * the prefix range, null for no read), and each answer row carries its request's position `i`
+ * (1-based; no row: no such token). It runs with a generic plan (see preparedQuery), so every
+ * lookup is written as a lateral, parameterised one (the token's `LIMIT 1` keeps it an index
+ * probe however many tokens the planner's statistics count).
+ */
+const AUTH_READ = `
+  SELECT q.i, to_json(t) AS token,
+         p.wanted AS policy_wanted, p.paths AS policy_paths, p.vals AS policy_values,
+         e.value AS read_value, l.path AS last_path, l.value AS last_value
+    FROM unnest($1::bytea[], $2::text[], $3::text[], $4::text[]) WITH ORDINALITY AS q(hmac, path, prefix, prefix_end, i)
+   CROSS JOIN LATERAL (SELECT * FROM coffer_tokens WHERE token_hmac = q.hmac LIMIT 1) AS t
+   CROSS JOIN LATERAL (
+         SELECT array_agg(n.path) AS wanted,
+                array_agg(c.path) FILTER (WHERE c.value IS NOT NULL) AS paths,
+                array_agg(c.value) FILTER (WHERE c.value IS NOT NULL) AS vals
+           FROM (SELECT ('core/policies/acl/' || lower(btrim(x))) COLLATE "C" AS path
+                   FROM unnest(t.policies) AS x
+                  WHERE lower(btrim(x)) NOT IN ('root', 'response-wrapping')) AS n
+           LEFT JOIN coffer_entries c ON c.path = n.path) AS p
+    LEFT JOIN LATERAL (
+         SELECT value FROM coffer_entries WHERE path = q.path COLLATE "C" AND value IS NOT NULL) AS e ON true
+    LEFT JOIN LATERAL (
+         SELECT path, value FROM coffer_entries
+          WHERE path >= q.prefix COLLATE "C" AND path < q.prefix_end COLLATE "C" AND value IS NOT NULL
+          ORDER BY path DESC LIMIT 1) AS l ON true`;
+
+interface PendingAuthRead {
+  hmac: Buffer;
+  read: ReadPlan | undefined;
+  resolve(r: AuthRead | null): void;
+  reject(err: unknown): void;
+}
+
+/**
+ * Coalesces concurrent authReads into one statement: requests that arrive while a batch is
+ * out (or in the same turn of the event loop) go together in the next one, so under load one
+ * round trip serves many requests, and an idle server adds no wait beyond that turn. Each
+ * request still reads a snapshot taken after it arrived (the statement starts later), so what
+ * it sees is what it would have seen alone.
+ */
+class AuthReadBatcher {
+  private queue: PendingAuthRead[] = [];
+  private inFlight = 0;
+  private scheduled = false;
+
+  constructor(
+    private readonly db: Kysely<DB>,
+    /** Batches out at once: one per connection of the pool it runs on. */
+    private readonly maxInFlight = HOT_CONNECTIONS,
+    private readonly maxBatch = 64,
+  ) {}
+
+  read(hmac: Buffer, read: ReadPlan | undefined): Promise<AuthRead | null> {
+    return new Promise((resolve, reject) => {
+      this.queue.push({ hmac, read, resolve, reject });
+      this.schedule();
+    });
+  }
+
+  private schedule(): void {
+    if (this.scheduled || this.inFlight >= this.maxInFlight || this.queue.length === 0) return;
+    this.scheduled = true;
+    setImmediate(() => {
+      this.scheduled = false;
+      this.send();
+    });
+  }
+
+  private send(): void {
+    if (this.inFlight >= this.maxInFlight || this.queue.length === 0) return;
+    const batch = this.queue.length <= this.maxBatch ? this.queue : this.queue.slice(0, this.maxBatch);
+    this.queue = batch === this.queue ? [] : this.queue.slice(this.maxBatch);
+    this.inFlight++;
+    runAuthReads(this.db, batch)
+      .then(
+        (answers) => batch.forEach((p, i) => p.resolve(answers[i])),
+        (err) => batch.forEach((p) => p.reject(err)),
+      )
+      .finally(() => {
+        this.inFlight--;
+        this.schedule();
+      });
+  }
+}
+
+async function runAuthReads(db: Kysely<DB>, batch: PendingAuthRead[]): Promise<(AuthRead | null)[]> {
+  const prefixes = batch.map((p) => p.read?.prefix ?? null);
+  const rows = await preparedQuery<any>(
+    db,
+    'coffer_auth_read',
+    AUTH_READ,
+    [batch.map((p) => p.hmac), batch.map((p) => p.read?.path ?? null), prefixes, prefixes.map((prefix) => (prefix === null ? null : prefixEnd(prefix)))],
+    { hot: true },
+  );
+  const answers: (AuthRead | null)[] = batch.map(() => null);
+  for (const r of rows) {
+    const { read } = batch[Number(r.i) - 1];
+    const paths: string[] = r.policy_paths ?? [];
+    const values: Buffer[] = r.policy_values ?? [];
+    answers[Number(r.i) - 1] = {
+      token: tokenFromJson(r.token),
+      policyPaths: r.policy_wanted ?? [],
+      policies: paths.map((path, i) => ({ path, value: values[i] })),
+      read: read ? { ...read, value: r.read_value ?? null, last: r.last_path !== null ? { path: r.last_path, value: r.last_value } : null } : null,
+    };
+  }
+  return answers;
+}
+
 export function pgStore(db: Kysely<DB>): Store {
+  const authReads = new AuthReadBatcher(db);
   return {
+    authRead: (hmac, read) => authReads.read(hmac, read),
     get: (path) => getEntry(db, path),
     getWithLast: (path, prefix) => getWithLast(db, path, prefix),
     list: (prefix) => listChildren(db, 'coffer_entries', prefix),

@@ -6,6 +6,7 @@ import * as os from 'node:os';
 import * as path from 'node:path';
 import { promisify } from 'node:util';
 import { listen, ListRequestRewriter, type ListenOptions, type RunningListener } from '../../src/http/list-method';
+import { seededRng } from '../helpers/rng';
 
 const run = promisify(execFile);
 const sleep = (ms: number) => new Promise<void>((resolve) => setTimeout(resolve, ms));
@@ -470,6 +471,86 @@ describe('ListRequestRewriter', () => {
     for (const framing of ['Content-Length: 1\r\nContent-Length: 1', 'Content-Length: 1\r\nTransfer-Encoding: chunked', 'Transfer-Encoding: gzip', 'Content-Length: x']) {
       const stream = `POST / HTTP/1.1\r\n${framing}\r\n\r\nLIST /x HTTP/1.1\r\n\r\n`;
       expect(rewriteAll([Buffer.from(stream)])).toBe(stream);
+    }
+  });
+});
+
+// ---------------------------------------------------------------------------------------
+// The rewriter's in-place line handling: framing headers in any case, look-alike names,
+// bare LF line ends, and generated streams cut anywhere
+// ---------------------------------------------------------------------------------------
+
+describe('ListRequestRewriter: framing headers as llhttp reads them', () => {
+  test('framing header names match in any case', () => {
+    const stream =
+      'POST /a HTTP/1.1\r\nCONTENT-LENGTH: 18\r\n\r\nLIST /x HTTP/1.1\r\n' +
+      'PUT /b HTTP/1.1\r\ncontent-length: 18\r\n\r\nLIST /y HTTP/1.1\r\n' +
+      'PATCH /c HTTP/1.1\r\nTransfer-ENCODING: Chunked\r\n\r\n16\r\n\r\n\r\nLIST /z HTTP/1.1\r\n\r\n0\r\n\r\n' +
+      'LIST /after HTTP/1.1\r\n\r\n';
+    expect(rewriteAll([Buffer.from(stream)])).toBe(stream.replace('LIST /after', 'GET /after?list=true'));
+  });
+
+  test('headers that only look like framing headers change nothing', () => {
+    // Were "Content-Lengthy" taken for Content-Length, the LIST after this head would be read as a body.
+    const stream =
+      'GET /a HTTP/1.1\r\nContent-Lengthy: 5\r\nX-Content-Length: 5\r\nTransfer-Encodings: chunked\r\nConnections: upgrade\r\n\r\n' +
+      'LIST /b HTTP/1.1\r\n\r\n';
+    expect(rewriteAll([Buffer.from(stream)])).toBe(stream.replace('LIST /b', 'GET /b?list=true'));
+    const accepting = new ListRequestRewriter(() => true);
+    const upgradeLike = 'GET / HTTP/1.1\r\nConnection: keep-alive\r\nUpgraded: x\r\n\r\nLIST /c HTTP/1.1\r\n\r\n';
+    expect(accepting.transform(Buffer.from(upgradeLike)).toString('latin1')).toBe(upgradeLike.replace('LIST /c', 'GET /c?list=true'));
+  });
+
+  test('a folded header after a framing header is not part of it once another header came between', () => {
+    const stream = 'POST /a HTTP/1.1\r\nContent-Length: 3\r\nX-Other: 1\r\n 9\r\n\r\nabcLIST /b HTTP/1.1\r\n\r\n';
+    expect(rewriteAll([Buffer.from(stream)])).toBe(stream.replace('LIST /b', 'GET /b?list=true'));
+  });
+
+  test('bare LF line ends', () => {
+    const stream = 'POST /a HTTP/1.1\nContent-Length: 2\n\nhiLIST /b HTTP/1.1\nHost: h\n\n';
+    expect(rewriteAll([Buffer.from(stream)])).toBe(stream.replace('LIST /b', 'GET /b?list=true'));
+  });
+});
+
+describe('ListRequestRewriter: generated streams', () => {
+  const { next, int } = seededRng('list-rewriter property');
+  const pick = <T>(xs: readonly T[]): T => xs[int(0, xs.length - 1)];
+  const casing = (name: string) => [...name].map((c) => (next() < 0.5 ? c.toUpperCase() : c.toLowerCase())).join('');
+  const noise = () => pick(['LIST /in-body HTTP/1.1\r\n', 'GET / HTTP/1.1\r\n\r\n', 'x', '\r\n\r\n', 'LIS', '']);
+
+  /** One request: its bytes in, and what the rewriter must make of them. */
+  function request(): { input: string; output: string } {
+    const method = pick(['LIST', 'GET', 'POST', 'PUT', 'DELETE', 'LINK', 'LOCK']);
+    const target = pick(['/v1/a', '/v1/a/', '/v1/b?x=1', '*', '/v1/c?']);
+    const eol = next() < 0.9 ? '\r\n' : '\n';
+    const lead = next() < 0.2 ? '\r\n' : '';
+    const headers = [`${casing('host')}: h`, `${casing('x-vault-token')}: hvs.t`];
+    let body = '';
+    let framing = '';
+    const kind = method === 'LIST' || method === 'GET' ? pick(['none', 'none', 'length']) : pick(['none', 'length', 'chunked']);
+    if (kind === 'length') {
+      body = noise() + noise();
+      framing = `${casing('content-length')}: ${body.length}`;
+    } else if (kind === 'chunked') {
+      const chunks = [noise() + noise() + 'a', noise() + noise() + 'bc'];
+      body = chunks.map((c) => `${c.length.toString(16)}${next() < 0.3 ? ';ext=1' : ''}\r\n${c}\r\n`).join('') + `0\r\n${next() < 0.3 ? 'Trailer: LIST /t HTTP/1.1\r\n' : ''}\r\n`;
+      framing = `${casing('transfer-encoding')}: chunked`;
+    }
+    if (framing) headers.splice(int(0, headers.length), 0, framing);
+    if (next() < 0.3) headers.push(`${casing('connection')}: keep-alive`);
+    const head = (m: string, t: string) => `${lead}${m} ${t} HTTP/1.1${eol}${headers.map((h) => h + eol).join('')}${eol}`;
+    const rewritten = method === 'LIST' ? head('GET', target + (target.includes('?') ? '&list=true' : '?list=true')) : head(method, target);
+    return { input: head(method, target) + body, output: rewritten + body };
+  }
+
+  test('any sequence of requests, cut into any pieces, comes out with exactly the LIST request lines rewritten', () => {
+    for (let round = 0; round < 300; round++) {
+      const requests = Array.from({ length: int(1, 6) }, request);
+      const input = Buffer.from(requests.map((r) => r.input).join(''), 'latin1');
+      const expected = requests.map((r) => r.output).join('');
+      const cuts = [...new Set(Array.from({ length: int(0, 8) }, () => int(0, input.length)))].sort((x, y) => x - y);
+      const pieces = [0, ...cuts].map((at, i, all) => input.subarray(at, all[i + 1] ?? input.length));
+      expect(rewriteAll(pieces)).toBe(expected);
     }
   });
 });

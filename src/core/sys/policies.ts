@@ -5,7 +5,9 @@
  * Policies are replicated data, stored through the barrier at `core/policies/acl/<name>` as
  * `{ name, raw, rules }`: `raw` is the text as Vault returns it on read (after base64
  * decoding), `rules` the parsed form Core.aclFor evaluates. Nothing is cached in memory, so a
- * policy written by another process (or shipped by replication) applies on the next request.
+ * policy written by another process (or shipped by replication) applies on the next request:
+ * requests read a token's policies from storage with the token (Core only memoises the
+ * decoding of a stored value, keyed by its ciphertext, which every write changes).
  */
 import type { Core } from '../core';
 import { DEFAULT_POLICY } from '../policy';
