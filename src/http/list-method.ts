@@ -547,6 +547,9 @@ function rewriteReads(socket: RewrittenSocket, upgradeAccepted: () => boolean): 
 // ---------------------------------------------------------------------------------------
 
 /** Tracks connections and responses so that, once draining, every connection closes as soon as it is idle. */
+/** How long a draining server waits for a just-opened connection's first request. */
+const DRAIN_SILENT_GRACE_MS = 1000;
+
 class ConnectionDrain {
   private readonly sockets = new Set<RewrittenSocket>();
   private readonly inFlight = new Set<http.ServerResponse>();
@@ -566,8 +569,14 @@ class ConnectionDrain {
     for (const res of this.inFlight) this.closeAfter(res);
     // Idle between requests, by Node's own bookkeeping.
     this.server.closeIdleConnections();
-    // Node counts a connection that has not sent anything yet as busy; it is not.
-    for (const socket of this.sockets) if (!socket[RECEIVED_DATA]) socket.destroy();
+    // Node counts a connection that has not sent anything yet as busy; it is not — but its
+    // first request may already be on the wire (a client under load connects, then writes):
+    // give it a moment to arrive (it is then answered with Connection: close) before dropping
+    // the connections that stayed silent.
+    const silentAfterGrace = setTimeout(() => {
+      for (const socket of this.sockets) if (!socket[RECEIVED_DATA]) socket.destroy();
+    }, DRAIN_SILENT_GRACE_MS);
+    silentAfterGrace.unref();
   }
 
   private track(res: http.ServerResponse): void {

@@ -13,7 +13,8 @@
  *               forwarded writes, merkle-diff/-sync).
  * Clients talk to the processes directly. Static seals: every process restarts unattended.
  *
- * COFFER_SOAK=1 (npm run test:soak) runs the same scenarios ten times longer.
+ * COFFER_SOAK=1 (npm run test:soak) runs the same scenarios ten times longer
+ * (COFFER_SOAK_FACTOR=n: n times longer instead).
  * COFFER_SEED replays the fault schedule (timing still varies between runs).
  */
 import { vault } from '../helpers/http';
@@ -21,13 +22,15 @@ import { one, perfStatus, waitAllConverged } from '../helpers/replication';
 import { seededRng } from '../helpers/rng';
 import { waitFor } from '../helpers/wait';
 import { FaultHarness, type FaultCluster, type Node } from '../harness/cluster';
+import type { CapturedRequest, ReplayResponse } from '../harness/fault-proxy';
 import { History, PositionMonitor, printTable, report } from '../harness/history';
 import { StateRecorder } from './merkle-support';
 
 const SOAK = process.env.COFFER_SOAK === '1';
-/** Scenario durations: short by default, ten times longer for the soak run. */
-const D = (ms: number) => (SOAK ? ms * 10 : ms);
-const T = (ms: number) => (SOAK ? ms * 10 + 60_000 : ms);
+/** Scenario durations: short by default, ten times longer for the soak run (COFFER_SOAK_FACTOR overrides the 10). */
+const SOAK_FACTOR = Number(process.env.COFFER_SOAK_FACTOR ?? 10);
+const D = (ms: number) => (SOAK ? ms * SOAK_FACTOR : ms);
+const T = (ms: number) => (SOAK ? ms * SOAK_FACTOR + 60_000 : ms);
 const MOUNT = 'kv';
 const WAL_ROWS = 100;
 
@@ -160,7 +163,8 @@ test(
     const mon = new PositionMonitor('secondary', () => S.liveAddrs());
     const kills: string[] = [];
     await waitFor('writes flowing', () => hist.acked >= 50, { timeoutMs: 20_000 });
-    for (const going = until(D(12_000)); going(); ) {
+    // At least 3 kills, however slow the machine; more while the window lasts.
+    for (const going = until(D(12_000)); going() || kills.length < 3; ) {
       const victims = [...P.servers, ...P.workers];
       const v = victims[rng.int(0, victims.length - 1)];
       const before = hist.acked;
@@ -348,4 +352,137 @@ test(
     expect(exitMs).toBeLessThan(10_000);
   },
   T(60_000),
+);
+
+// ------------------------------------------------------------------ replay and half-open (issue #6)
+
+const APPLY_PATH = '/v1/sys/replication/performance/internal/apply';
+
+/** What the secondary holds: applied position, replicated rows (hash), its own WAL. */
+async function secondarySnapshot() {
+  return one(
+    S.sql,
+    `SELECT (SELECT applied_lsn::bigint FROM coffer_replication WHERE id = 1)::text AS applied,
+            (SELECT count(*)::int FROM coffer_entries) AS entries,
+            (SELECT md5(coalesce(string_agg(e::text, '|' ORDER BY e::text), '')) FROM coffer_entries e) AS entries_md5,
+            (SELECT count(*)::int FROM coffer_wal) AS wal_rows,
+            (SELECT max(lsn)::text FROM coffer_wal) AS wal_max`,
+  );
+}
+
+const appliedLsnOfS = async () => Number((await one(S.sql, 'SELECT applied_lsn::bigint AS a FROM coffer_replication WHERE id = 1')).a);
+
+test(
+  'replayed and reordered /apply batches (duplicates, older after newer): every replay refused, nothing changes',
+  async () => {
+    const down = S.servers[0].proxy!;
+    down.capture(APPLY_PATH);
+    const hist = load('replay', { writers: 4 });
+    const mon = new PositionMonitor('secondary', () => S.liveAddrs(), 50);
+    const bounds = (c: CapturedRequest) => JSON.parse(c.body.toString()) as { from_lsn: number; to_lsn: number };
+    const bad: string[] = [];
+    const check = (rs: { req: CapturedRequest; res: ReplayResponse }[]) => {
+      for (const { req, res } of rs) {
+        const b = bounds(req);
+        if (res.status !== 200 || res.json?.applied !== false || !/^batch starts at/.test(res.json?.reason ?? '')) bad.push(`${b.from_lsn}..${b.to_lsn} → ${res.status} ${res.body.slice(0, 160)}`);
+      }
+    };
+    let replayedUnderLoad = 0;
+    try {
+      await waitFor('pushes captured', () => down.captured.length >= 8, { timeoutMs: 20_000 });
+      // Under load: batches already applied come back (the newest twice, older ones shuffled in)
+      // while the primary keeps pushing new ones on its own connections.
+      for (const going = until(D(4_000)); going(); ) {
+        const applied = await appliedLsnOfS();
+        const done = down.captured.filter((c) => bounds(c).to_lsn <= applied);
+        if (done.length < 2) {
+          await waitFor('a push applied', async () => (await appliedLsnOfS()) > applied, { timeoutMs: 15_000, intervalMs: 20 });
+          continue;
+        }
+        const newest = done.slice(-2);
+        const older = Array.from({ length: 3 }, () => done[rng.int(0, done.length - 1)]);
+        const rs = [...(await down.replayAll(newest, { times: 2 })), ...(await down.replayAll([...older, ...newest], { order: 'shuffle' }))];
+        replayedUnderLoad += rs.length;
+        check(rs);
+        await waitFor('new pushes', async () => (await appliedLsnOfS()) > applied, { timeoutMs: 15_000, intervalMs: 20 });
+      }
+    } finally {
+      await hist.stop();
+    }
+    await converge('replay: converged before the quiet replays');
+    const caps = down.stopCapture(true);
+    const ranges = caps.map(bounds);
+    // Quiet: the whole capture again, reversed then shuffled, each twice; the secondary must not move.
+    const before = await secondarySnapshot();
+    const quiet = [...(await down.replayAll(caps, { order: 'reverse', times: 2 })), ...(await down.replayAll(caps, { order: 'shuffle', times: 2 }))];
+    check(quiet);
+    const after = await secondarySnapshot();
+    const decreases = await mon.stop();
+    await finish(hist, [`${caps.length} pushes captured (lsn ${ranges[0]?.from_lsn}..${ranges[ranges.length - 1]?.to_lsn})`, `${replayedUnderLoad} replays under load + ${quiet.length} quiet, ${bad.length} not refused`]);
+    expect(bad.slice(0, 10)).toEqual([]);
+    expect(after).toEqual(before);
+    expect(decreases).toEqual([]);
+    expect(replayedUnderLoad).toBeGreaterThan(0);
+  },
+  T(60_000),
+);
+
+test(
+  'half-open links (accepted, never forwarded) both ways under load, then heal: both sides recover, nothing stuck',
+  async () => {
+    const links = h.links(S);
+    const hist = load('half-open', { writers: 4, onSecondary: 1 });
+    const states = new StateRecorder(async () => (await perfStatus(S.addr)).state, 20);
+    const mon = new PositionMonitor('secondary', () => S.liveAddrs());
+    await waitFor('writes flowing', () => hist.acked >= 50, { timeoutMs: 20_000 });
+    const bytes = () => links.map((p) => p.counters.bytesUpstream + p.counters.bytesDownstream);
+    let held: number[] = [];
+    let forwardedDuring: number[] = [];
+    let ackedDuring = 0;
+    let remoteDuring: number[] = [];
+    const holes0 = links.reduce((n, p) => n + p.counters.blackholed, 0);
+    await Promise.all(links.map((p) => p.halfOpen()));
+    const t0 = Date.now();
+    try {
+      const b0 = bytes();
+      const r0 = Number((await perfStatus(S.addr)).last_remote_wal);
+      // The primary keeps acknowledging writes (its pushes hang, its clients do not).
+      await waitFor('primary writes while the links are black holes', () => hist.ackedSince(t0) >= 50, { timeoutMs: 20_000 });
+      await pause(D(3_000));
+      ackedDuring = hist.ackedSince(t0);
+      forwardedDuring = bytes().map((b, i) => b - b0[i]);
+      remoteDuring = [r0, Number((await perfStatus(S.addr)).last_remote_wal)];
+      held = links.map((p) => p.counters.active);
+    } finally {
+      await h.heal(S);
+    }
+    const healed = Date.now();
+    const holes = links.reduce((n, p) => n + p.counters.blackholed, 0) - holes0;
+    // Both directions recover: forwarded writes from S succeed again, and the primary ships again.
+    await waitFor('a forwarded write through the secondary after heal', () => hist.count((a) => a.at > healed && a.acked && S.liveAddrs().includes(a.addr)) > 0, { timeoutMs: 30_000 });
+    const remote = Number((await perfStatus(S.addr)).last_remote_wal);
+    await waitFor('shipping after heal', async () => Number((await perfStatus(S.addr)).last_remote_wal) > remote, { timeoutMs: 30_000 });
+    const resumedMs = Date.now() - healed;
+    await hist.stop();
+    const seen = await states.stop();
+    const decreases = await mon.stop();
+    const processes = [...P.nodes, ...S.nodes].filter((n) => !alive(n)).map((n) => n.name);
+    await finish(
+      hist,
+      [
+        `${ackedDuring} acked on P while half-open`,
+        `${held.reduce((a, b) => a + b, 0)} connections held, ${holes} new ones black-holed`,
+        `S remote_wal ${remoteDuring.join('→')} while held`,
+        `resumed ${resumedMs} ms after heal`,
+        `states ${seen.join('>')}`,
+      ],
+      { convergeFrom: healed },
+    );
+    expect(forwardedDuring).toEqual(links.map(() => 0));
+    expect(ackedDuring).toBeGreaterThan(0);
+    expect(processes).toEqual([]);
+    expect(decreases).toEqual([]);
+    expect(seen[seen.length - 1]).toBe('stream-wals');
+  },
+  T(90_000),
 );

@@ -14,6 +14,13 @@
  * Several targets make it a fail-over load balancer: a new connection goes to the next target
  * round robin, skipping one that refuses the connection.
  *
+ * Replay: `capture()` records whole HTTP/1.1 requests going upstream (head + Content-Length body;
+ * a chunked request is not captured), optionally only those a predicate keeps; `replay()` and
+ * `replayAll()` re-send the exact bytes of captured requests later, each on a new connection
+ * straight to a target (bypassing mode and toxics), once or several times, in captured order,
+ * reversed or shuffled (seeded), and return the answers. A duplicated, redelivered or reordered
+ * request, as a faulty network or a confused peer would produce.
+ *
  * Everything random draws from the seeded rng handed in, so a run can be replayed (as far as
  * timing lets a multi-process test be replayed).
  */
@@ -56,6 +63,82 @@ export interface ProxyCounters {
 
 type Mode = 'open' | 'cut' | 'half-open';
 
+/** One whole HTTP request seen going upstream (client → target). */
+export interface CapturedRequest {
+  /** Capture order (0, 1, …), over all connections of the proxy. */
+  seq: number;
+  at: number;
+  /** Which accepted connection carried it (1, 2, …). */
+  conn: number;
+  method: string;
+  path: string;
+  /** Header names lowercased (last value wins). */
+  headers: Record<string, string>;
+  body: Buffer;
+  /** The exact bytes on the wire: head, blank line, body. */
+  raw: Buffer;
+}
+
+export interface ReplayResponse {
+  status: number;
+  headers: Record<string, string>;
+  body: string;
+  /** The body parsed as JSON, or null. */
+  json: any;
+}
+
+export interface ReplayOptions {
+  /** How many times each request is sent (default 1). */
+  times?: number;
+  /** Order of the requests (repeats of one request stay together unless shuffled). */
+  order?: 'captured' | 'reverse' | 'shuffle';
+  /** Where to send (default: the proxy's first target). */
+  target?: { host: string; port: number };
+  /** Per request, in ms (default 15 s). */
+  timeoutMs?: number;
+}
+
+/** Incremental parser of HTTP/1.1 requests on one connection (Content-Length bodies only). */
+class RequestParser {
+  private buf: Buffer = Buffer.alloc(0);
+  private broken = false;
+
+  constructor(private readonly emit: (r: Omit<CapturedRequest, 'seq' | 'at' | 'conn'>) => void) {}
+
+  push(chunk: Buffer): void {
+    if (this.broken || !chunk.length) return;
+    this.buf = this.buf.length ? Buffer.concat([this.buf, chunk]) : chunk;
+    for (;;) {
+      const headEnd = this.buf.indexOf('\r\n\r\n');
+      if (headEnd < 0) {
+        if (this.buf.length > 64 * 1024) this.broken = true; // not HTTP as we know it
+        return;
+      }
+      const lines = this.buf.subarray(0, headEnd).toString('latin1').split('\r\n');
+      const [method, path] = lines[0].split(' ');
+      const headers: Record<string, string> = {};
+      for (const l of lines.slice(1)) {
+        const i = l.indexOf(':');
+        if (i > 0) headers[l.slice(0, i).trim().toLowerCase()] = l.slice(i + 1).trim();
+      }
+      if (headers['transfer-encoding'] && !/^identity$/i.test(headers['transfer-encoding'])) {
+        this.broken = true; // chunked: not captured (stop parsing this connection)
+        return;
+      }
+      const len = Number(headers['content-length'] ?? 0);
+      if (!Number.isInteger(len) || len < 0) {
+        this.broken = true;
+        return;
+      }
+      const total = headEnd + 4 + len;
+      if (this.buf.length < total) return;
+      const raw = Buffer.from(this.buf.subarray(0, total));
+      this.buf = this.buf.subarray(total);
+      this.emit({ method: method ?? '', path: path ?? '', headers, body: raw.subarray(headEnd + 4), raw });
+    }
+  }
+}
+
 export interface Rng {
   next(): number;
 }
@@ -66,6 +149,8 @@ interface Pipe {
   bytes: Record<Direction, number>;
   limits: Record<Direction, number>;
   closed: boolean;
+  id: number;
+  parser: RequestParser | null;
 }
 
 /** Resets a socket with RST where Node supports it (>= 16.17 / 18.3), else destroys it. */
@@ -89,6 +174,12 @@ export class FaultProxy {
   private server: net.Server | null = null;
   private mode: Mode = 'open';
   private nextTarget = 0;
+  private capturing: ((r: CapturedRequest) => boolean) | null = null;
+  private nextConn = 0;
+  /** Requests recorded since `capture()` (cleared by `capture()` and `stopCapture(true)`). */
+  readonly captured: CapturedRequest[] = [];
+  /** Requests sent by replay(). */
+  replayed = 0;
   port = 0;
 
   constructor(
@@ -171,6 +262,95 @@ export class FaultProxy {
     }
   }
 
+  /**
+   * Starts recording whole HTTP requests going upstream on every connection accepted from now
+   * on (and on open ones, from their next request head: a connection mid-request is picked up at
+   * the first complete head found). `keep` filters (e.g. by path); the list starts empty.
+   */
+  capture(keep: ((r: CapturedRequest) => boolean) | string = () => true): void {
+    this.captured.length = 0;
+    this.capturing = typeof keep === 'string' ? (r) => r.path.startsWith(keep) : keep;
+    for (const p of this.pipes) p.parser ??= this.parserFor(p);
+  }
+
+  /** Stops recording; returns what was captured (and forgets it if `clear`). */
+  stopCapture(clear = false): CapturedRequest[] {
+    this.capturing = null;
+    for (const p of this.pipes) p.parser = null;
+    const out = [...this.captured];
+    if (clear) this.captured.length = 0;
+    return out;
+  }
+
+  private parserFor(p: Pipe): RequestParser {
+    return new RequestParser((r) => {
+      const full: CapturedRequest = { ...r, seq: -1, at: Date.now(), conn: p.id };
+      if (this.capturing && this.capturing(full)) {
+        full.seq = this.captured.length;
+        this.captured.push(full);
+      }
+    });
+  }
+
+  /**
+   * Re-sends one captured request's exact bytes on a new connection straight to a target
+   * (bypassing the proxy's mode and toxics), `times` times in a row; the answers in order.
+   */
+  async replay(req: CapturedRequest, o: Omit<ReplayOptions, 'order'> = {}): Promise<ReplayResponse[]> {
+    const out: ReplayResponse[] = [];
+    for (let i = 0; i < (o.times ?? 1); i++) out.push(await this.sendRaw(req.raw, o.target ?? this.targets[0], o.timeoutMs ?? 15_000));
+    return out;
+  }
+
+  /** Replays several requests (each `times` times), in the order asked, one after the other. */
+  async replayAll(reqs: CapturedRequest[], o: ReplayOptions = {}): Promise<{ req: CapturedRequest; res: ReplayResponse }[]> {
+    let list: CapturedRequest[] = [];
+    for (const r of reqs) for (let i = 0; i < (o.times ?? 1); i++) list.push(r);
+    if (o.order === 'reverse') list.reverse();
+    else if (o.order === 'shuffle') {
+      list = [...list];
+      for (let i = list.length - 1; i > 0; i--) {
+        const j = Math.floor(this.rng.next() * (i + 1));
+        [list[i], list[j]] = [list[j], list[i]];
+      }
+    }
+    const out: { req: CapturedRequest; res: ReplayResponse }[] = [];
+    for (const req of list) out.push({ req, res: (await this.replay(req, { target: o.target, timeoutMs: o.timeoutMs }))[0] });
+    return out;
+  }
+
+  /** Writes raw request bytes on a fresh connection and reads one HTTP response. */
+  private sendRaw(raw: Buffer, target: { host: string; port: number }, timeoutMs: number): Promise<ReplayResponse> {
+    this.replayed++;
+    return new Promise<ReplayResponse>((resolve, reject) => {
+      const s = net.connect({ host: target.host, port: target.port, noDelay: true });
+      let buf: Buffer = Buffer.alloc(0);
+      let done = false;
+      const finish = (err: Error | null, res?: ReplayResponse) => {
+        if (done) return;
+        done = true;
+        clearTimeout(timer);
+        s.destroy();
+        if (err) reject(err);
+        else resolve(res!);
+      };
+      const timer = setTimeout(() => finish(new Error(`replay to ${target.host}:${target.port}: no complete answer in ${timeoutMs} ms`)), timeoutMs);
+      const tryParse = (eof: boolean) => {
+        const r = parseResponse(buf, eof);
+        if (r) finish(null, r);
+        else if (eof) finish(new Error(`replay to ${target.host}:${target.port}: connection closed before a complete answer (${buf.length} bytes)`));
+      };
+      s.on('error', (e) => finish(e));
+      s.on('connect', () => s.write(raw));
+      s.on('data', (d: Buffer) => {
+        buf = Buffer.concat([buf, d]);
+        tryParse(false);
+      });
+      s.on('end', () => tryParse(true));
+      s.on('close', () => tryParse(true));
+    });
+  }
+
   /** Resets every open connection now (RST), without refusing new ones. */
   resetAll(): number {
     const n = this.pipes.size;
@@ -217,7 +397,8 @@ export class FaultProxy {
       return;
     }
     this.counters.accepted++;
-    const p: Pipe = { client, upstream: null, bytes: { upstream: 0, downstream: 0 }, limits: { upstream: this.limitFor('upstream'), downstream: this.limitFor('downstream') }, closed: false };
+    const p: Pipe = { client, upstream: null, bytes: { upstream: 0, downstream: 0 }, limits: { upstream: this.limitFor('upstream'), downstream: this.limitFor('downstream') }, closed: false, id: ++this.nextConn, parser: null };
+    if (this.capturing) p.parser = this.parserFor(p);
     this.pipes.add(p);
     this.counters.active = this.pipes.size;
     client.on('close', () => this.closePipe(p, false));
@@ -307,6 +488,8 @@ export class FaultProxy {
         from.pause();
       }
       p.bytes[d] += data.length;
+      // Only bytes actually forwarded are captured: a request cut mid-stream is never complete.
+      if (d === 'upstream' && p.parser) p.parser.push(data);
       if (d === 'upstream') this.counters.bytesUpstream += data.length;
       else this.counters.bytesDownstream += data.length;
       const now = Date.now();
@@ -326,6 +509,52 @@ export class FaultProxy {
       if (!fifo.length && !p.closed) to.end();
     });
   }
+}
+
+/** One HTTP/1.1 response from the start of `buf` (Content-Length, chunked, or up to EOF); null if incomplete. */
+export function parseResponse(buf: Buffer, eof: boolean): ReplayResponse | null {
+  const headEnd = buf.indexOf('\r\n\r\n');
+  if (headEnd < 0) return null;
+  const lines = buf.subarray(0, headEnd).toString('latin1').split('\r\n');
+  const status = Number(lines[0].split(' ')[1]);
+  const headers: Record<string, string> = {};
+  for (const l of lines.slice(1)) {
+    const i = l.indexOf(':');
+    if (i > 0) headers[l.slice(0, i).trim().toLowerCase()] = l.slice(i + 1).trim();
+  }
+  let rest = buf.subarray(headEnd + 4);
+  let body: Buffer;
+  if (/chunked/i.test(headers['transfer-encoding'] ?? '')) {
+    const parts: Buffer[] = [];
+    for (;;) {
+      const eol = rest.indexOf('\r\n');
+      if (eol < 0) return null;
+      const size = parseInt(rest.subarray(0, eol).toString('latin1'), 16);
+      if (Number.isNaN(size)) return null;
+      if (size === 0) break;
+      if (rest.length < eol + 2 + size + 2) return null;
+      parts.push(rest.subarray(eol + 2, eol + 2 + size));
+      rest = rest.subarray(eol + 2 + size + 2);
+    }
+    body = Buffer.concat(parts);
+  } else if (headers['content-length'] !== undefined) {
+    const len = Number(headers['content-length']);
+    if (rest.length < len) return null;
+    body = rest.subarray(0, len);
+  } else if (status === 204 || status === 304 || (status >= 100 && status < 200)) {
+    body = Buffer.alloc(0);
+  } else {
+    if (!eof) return null;
+    body = rest;
+  }
+  const text = body.toString('utf8');
+  let json: any = null;
+  try {
+    json = text ? JSON.parse(text) : null;
+  } catch {
+    json = null;
+  }
+  return { status, headers, body: text, json };
 }
 
 export function parseHostPort(url: string): { host: string; port: number } {

@@ -2,8 +2,10 @@
  * The fault proxy of test/harness, against a local echo server: it forwards byte for byte, delays
  * by its latency, throttles to its bandwidth, cuts (resets open connections, refuses new ones),
  * heals on the same port, black-holes (half-open), resets mid-stream after N bytes, and fails
- * over between targets. Waits on conditions, never on sleeps.
+ * over between targets, and captures whole HTTP requests to replay them later (duplicated,
+ * reordered) on new connections. Waits on conditions, never on sleeps.
  */
+import http from 'node:http';
 import net, { type AddressInfo } from 'node:net';
 import { FaultProxy } from '../harness/fault-proxy';
 import { seededRng } from '../helpers/rng';
@@ -170,4 +172,119 @@ test('several targets: round robin, and a refusing target is skipped', async () 
   }
   expect([...seen].sort()).toEqual(['1', '2']);
   expect(p.counters.upstreamFailures).toBe(0);
+});
+
+/** An HTTP server recording each request it receives (method, path, body), answering JSON with its number. */
+async function recordingHttpServer() {
+  const got: { method: string; path: string; body: string }[] = [];
+  const s = http.createServer((req, res) => {
+    const parts: Buffer[] = [];
+    req.on('data', (d: Buffer) => parts.push(d));
+    req.on('end', () => {
+      got.push({ method: req.method!, path: req.url!, body: Buffer.concat(parts).toString() });
+      const out = JSON.stringify({ n: got.length, echo: Buffer.concat(parts).toString() });
+      if (req.url === '/chunked-answer') {
+        res.writeHead(200, { 'content-type': 'application/json' });
+        res.write(out.slice(0, 5));
+        res.end(out.slice(5));
+      } else res.writeHead(200, { 'content-type': 'application/json', 'content-length': Buffer.byteLength(out) }).end(out);
+    });
+  });
+  servers.push(s as unknown as net.Server);
+  await new Promise<void>((r) => s.listen(0, '127.0.0.1', r));
+  return { port: (s.address() as AddressInfo).port, got };
+}
+
+function post(port: number, path: string, body: string, agent: http.Agent, chunked = false): Promise<{ status: number; body: string }> {
+  return new Promise((resolve, reject) => {
+    const headers: Record<string, string | number> = { 'content-type': 'application/json' };
+    if (!chunked) headers['content-length'] = Buffer.byteLength(body);
+    const req = http.request({ host: '127.0.0.1', port, path, method: 'POST', agent, headers }, (res) => {
+      const parts: Buffer[] = [];
+      res.on('data', (d: Buffer) => parts.push(d));
+      res.on('end', () => resolve({ status: res.statusCode!, body: Buffer.concat(parts).toString() }));
+    });
+    req.on('error', reject);
+    if (chunked) {
+      req.write(body.slice(0, 3));
+      req.end(body.slice(3));
+    } else req.end(body);
+  });
+}
+
+test('capture records whole HTTP requests (Content-Length) on keep-alive connections, filtered by path', async () => {
+  const srv = await recordingHttpServer();
+  const p = await proxyTo(srv.port);
+  const agent = new http.Agent({ keepAlive: true, maxSockets: 1 });
+  p.capture('/apply');
+  const big = 'x'.repeat(300_000); // several TCP chunks
+  for (const [path, body] of [['/apply', '{"b":1}'], ['/other', '{"o":1}'], ['/apply', `{"b":2,"pad":"${big}"}`], ['/apply', '{"b":3}']]) {
+    expect((await post(p.port, path, body, agent)).status).toBe(200);
+  }
+  // Chunked requests are not captured (and break nothing).
+  expect((await post(p.port, '/apply', '{"chunked":1}', agent, true)).status).toBe(200);
+  agent.destroy();
+  const caps = p.stopCapture();
+  expect(caps.map((c) => [c.seq, c.method, c.path, JSON.parse(c.body.toString()).b])).toEqual([
+    [0, 'POST', '/apply', 1],
+    [1, 'POST', '/apply', 2],
+    [2, 'POST', '/apply', 3],
+  ]);
+  expect(new Set(caps.map((c) => c.conn)).size).toBe(1); // one keep-alive connection
+  expect(caps[1].raw.subarray(caps[1].raw.length - caps[1].body.length).equals(caps[1].body)).toBe(true);
+  expect(caps[1].headers['content-length']).toBe(String(caps[1].body.length));
+  expect(srv.got.length).toBe(5);
+});
+
+test('replay re-sends captured bytes on new connections: duplicates, reversed, shuffled, chunked answers', async () => {
+  const srv = await recordingHttpServer();
+  const p = await proxyTo(srv.port);
+  const agent = new http.Agent({ keepAlive: true });
+  p.capture((r) => r.path !== '/skip');
+  for (let i = 1; i <= 3; i++) await post(p.port, '/apply', JSON.stringify({ b: i }), agent);
+  await post(p.port, '/skip', '{}', agent);
+  await post(p.port, '/chunked-answer', '{"c":1}', agent);
+  agent.destroy();
+  const caps = p.stopCapture();
+  expect(caps.map((c) => c.path)).toEqual(['/apply', '/apply', '/apply', '/chunked-answer']);
+  const accepted = p.counters.accepted;
+  srv.got.length = 0;
+
+  // One request, three times.
+  const dup = await p.replay(caps[0], { times: 3 });
+  expect(dup.map((r) => [r.status, r.json.echo])).toEqual([
+    [200, '{"b":1}'],
+    [200, '{"b":1}'],
+    [200, '{"b":1}'],
+  ]);
+  // Older after newer: reversed, each twice.
+  const rev = await p.replayAll(caps.slice(0, 3), { order: 'reverse', times: 2 });
+  expect(rev.map((r) => JSON.parse(r.res.json.echo).b)).toEqual([3, 3, 2, 2, 1, 1]);
+  // Shuffled: the same multiset.
+  const shuf = await p.replayAll(caps.slice(0, 3), { order: 'shuffle', times: 2 });
+  expect(shuf.map((r) => JSON.parse(r.res.json.echo).b).sort()).toEqual([1, 1, 2, 2, 3, 3]);
+  // A chunked answer is decoded.
+  const ch = await p.replay(caps[3]);
+  expect(ch[0].json).toEqual({ n: expect.any(Number), echo: '{"c":1}' });
+  expect(srv.got.map((g) => g.body)).toEqual([...Array(3).fill('{"b":1}'), ...rev.map((r) => r.req.body.toString()), ...shuf.map((r) => r.req.body.toString()), '{"c":1}']);
+  expect(p.replayed).toBe(3 + 6 + 6 + 1);
+  // Replays go straight to the target, not through the proxy's listener.
+  expect(p.counters.accepted).toBe(accepted);
+});
+
+test('a request cut mid-stream (limitBytes) is never captured; replay to a dead target rejects', async () => {
+  const srv = await recordingHttpServer();
+  const p = await proxyTo(srv.port);
+  p.capture();
+  p.setToxics('upstream', { limitBytes: 60 });
+  await expect(post(p.port, '/apply', JSON.stringify({ pad: 'y'.repeat(500) }), new http.Agent())).rejects.toThrow();
+  p.clearToxics();
+  await post(p.port, '/apply', '{"ok":1}', new http.Agent());
+  const caps = p.stopCapture();
+  expect(caps.map((c) => c.body.toString())).toEqual(['{"ok":1}']);
+  const dead = await echoServer();
+  const deadPort = dead;
+  servers[servers.length - 1].close();
+  await waitFor('closed', () => !servers[servers.length - 1].listening);
+  await expect(p.replay(caps[0], { target: { host: '127.0.0.1', port: deadPort }, timeoutMs: 5_000 })).rejects.toThrow();
 });
