@@ -148,6 +148,22 @@ export class Core implements ExpiryTarget {
 
   /** sys/init: creates keys, mounts nothing but built-ins, returns shares and the root token. */
   async initialize(shares: number, threshold: number, opts: { rootTokenId?: string } = {}) {
+    this.initializing = true;
+    try {
+      return await this.initializeOnce(shares, threshold, opts);
+    } finally {
+      this.initializing = false;
+    }
+  }
+
+  /**
+   * Set while sys/init runs: the static seal's auto-unseal timer must not open the barrier
+   * between the seal record's write and the token HMAC key's (it would find the key missing,
+   * seal the core, and the init would answer 503).
+   */
+  private initializing = false;
+
+  private async initializeOnce(shares: number, threshold: number, opts: { rootTokenId?: string }) {
     const res = await this.sealState.initialize({
       secretShares: shares,
       secretThreshold: threshold,
@@ -176,7 +192,7 @@ export class Core implements ExpiryTarget {
 
   /** Static seal: unseal at boot without operators. No-op if not initialised yet. */
   async autoUnseal(): Promise<boolean> {
-    if (!this.opts.staticSeal || !this.sealed) return false;
+    if (!this.opts.staticSeal || !this.sealed || this.initializing) return false;
     const rec = await this.opts.store.readSeal();
     if (!rec) return false;
     const opened = await this.sealState.autoUnseal();
