@@ -209,4 +209,4 @@ test.each([
   await checkExactlyOnce(phase, h, phaseStart);
   // Every worker is still alive (nothing crashed while shipping).
   for (const w of workers) expect([w.proc.exitCode, w.proc.signalCode]).toEqual([null, null]);
-}, 140_000);
+}, 300_000); // a bound for a loaded CI machine, not a speed check
