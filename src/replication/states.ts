@@ -1,13 +1,14 @@
 /**
  * A secondary's replication states, as Vault names them.
  *
- *   idle ──enable──▶ connecting ──registered──▶ bootstrapping ──copy done──▶ stream-wals
+ *   idle ──enable / update-primary / recover──▶ merkle-diff ──▶ merkle-sync ──▶ stream-wals
  *   stream-wals ──primary unreachable──▶ idle ──heartbeat answered──▶ stream-wals
- *   bootstrapping ──(crash)──▶ bootstrapping (resumes from its path cursor)
+ *   stream-wals ──primary no longer retains our position──▶ merkle-diff
+ *   merkle-diff / merkle-sync ──(crash)──▶ restarts at merkle-diff
  *   any ──disable──▶ idle (mode disabled)
  *
- * `merkle-diff` and `merkle-sync` arrive with the merkle index (the next issue); until then a
- * secondary that is new or behind catches up by bootstrap copy and WAL streaming.
+ * `bootstrapping` and `connecting` remain for rows written by earlier versions (a secondary
+ * found bootstrapping reconciles by merkle diff).
  */
 export const SECONDARY_STATES = ['idle', 'connecting', 'bootstrapping', 'merkle-diff', 'merkle-sync', 'stream-wals'] as const;
 export type SecondaryState = (typeof SECONDARY_STATES)[number];
