@@ -168,7 +168,7 @@ export async function startServer(config: CofferConfig, dev?: DevOptions): Promi
       clusterAddr: clusterAddr || (config.clusterAddr ?? ''),
       log,
       singleProcess: database.embedded,
-      onSequenced: () => replication.poke(),
+      onSequenced: (head) => replication.poke(head),
       merkle: merkle ?? undefined,
       retention: { maxRows: config.replication.logshipperBufferLength, maxBytes: config.replication.logshipperBufferSizeBytes },
       checkpointIntervalMs: config.merkle.checkpointIntervalMs,

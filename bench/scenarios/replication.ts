@@ -18,6 +18,13 @@
  *    write's X-Vault-Index. Target p99 ≤ 100 ms. The native equivalent maps the publisher's
  *    pg_current_wal_lsn() right after each commit to the subscription origin's remote_lsn
  *    (pg_replication_origin_status), polled the same way.
+ * 3. Backlog apply rate, the method of the pgsql-hackers "Parallel Apply" benchmark
+ *    (performance.md §2.4): the replica is held back while the primary takes a closed-loop
+ *    burst for BENCH_SECONDS, then released; rate = writes in the backlog ÷ the time from the
+ *    replica's first progress to caught up. This isolates shipping + apply from the primary's
+ *    own write path. Native: ALTER SUBSCRIPTION … DISABLE / ENABLE. Coffer: the secondary's
+ *    server is stopped (SIGSTOP) and continued (SIGCONT); the primary's batch in flight then
+ *    completes, or fails and is retried, and the secondary reports its position.
  *
  * Everything it starts (the Postgres instance, Coffer processes, databases) is stopped and
  * removed at the end, on error, and on SIGINT/SIGTERM.
@@ -178,6 +185,21 @@ interface NativeResult {
   caughtUp: boolean;
   consistent: boolean;
   lag: LagResult;
+  backlog: BacklogResult;
+}
+
+interface BacklogResult {
+  /** Client writes in the backlog (Coffer: KV v2 writes; native: upsert commits). */
+  writes: number;
+  /** Replicated rows in it (Coffer: WAL rows, two per KV v2 write; native: one per commit). */
+  rows: number;
+  loadSeconds: number;
+  /** From releasing the replica to its first visible progress (reconnect, retry). */
+  resumeSeconds: number;
+  /** From first progress to caught up. */
+  applySeconds: number;
+  writesPerSecond: number;
+  caughtUp: boolean;
 }
 
 interface LagResult {
@@ -337,7 +359,51 @@ async function nativeReference(seconds: number): Promise<NativeResult> {
     }
     const pollSeconds = (performance.now() - pollStart) / 1000;
     resolveLags(writes, polls);
+
+    // (3) backlog: subscription disabled during a closed-loop burst, then enabled.
+    const originPos = async () => Number((await poller.query(POLL)).rows[0]?.l ?? 0);
+    await sub.query('ALTER SUBSCRIPTION s DISABLE');
+    await waitFor('the apply worker to exit', async () => (await sub.query(`SELECT 1 FROM pg_stat_subscription WHERE subname = 's' AND pid IS NOT NULL`)).rowCount === 0, { timeoutMs: 30_000, intervalMs: 20 });
+    let backlogCommits = 0;
+    const bEnd = Date.now() + seconds * 1000;
+    const b0 = performance.now();
+    await Promise.all(
+      writers.map(async (c) => {
+        while (Date.now() < bEnd) {
+          await c.query({ ...UPSERT, values: [`k/${n++ % KEYS}`, VALUE] });
+          backlogCommits++;
+        }
+      }),
+    );
+    const bLoadSeconds = (performance.now() - b0) / 1000;
+    await pub.query(`INSERT INTO entries VALUES ('marker/2', 1, NULL)`);
+    const heldAt = await originPos();
+    const released = performance.now();
+    await sub.query('ALTER SUBSCRIPTION s ENABLE');
+    let firstProgress = NaN;
+    let bCaughtUp = true;
+    for (;;) {
+      if (Number.isNaN(firstProgress) && (await originPos()) > heldAt) firstProgress = performance.now();
+      if ((await sub.query(`SELECT 1 FROM entries WHERE path = 'marker/2'`)).rowCount === 1) break;
+      if (performance.now() - released > drainTimeoutMs) {
+        bCaughtUp = false;
+        break;
+      }
+      await sleep(1);
+    }
+    const bDone = performance.now();
+    if (Number.isNaN(firstProgress)) firstProgress = bDone;
+    const backlog: BacklogResult = {
+      writes: backlogCommits,
+      rows: backlogCommits,
+      loadSeconds: bLoadSeconds,
+      resumeSeconds: (firstProgress - released) / 1000,
+      applySeconds: (bDone - firstProgress) / 1000,
+      writesPerSecond: backlogCommits / Math.max((bDone - firstProgress) / 1000, 1e-3),
+      caughtUp: bCaughtUp,
+    };
     return {
+      backlog,
       sustainable,
       publishTps: commits / loadSeconds,
       commits,
@@ -507,7 +573,56 @@ async function cofferMeasure(seconds: number) {
       }
       const pollSeconds = (performance.now() - pollStart) / 1000;
       resolveLags(writes, lagPolls);
+
+      // (3) backlog: the secondary's server stopped during a closed-loop burst, then continued.
+      const heldAt = Number((await getJson(pollAgent, secBase, STATUS_PATH)).data.last_remote_wal);
+      const bWalBefore = (await perfStatus(pri.addr)).last_wal as number;
+      sec.proc.kill('SIGSTOP');
+      let b: Awaited<ReturnType<typeof closedLoop>>;
+      let released = 0;
+      try {
+        b = await closedLoop(pri.addr, CONCURRENCY, seconds, (i) => ({
+          method: 'POST',
+          path: `/v1/secret/data/backlog/${i % KEYS}`,
+          headers: { 'x-vault-token': token, 'content-type': 'application/json' },
+          body,
+        }));
+      } finally {
+        released = performance.now();
+        sec.proc.kill('SIGCONT');
+      }
+      const bTarget = (await perfStatus(pri.addr)).last_wal as number;
+      let firstProgress = NaN;
+      let bCaughtUp = true;
+      // A fresh connection: the stopped server's idle keep-alive sockets close as it resumes.
+      const resumeAgent = new http.Agent({ keepAlive: true, maxSockets: 1 });
+      for (;;) {
+        const pos = await getJson(resumeAgent, secBase, STATUS_PATH).then(
+          (st) => Number(st.data.last_remote_wal),
+          () => heldAt,
+        );
+        if (Number.isNaN(firstProgress) && pos > heldAt) firstProgress = performance.now();
+        if (pos >= bTarget) break;
+        if (performance.now() - released > drainTimeoutMs) {
+          bCaughtUp = false;
+          break;
+        }
+        await sleep(1);
+      }
+      const bDone = performance.now();
+      resumeAgent.destroy();
+      if (Number.isNaN(firstProgress)) firstProgress = bDone;
+      const backlog: BacklogResult = {
+        writes: b.requests,
+        rows: bTarget - bWalBefore,
+        loadSeconds: b.seconds,
+        resumeSeconds: (firstProgress - released) / 1000,
+        applySeconds: (bDone - firstProgress) / 1000,
+        writesPerSecond: b.requests / Math.max((bDone - firstProgress) / 1000, 1e-3),
+        caughtUp: bCaughtUp,
+      };
       return {
+        backlog,
         sustainable,
         ack: r,
         drainSeconds,
@@ -565,6 +680,27 @@ export async function replicationScenario(seconds: number): Promise<Figure[]> {
           native_consistent: native.consistent ? 'yes' : 'no',
           host_loadavg_1m_start: loadStart,
           host_loadavg_1m_end: loadEnd,
+        },
+      },
+      {
+        name: 'replication_backlog_apply_writes_per_s',
+        value: coffer.backlog.writesPerSecond,
+        unit: 'writes/s',
+        reference: { name: 'PG native logical replication: a disabled subscription catching up, commits applied/s', value: native.backlog.writesPerSecond },
+        extra: {
+          writes: coffer.backlog.writes,
+          wal_rows: coffer.backlog.rows,
+          rows_per_s: coffer.backlog.rows / Math.max(coffer.backlog.applySeconds, 1e-3),
+          load_s: r(coffer.backlog.loadSeconds),
+          resume_s: r(coffer.backlog.resumeSeconds),
+          apply_s: r(coffer.backlog.applySeconds),
+          caught_up: coffer.backlog.caughtUp ? 'yes' : 'NO',
+          native_commits: native.backlog.writes,
+          native_load_s: r(native.backlog.loadSeconds),
+          native_resume_s: r(native.backlog.resumeSeconds),
+          native_apply_s: r(native.backlog.applySeconds),
+          native_caught_up: native.backlog.caughtUp ? 'yes' : 'NO',
+          native_apply_share_of_publish_rate: r(native.backlog.writesPerSecond / native.publishTps),
         },
       },
       {

@@ -24,7 +24,7 @@ export interface ActiveNodeOptions {
   singleProcess: boolean;
   leasePollMs?: number;
   /** Runs after the sequencer handed out new positions (replication ships them at once). */
-  onSequenced?: () => void;
+  onSequenced?: (headLsn: number) => void;
   /** The merkle index this node maintains while active (absent: index disabled). */
   merkle?: MerkleIndex;
   /** Bounded WAL, collected by the active node after each checkpoint. */
@@ -33,6 +33,11 @@ export interface ActiveNodeOptions {
   /** Told how many WAL rows garbage collection removed. */
   onWalCollected?: (deleted: number) => void;
 }
+
+/** How many recent (seq → lsn) pairs the active node remembers for its writers. */
+const RECENT_POSITIONS = 65_536;
+/** A writer still waiting after this long asks Postgres once (its row may be ordered already). */
+const RECENT_CHECK_MS = 200;
 
 export class ActiveNode {
   private lease: ActiveLease | null = null;
@@ -47,7 +52,13 @@ export class ActiveNode {
   /** Last dense WAL position handed out by this node's sequencer. */
   headLsn = 0;
   /** Writers in this process waiting for their WAL row's position (seq → resolve). */
-  private readonly waiters = new Map<number, (lsn: number) => void>();
+  private readonly waiters = new Map<number, (lsn: number | null) => void>();
+  /**
+   * Positions this node's sequencer handed out lately (seq → lsn, oldest first), so a writer
+   * whose row was ordered before it asked finds it without a query. Bounded; a writer that
+   * misses it (a very slow one) asks Postgres.
+   */
+  private readonly recent = new Map<number, number>();
 
   constructor(private readonly o: ActiveNodeOptions) {}
 
@@ -146,30 +157,40 @@ export class ActiveNode {
     if (!this.active) return;
     this.active = false;
     this.o.log.warn({ node: this.o.nodeId, why }, 'lost the active lease; now standby');
+    // Another node orders what is left; its writers ask Postgres.
+    for (const finish of [...this.waiters.values()]) finish(null);
+    this.recent.clear();
     void this.stopMerkle();
     this.wake?.();
   }
 
   /**
    * The position of WAL row `seq`, once this process's sequencer hands it out; null if this
-   * process is not the active node or `timeoutMs` passes (the caller then asks Postgres).
+   * process is not (or stops being) the active node, or `timeoutMs` passes (the caller then asks
+   * Postgres). The common case costs no query: the row, committed by a writer in this process
+   * while it is active, is ordered by this sequencer, either before the writer asks (it is in
+   * `recent`) or after (the waiter fires). JavaScript runs the look-up and the registration
+   * without a sequencer step in between. Postgres is asked once after RECENT_CHECK_MS, for the
+   * rows that cannot be here (ordered by an earlier active node, or evicted from `recent`).
    */
   async lsnFor(seq: number, timeoutMs: number, check: () => Promise<number | null>): Promise<number | null> {
     if (!this.active) return check();
+    const known = this.recent.get(seq);
+    if (known !== undefined) return known;
     return new Promise((resolve) => {
       let done = false;
       const finish = (v: number | null) => {
         if (done) return;
         done = true;
         clearTimeout(t);
+        clearTimeout(c);
         this.waiters.delete(seq);
         resolve(v);
       };
       const t = setTimeout(() => finish(null), timeoutMs);
-      // Register first, then look in Postgres: the row may have been ordered already.
+      const c = setTimeout(() => check().then((v) => v !== null && finish(v), () => undefined), RECENT_CHECK_MS);
       this.waiters.set(seq, finish);
       this.poke();
-      check().then((v) => v !== null && finish(v), () => undefined);
     });
   }
 
@@ -188,8 +209,15 @@ export class ActiveNode {
         this.headLsn = r.headLsn;
         this.feedMerkle(r.headLsn, r.records ?? []);
         if (assigned > 0) {
-          for (const [seq, lsn] of r.pairs ?? []) this.waiters.get(seq)?.(lsn);
-          this.o.onSequenced?.();
+          for (const [seq, lsn] of r.pairs ?? []) {
+            this.recent.set(seq, lsn);
+            this.waiters.get(seq)?.(lsn);
+          }
+          for (const seq of this.recent.keys()) {
+            if (this.recent.size <= RECENT_POSITIONS) break;
+            this.recent.delete(seq);
+          }
+          this.o.onSequenced?.(r.headLsn);
         }
       } catch (err) {
         this.o.log.warn({ err: (err as Error).message }, 'WAL sequencing failed; retrying');

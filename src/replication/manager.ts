@@ -398,8 +398,8 @@ export class Replication {
   }
 
   /** Active primary node: wake a shipping job for every secondary that is behind. */
-  private async wakeShipping(): Promise<void> {
-    const head = await walHead(this.o.db);
+  private async wakeShipping(knownHead?: number): Promise<void> {
+    const head = knownHead ?? (await walHead(this.o.db));
     for (const s of await secondaries.list(this.o.db)) {
       if (!SHIPPABLE.has(s.status) || !s.apiAddr) continue;
       if (s.ackedLsn < head) await this.enqueueShip(s.secondaryId);
@@ -483,9 +483,29 @@ export class Replication {
   }
 
   /** Called by the active node right after it ordered new WAL: ship without waiting for a tick. */
-  poke(): void {
-    if (this.lastSeenMode === 'primary') void this.wakeShipping().catch(() => undefined);
+  poke(headLsn: number): void {
+    if (this.lastSeenMode !== 'primary') return;
+    // Coalesced: the sequencer may order rows hundreds of times a second, and one wake-up
+    // with the newest head (pokes come in order from one sequencer) covers every earlier one.
+    this.wakeHead = headLsn;
+    if (this.waking) {
+      this.wakeAgain = true;
+      return;
+    }
+    this.waking = true;
+    const run = (): Promise<void> =>
+      this.wakeShipping(this.wakeHead)
+        .catch(() => undefined)
+        .then(() => {
+          if (!this.wakeAgain) return;
+          this.wakeAgain = false;
+          return run();
+        });
+    void run().finally(() => (this.waking = false));
   }
+  private waking = false;
+  private wakeAgain = false;
+  private wakeHead = 0;
 
   // ------------------------------------------------------------------ secondary
 
@@ -707,7 +727,8 @@ export class Replication {
   async authenticatePrimary(header: string | undefined, peer?: Peer): Promise<void> {
     const cred = parseCredentialHeader(header);
     const mine = await this.credential().catch(() => null);
-    if (!cred || !mine || cred.secondaryId !== mine.secondary_id || cred.secret !== mine.secret || !admitsPrimary(mine, peer)) throw new PermissionDenied();
+    // The secret is compared in constant time (through its digest), like the primary does.
+    if (!cred || !mine || cred.secondaryId !== mine.secondary_id || !secretMatches(cred.secret, secretDigest(mine.secret)) || !admitsPrimary(mine, peer)) throw new PermissionDenied();
   }
 
   /** A batch pushed by the primary: exactly once, in order (invariant 3). */

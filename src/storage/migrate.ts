@@ -9,6 +9,7 @@ import * as m0003 from '../../db/migrations/0003_keyring_term';
 import * as m0004 from '../../db/migrations/0004_replication';
 import * as m0005 from '../../db/migrations/0005_merkle';
 import * as m0006 from '../../db/migrations/0006_failover';
+import * as m0007 from '../../db/migrations/0007_sequencer';
 
 const migrations: Record<string, Migration> = {
   '0001_initial': m0001,
@@ -17,6 +18,7 @@ const migrations: Record<string, Migration> = {
   '0004_replication': m0004,
   '0005_merkle': m0005,
   '0006_failover': m0006,
+  '0007_sequencer': m0007,
 };
 
 const provider: MigrationProvider = { getMigrations: async () => migrations };

@@ -2,9 +2,10 @@
  * WAL ordering and reading.
  *
  * Writers insert WAL rows with a plain sequence number and their transaction id, without any
- * lock between them. The sequencer (run only by the active node, and serialised by an advisory
- * lock so an overlapping takeover cannot interleave) turns them into dense, commit-ordered
- * positions (DESIGN.md invariant 2):
+ * lock between them. The sequencer (run by the active node) turns them into dense,
+ * commit-ordered positions (DESIGN.md invariant 2). It is optimistic: two autocommit statements,
+ * a read and a write guarded by the head it read, so an overlapping takeover's second sequencer
+ * loses cleanly instead of interleaving, and an idle step costs one round trip:
  *
  *  - A row is eligible only when its xid is below the snapshot's xmin horizon: every transaction
  *    that could still commit an older row has finished, so nothing can later appear "behind" a
@@ -20,9 +21,6 @@
 import { sql, type Kysely } from 'kysely';
 import type { DB } from './schema';
 import { WAL_ROW_OVERHEAD_BYTES } from './merkle';
-
-/** Advisory-lock key of the sequencer ("coffer-wal" as ASCII, fits in int8). */
-const SEQUENCER_LOCK = 0x636f666665727761n;
 
 export interface SequenceResult {
   assigned: number;
@@ -78,51 +76,84 @@ export function orderBatch<T extends Candidate>(batch: T[], olderOutside: Map<st
 }
 
 export async function sequenceWal(db: Kysely<DB>, maxRows = 5000): Promise<SequenceResult> {
-  return db.transaction().execute(async (tx) => {
-    await sql`SELECT pg_advisory_xact_lock(${SEQUENCER_LOCK})`.execute(tx);
-    const head = await tx.selectFrom('coffer_wal_head').select('last_lsn').where('id', '=', 1).executeTakeFirstOrThrow();
-    const headLsn = Number(head.last_lsn);
-    // Statements in READ COMMITTED take a fresh snapshot each: this one runs after the lock.
-    // It returns the next batch below the horizon AND every other unordered row of the same
-    // keys: older versions of a key that fall beyond the LIMIT must join the batch (else a
-    // batch full of held-back rows would never progress), and rows still above the horizon
-    // are the blockers that hold newer versions back.
-    const { rows } = await sql<Row>`
-      WITH h AS (SELECT pg_snapshot_xmin(pg_current_snapshot()) AS x),
-           b AS (SELECT w.seq, w.path FROM coffer_wal w, h
-                  WHERE w.lsn IS NULL AND w.xid < h.x
-                  ORDER BY w.xid, w.seq
-                  LIMIT ${maxRows})
-      SELECT w.seq, w.path, w.key_version, (w.xid < h.x) AS eligible, w.op, w.value_hash, coffer_key_subpage(w.path) AS sp
-        FROM coffer_wal w, h
-       WHERE w.lsn IS NULL AND (w.seq IN (SELECT seq FROM b) OR w.path IN (SELECT path FROM b))
-       ORDER BY w.xid, w.seq`.execute(tx);
-    if (rows.length === 0) return { assigned: 0, headLsn };
+  return writeSequence(db, await planSequence(db, maxRows));
+}
 
-    const blockers = new Map<string, number>();
-    for (const r of rows) {
-      if (!r.eligible) blockers.set(r.path, Math.min(blockers.get(r.path) ?? Infinity, Number(r.key_version)));
-    }
-    const ordered = orderBatch(
-      rows.filter((r) => r.eligible),
-      blockers,
-    );
-    if (ordered.length === 0) return { assigned: 0, headLsn };
+/** A sequencer step's plan: the head it read and the rows it will order, in order. */
+export interface SequencePlan {
+  headLsn: number;
+  ordered: (Row & { xid: string })[];
+}
 
-    const lsns = ordered.map((_, i) => headLsn + 1 + i);
-    await sql`
+/** The sequencer's first statement (exported so tests can interleave other work before the second). */
+export async function planSequence(db: Kysely<DB>, maxRows = 5000): Promise<SequencePlan> {
+  // (1) The head and the candidates, in one statement (one snapshot). It returns the next batch
+  // below the horizon AND every other unordered row of the same keys: older versions of a key
+  // that fall beyond the LIMIT must join the batch (else a batch full of held-back rows would
+  // never progress), and rows still above the horizon are the blockers that hold newer
+  // versions back. With nothing unordered it returns the head alone (NULLs beside it).
+  const { rows: found } = await sql<Row & { head: number; xid: string }>`
+    WITH h AS (SELECT pg_snapshot_xmin(pg_current_snapshot()) AS x),
+         b AS (SELECT w.seq, w.path FROM coffer_wal w, h
+                WHERE w.lsn IS NULL AND w.xid < h.x
+                ORDER BY w.xid, w.seq
+                LIMIT ${maxRows}),
+         r AS (SELECT w.seq, w.xid, w.path, w.key_version, (w.xid < h.x) AS eligible, w.op, w.value_hash, coffer_key_subpage(w.path) AS sp
+                 FROM coffer_wal w, h
+                WHERE w.lsn IS NULL AND (w.seq IN (SELECT seq FROM b) OR w.path IN (SELECT path FROM b)))
+    SELECT r.seq, r.xid::text AS xid, r.path, r.key_version, r.eligible, r.op, r.value_hash, r.sp, hd.last_lsn AS head
+      FROM coffer_wal_head hd LEFT JOIN r ON true
+     WHERE hd.id = 1
+     ORDER BY r.xid, r.seq`.execute(db);
+  if (found.length === 0) throw new Error('coffer_wal_head has no row');
+  const headLsn = Number(found[0].head);
+  const rows = found[0].seq === null ? [] : found;
+  if (rows.length === 0) return { headLsn, ordered: [] };
+
+  const blockers = new Map<string, number>();
+  for (const r of rows) {
+    if (!r.eligible) blockers.set(r.path, Math.min(blockers.get(r.path) ?? Infinity, Number(r.key_version)));
+  }
+  const ordered = orderBatch(
+    rows.filter((r) => r.eligible),
+    blockers,
+  );
+  return { headLsn, ordered };
+}
+
+/** The sequencer's second statement: the plan's positions, if no other sequencer moved the head. */
+export async function writeSequence(db: Kysely<DB>, { headLsn, ordered }: SequencePlan): Promise<SequenceResult> {
+  if (ordered.length === 0) return { assigned: 0, headLsn };
+  // (2) The new head and the positions, in one statement, guarded by the head read in (1):
+  // `h` takes the head row's lock and moves it only if no other sequencer moved it since, and
+  // `o` assigns positions only through `h`. A second sequencer (an overlapping takeover) waits
+  // on the head row, then finds it moved and does nothing. Rows are matched on (seq, xid), so
+  // a WAL reset in between (secondary enable restarts seq) cannot hand a position to a row
+  // this plan never saw; and if fewer rows than planned were assigned, the statement aborts
+  // itself (coffer_raise), so a head never covers a position no row holds.
+  const lsns = ordered.map((_, i) => headLsn + 1 + i);
+  const newHead = headLsn + ordered.length;
+  const { rows: out } = await sql<{ moved: number }>`
+    WITH h AS (
+      UPDATE coffer_wal_head SET last_lsn = ${newHead} WHERE id = 1 AND last_lsn = ${headLsn} RETURNING 1
+    ), o AS (
       UPDATE coffer_wal w SET lsn = v.lsn, ordered_at = clock_timestamp()
-        FROM unnest(${ordered.map((r) => r.seq)}::bigint[], ${lsns}::bigint[]) AS v(seq, lsn)
-       WHERE w.seq = v.seq`.execute(tx);
-    const newHead = headLsn + ordered.length;
-    await tx.updateTable('coffer_wal_head').set({ last_lsn: newHead }).where('id', '=', 1).execute();
-    return {
-      assigned: ordered.length,
-      headLsn: newHead,
-      pairs: ordered.map((r, i) => [Number(r.seq), lsns[i]]),
-      records: ordered.map((r, i) => ({ lsn: lsns[i], path: r.path, op: r.op, valueHash: r.value_hash, sp: r.sp })),
-    };
-  });
+        FROM unnest(${ordered.map((r) => r.seq)}::bigint[], ${ordered.map((r) => r.xid)}::text[], ${lsns}::bigint[]) AS v(seq, xid, lsn), h
+       WHERE w.seq = v.seq AND w.xid = v.xid::xid8 AND w.lsn IS NULL
+      RETURNING 1
+    )
+    SELECT CASE WHEN (SELECT count(*) FROM o) = (SELECT count(*) FROM h) * ${ordered.length}
+                THEN (SELECT count(*) FROM h)
+                ELSE coffer_raise('WAL sequencer: ' || (SELECT count(*) FROM o) || ' of ' || ${ordered.length}::int || ' planned rows were still unordered; rolled back')
+           END::int AS moved`.execute(db);
+  // Another sequencer moved the head first: its positions stand, ours were never written.
+  if (out[0].moved !== 1) return { assigned: 0, headLsn };
+  return {
+    assigned: ordered.length,
+    headLsn: newHead,
+    pairs: ordered.map((r, i) => [Number(r.seq), lsns[i]]),
+    records: ordered.map((r, i) => ({ lsn: lsns[i], path: r.path, op: r.op, valueHash: r.value_hash, sp: r.sp })),
+  };
 }
 
 export interface WalRecord {

@@ -37,6 +37,8 @@ export interface StartOptions {
   port?: number;
   /** Replaces the default plain-HTTP listener block (e.g. a TLS listener). */
   listenerHcl?: string;
+  /** Node flags for the process (e.g. `--cpu-prof`, which NODE_OPTIONS refuses); default none. */
+  nodeArgs?: string[];
 }
 
 const configDirs = new Set<string>();
@@ -69,7 +71,7 @@ export async function startCofferWorker(o: StartOptions): Promise<CofferProcess>
 
 async function startProcess(command: 'server' | 'worker', o: StartOptions): Promise<CofferProcess> {
   const config = writeConfig(o);
-  const proc = spawn(process.execPath, [BIN, command, `-config=${config}`], {
+  const proc = spawn(process.execPath, [...(o.nodeArgs ?? []), BIN, command, `-config=${config}`], {
     env: { ...process.env, ...(o.env ?? {}) },
     stdio: ['ignore', 'pipe', 'pipe'],
   });

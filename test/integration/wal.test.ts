@@ -24,7 +24,8 @@ import { openPostgres, type Database } from '../../src/storage/db';
 import { deleteEntry, getEntry, putEntry, type WrittenRow } from '../../src/storage/entries';
 import { migrateToLatest } from '../../src/storage/migrate';
 import type { DB } from '../../src/storage/schema';
-import { lsnOfSeq, readWal, sequenceWal, walHead } from '../../src/storage/wal';
+import { lsnOfSeq, planSequence, readWal, sequenceWal, walHead, writeSequence } from '../../src/storage/wal';
+import { wipeReplicated } from '../../src/storage/replication';
 import { createTestDatabase, sqlClient, type TestDatabase } from '../helpers/pg';
 import { seededRng } from '../helpers/rng';
 import { waitFor } from '../helpers/wait';
@@ -411,4 +412,33 @@ test('two sequencers racing while 8 writers write: positions dense and unique, h
   expect(tailer.anomalies).toEqual([]);
   expect(tailer.seen.size).toBe(total);
   expect(await atomicWalViolations(q)).toEqual([]);
+});
+
+test('optimistic sequencer: a plan overtaken by another sequencer, or by a WAL reset, writes nothing', async () => {
+  const { database, q } = await fresh('wal_overtaken', 4);
+  const { db } = database;
+  for (let i = 0; i < 6; i++) await db.transaction().execute((tx) => putEntry(tx, `ov/k${i}`, randomBytes(8), TERM));
+  await waitFor('the six rows below the horizon', async () => (await planSequence(db)).ordered.length === 6);
+
+  // Overtaken: another sequencer orders the same rows between this plan's read and its write.
+  const stale = await planSequence(db);
+  expect((await sequenceWal(db)).assigned).toBe(6);
+  expect(await writeSequence(db, stale)).toEqual({ assigned: 0, headLsn: stale.headLsn });
+  expect(await walOrderViolations(q)).toMatchObject({ violations: [], rows: 6, ordered: 6, head: 6 });
+
+  // A WAL reset (secondary enable) between read and write, and new rows reusing the seqs the
+  // plan holds, at the same head (0): the plan must not give them positions, and must leave
+  // the head alone (it aborts itself rather than commit a head no row backs).
+  await wipeReplicated(db);
+  for (let i = 0; i < 3; i++) await db.transaction().execute((tx) => putEntry(tx, `ov/before${i}`, randomBytes(8), TERM));
+  await waitFor('three rows below the horizon', async () => (await planSequence(db)).ordered.length === 3);
+  const beforeReset = await planSequence(db);
+  await wipeReplicated(db);
+  for (let i = 0; i < 3; i++) await db.transaction().execute((tx) => putEntry(tx, `ov/after${i}`, randomBytes(8), TERM));
+  await expect(writeSequence(db, beforeReset)).rejects.toThrow(/planned rows were still unordered/);
+  expect(await walHead(db)).toBe(0);
+  expect(await unorderedCount(q)).toBe(3);
+  // The next step orders the new rows normally.
+  await sequenceUntilAllOrdered(db, q);
+  expect(await walOrderViolations(q)).toMatchObject({ violations: [], rows: 3, ordered: 3, head: 3 });
 });
