@@ -547,7 +547,7 @@ function rewriteReads(socket: RewrittenSocket, upgradeAccepted: () => boolean): 
 // ---------------------------------------------------------------------------------------
 
 /** Tracks connections and responses so that, once draining, every connection closes as soon as it is idle. */
-/** How long a draining server waits for a just-opened connection's first request. */
+/** How long a draining server waits for a request already on the wire of an idle or just-opened connection. */
 const DRAIN_SILENT_GRACE_MS = 1000;
 
 class ConnectionDrain {
@@ -564,19 +564,23 @@ class ConnectionDrain {
     socket.once('close', () => this.sockets.delete(socket));
   }
 
+  private graceOver = false;
+
   start(): void {
     this.draining = true;
     for (const res of this.inFlight) this.closeAfter(res);
-    // Idle between requests, by Node's own bookkeeping.
-    this.server.closeIdleConnections();
-    // Node counts a connection that has not sent anything yet as busy; it is not — but its
-    // first request may already be on the wire (a client under load connects, then writes):
-    // give it a moment to arrive (it is then answered with Connection: close) before dropping
-    // the connections that stayed silent.
-    const silentAfterGrace = setTimeout(() => {
+    // A connection idle between requests (its last answer said keep-alive), like one that has
+    // not sent anything yet, may have its next request already on the wire: a client under
+    // load writes it the moment the previous answer arrives. Closing it now would reset that
+    // request. So both get a moment for it to arrive (it is then answered with
+    // Connection: close, and the connection ends with it); after that, the connections still
+    // idle or silent are closed.
+    const afterGrace = setTimeout(() => {
+      this.graceOver = true;
+      this.server.closeIdleConnections();
       for (const socket of this.sockets) if (!socket[RECEIVED_DATA]) socket.destroy();
     }, DRAIN_SILENT_GRACE_MS);
-    silentAfterGrace.unref();
+    afterGrace.unref();
   }
 
   private track(res: http.ServerResponse): void {
@@ -584,8 +588,9 @@ class ConnectionDrain {
     if (this.draining) this.closeAfter(res);
     res.once('close', () => {
       this.inFlight.delete(res);
-      // Covers responses whose headers went out (keep-alive) before draining began.
-      if (this.draining) this.server.closeIdleConnections();
+      // A keep-alive answer whose headers went out before draining began leaves its
+      // connection idle: closed with the others once the grace is over.
+      if (this.draining && this.graceOver) this.server.closeIdleConnections();
     });
   }
 

@@ -20,9 +20,10 @@ import type { JobQueue } from '../queue/jobs';
 import { reencryptLocal } from '../storage/local';
 import type { MerkleIndex } from '../merkle/index';
 import { HASH_BYTES, KEY_BYTES, pageHashes, PAGES, rootOf, SUBPAGES_PER_PAGE } from '../merkle/tree';
-import { entriesOfSubpages, oldestRetainedLsn, pathsOfSubpages, readCheckpoint } from '../storage/merkle';
+import { entriesOfSubpages, pathsOfSubpages, readCheckpoint } from '../storage/merkle';
 import {
   applyBatch,
+  shipState,
   divergenceReport,
   readBatch,
   readReplication,
@@ -436,11 +437,14 @@ export class Replication {
   /** One batch; true if one was sent and applied. */
   private async shipOne(secondaryId: string): Promise<boolean> {
     {
-      const s = await secondaries.get(this.o.db, secondaryId);
+      // The secondary's cursor, the retained WAL's bounds and our own role: one round trip.
+      const st = await shipState(this.o.db, secondaryId);
+      const s = st.secondary;
       if (!s || !SHIPPABLE.has(s.status) || !s.apiAddr) return false;
+      if (st.mode !== 'primary' || st.supersededByEpoch !== null) return false;
       // Bounded WAL: if what this secondary needs next was collected, it must reconcile.
-      const oldest = await oldestRetainedLsn(this.o.db);
-      if (oldest === null ? s.ackedLsn < (await walHead(this.o.db)) : oldest > s.ackedLsn + 1) {
+      const oldest = st.oldestLsn;
+      if (oldest === null ? s.ackedLsn < st.headLsn : oldest > s.ackedLsn + 1) {
         this.o.log.warn({ secondary: secondaryId, acked: s.ackedLsn, oldest }, 'no matching WALs available; the secondary must reconcile (merkle-diff)');
         await secondaries.update(this.o.db, secondaryId, { status: 'needs-reconcile', last_error: `WAL after ${s.ackedLsn} is no longer retained; reconciling` });
         return false;
@@ -448,8 +452,7 @@ export class Replication {
       const batch = await readBatch(this.o.db, s.ackedLsn, this.o.batchMaxRows, this.o.batchMaxBytes);
       if (!batch) return false;
       const secret = await this.secretOf(secondaryId);
-      const me = await readReplication(this.o.db);
-      if (me.mode !== 'primary' || me.supersededByEpoch !== null) return false;
+      const me = st;
       const route = await this.tls.routeToSecondary(secondaryId, s.apiAddr);
       const res = await call<{ applied: boolean; applied_lsn: number; reason?: string; epoch?: number; errors?: string[] }>(`${route.base}${INTERNAL_PREFIX}/apply`, {
         body: { epoch: me.epoch, from_lsn: batch.fromLsn, to_lsn: batch.toLsn, key_term: this.o.core.barrier.currentKeyring.activeTerm, entries: batch.entries.map(toWire) },

@@ -28,21 +28,51 @@ export interface Batch {
  * when there is nothing new.
  */
 export async function readBatch(db: Kysely<DB>, afterLsn: number, maxRows: number, maxBytes: number): Promise<Batch | null> {
-  const { rows } = await sql<{ lsn: number; path: string; value_size: number }>`
-    SELECT lsn, path, value_size FROM coffer_wal WHERE lsn > ${afterLsn} ORDER BY lsn LIMIT ${maxRows}`.execute(db);
-  if (rows.length === 0) return null;
-  let bytes = 0;
-  let toLsn = afterLsn;
-  const paths = new Set<string>();
-  for (const r of rows) {
-    if (paths.size > 0 && bytes + r.value_size > maxBytes) break;
-    bytes += r.value_size;
-    toLsn = Number(r.lsn);
-    paths.add(r.path);
-  }
-  const { rows: entries } = await sql<{ path: string; version: number; value: Buffer | null }>`
-    SELECT path, version, value FROM coffer_entries WHERE path = ANY(${[...paths]}::text[])`.execute(db);
-  return { fromLsn: afterLsn + 1, toLsn, entries: entries.map((e) => ({ path: e.path, version: Number(e.version), value: e.value })) };
+  // One statement: the next WAL rows, cut where their running size passes maxBytes (the first
+  // row always goes, however large), and the current entry of each key they name.
+  const { rows } = await sql<{ to_lsn: number | null; path: string | null; version: number | null; value: Buffer | null }>`
+    WITH w AS (
+      SELECT lsn, path, sum(value_size) OVER (ORDER BY lsn) AS upto, row_number() OVER (ORDER BY lsn) AS n
+        FROM (SELECT lsn, path, value_size FROM coffer_wal WHERE lsn > ${afterLsn} ORDER BY lsn LIMIT ${maxRows}) t
+    ), k AS (
+      SELECT lsn, path FROM w WHERE n = 1 OR upto <= ${maxBytes}
+    )
+    SELECT b.to_lsn, e.path, e.version, e.value
+      FROM (SELECT max(lsn) AS to_lsn FROM k) b
+      LEFT JOIN coffer_entries e ON e.path IN (SELECT path FROM k)`.execute(db);
+  if (rows.length === 0 || rows[0].to_lsn === null) return null;
+  const entries = rows.filter((e) => e.path !== null).map((e) => ({ path: e.path!, version: Number(e.version), value: e.value }));
+  return { fromLsn: afterLsn + 1, toLsn: Number(rows[0].to_lsn), entries };
+}
+
+/** What one shipping step needs to know, in one round trip. */
+export interface ShipState {
+  secondary: SecondaryRow | null;
+  /** Oldest WAL position still retained (null: none retained). */
+  oldestLsn: number | null;
+  headLsn: number;
+  mode: string;
+  epoch: number;
+  supersededByEpoch: number | null;
+}
+
+export async function shipState(db: Kysely<DB>, secondaryId: string): Promise<ShipState> {
+  const { rows } = await sql<any>`
+    SELECT r.mode, r.epoch, r.superseded_by_epoch,
+           (SELECT min(lsn) FROM coffer_wal WHERE lsn IS NOT NULL) AS oldest,
+           (SELECT last_lsn FROM coffer_wal_head WHERE id = 1) AS head,
+           (SELECT to_jsonb(s) FROM coffer_secondaries s WHERE s.secondary_id = ${secondaryId}) AS s
+      FROM coffer_replication r WHERE r.id = 1`.execute(db);
+  const r = rows[0];
+  const s = r.s;
+  return {
+    secondary: s ? toSecondary({ ...s, credential_hmac: null, last_heartbeat: s.last_heartbeat ? new Date(s.last_heartbeat) : null }) : null,
+    oldestLsn: r.oldest === null ? null : Number(r.oldest),
+    headLsn: Number(r.head),
+    mode: r.mode,
+    epoch: Number(r.epoch),
+    supersededByEpoch: r.superseded_by_epoch === null ? null : Number(r.superseded_by_epoch),
+  };
 }
 
 /**
