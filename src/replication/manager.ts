@@ -149,8 +149,11 @@ export class Replication {
   }
 
   stop(): void {
+    this.stopping = true;
     if (this.timer) clearTimeout(this.timer);
   }
+  /** Set by stop(): a shipping job in this process ends after its batch in flight. */
+  private stopping = false;
 
   private async tick(): Promise<void> {
     const row = await readReplication(this.o.db);
@@ -422,12 +425,14 @@ export class Replication {
   private readonly shipPending = new Set<string>();
 
   async shipTo(secondaryId: string): Promise<void> {
-    if (this.o.core.sealed) return;
+    if (this.o.core.sealed || this.stopping) return;
     this.shipPending.add(secondaryId);
     await withShipLock(this.o.db, secondaryId, async () => {
       // Keep going while there is more, and once more if a wake-up arrived meanwhile (it could
       // not take the lock), so no ordered row waits for the next tick.
-      for (let i = 0; i < 200; i++) {
+      // Stopping (SIGTERM): the batch in flight finishes, the rest is another process's or the
+      // next start's (the cursor is in Postgres); the queue's close waits for this job.
+      for (let i = 0; i < 200 && !this.stopping; i++) {
         this.shipPending.delete(secondaryId);
         if (!(await this.shipOne(secondaryId)) && !this.shipPending.has(secondaryId)) break;
       }

@@ -230,6 +230,7 @@ export class FaultHarness {
   readonly clusters: FaultCluster[] = [];
   readonly proxies: FaultProxy[] = [];
   redis!: Redis;
+  private redisReady: Promise<Redis> | null = null;
 
   constructor(
     readonly label: string,
@@ -248,7 +249,9 @@ export class FaultHarness {
 
   /** A cluster of `servers` servers and `workers` worker processes, initialised (static seal) and unsealed. */
   async cluster(name: string, o: ClusterOptions = {}): Promise<FaultCluster> {
-    this.redis ??= await connectRedis();
+    // One connection, however many clusters start at once (a second one would leak).
+    this.redisReady ??= connectRedis().then((r) => (this.redis = r));
+    await this.redisReady;
     const db = await createTestDatabase(`${this.label}_${name}`);
     const c = new FaultCluster(this, name, db, `${this.prefixRoot()}-${name}`, randomBytes(32).toString('hex'));
     c.extraHcl = o.extraHcl ?? '';
