@@ -281,17 +281,22 @@ async function nativeReference(seconds: number): Promise<NativeResult> {
     const writers = await Promise.all(Array.from({ length: CONCURRENCY }, () => client(inst.url('pub'))));
     clients.push(...writers);
     let n = 0;
-    let commits = 0;
-    const end = Date.now() + seconds * 1000;
+    /** Every writer upserts in a loop for `seconds`; returns the commits. */
+    const burst = async () => {
+      let done = 0;
+      const end = Date.now() + seconds * 1000;
+      await Promise.all(
+        writers.map(async (c) => {
+          while (Date.now() < end) {
+            await c.query({ ...UPSERT, values: [`k/${n++ % KEYS}`, VALUE] });
+            done++;
+          }
+        }),
+      );
+      return done;
+    };
     const t0 = performance.now();
-    await Promise.all(
-      writers.map(async (c) => {
-        while (Date.now() < end) {
-          await c.query({ ...UPSERT, values: [`k/${n++ % KEYS}`, VALUE] });
-          commits++;
-        }
-      }),
-    );
+    const commits = await burst();
     const loadEnd = performance.now();
     await pub.query(`INSERT INTO entries VALUES ('marker/1', 1, NULL)`);
     const drainTimeoutMs = Math.max(60_000, seconds * 10_000);
@@ -364,17 +369,8 @@ async function nativeReference(seconds: number): Promise<NativeResult> {
     const originPos = async () => Number((await poller.query(POLL)).rows[0]?.l ?? 0);
     await sub.query('ALTER SUBSCRIPTION s DISABLE');
     await waitFor('the apply worker to exit', async () => (await sub.query(`SELECT 1 FROM pg_stat_subscription WHERE subname = 's' AND pid IS NOT NULL`)).rowCount === 0, { timeoutMs: 30_000, intervalMs: 20 });
-    let backlogCommits = 0;
-    const bEnd = Date.now() + seconds * 1000;
     const b0 = performance.now();
-    await Promise.all(
-      writers.map(async (c) => {
-        while (Date.now() < bEnd) {
-          await c.query({ ...UPSERT, values: [`k/${n++ % KEYS}`, VALUE] });
-          backlogCommits++;
-        }
-      }),
-    );
+    const backlogCommits = await burst();
     const bLoadSeconds = (performance.now() - b0) / 1000;
     await pub.query(`INSERT INTO entries VALUES ('marker/2', 1, NULL)`);
     const heldAt = await originPos();

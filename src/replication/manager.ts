@@ -457,17 +457,16 @@ export class Replication {
       const batch = await readBatch(this.o.db, s.ackedLsn, this.o.batchMaxRows, this.o.batchMaxBytes);
       if (!batch) return false;
       const secret = await this.secretOf(secondaryId);
-      const me = st;
       const route = await this.tls.routeToSecondary(secondaryId, s.apiAddr);
       const res = await call<{ applied: boolean; applied_lsn: number; reason?: string; epoch?: number; errors?: string[] }>(`${route.base}${INTERNAL_PREFIX}/apply`, {
-        body: { epoch: me.epoch, from_lsn: batch.fromLsn, to_lsn: batch.toLsn, key_term: this.o.core.barrier.currentKeyring.activeTerm, entries: batch.entries.map(toWire) },
+        body: { epoch: st.epoch, from_lsn: batch.fromLsn, to_lsn: batch.toLsn, key_term: this.o.core.barrier.currentKeyring.activeTerm, entries: batch.entries.map(toWire) },
         headers: { [CREDENTIAL_HEADER]: credentialHeader(secondaryId, secret) },
         tls: route.tls,
       }).catch(async (err: Error) => {
         await secondaries.update(this.o.db, secondaryId, { last_error: err.message });
         throw err;
       });
-      if (res.status === 409 && Number(res.body?.epoch) > me.epoch) {
+      if (res.status === 409 && Number(res.body?.epoch) > st.epoch) {
         await this.markSuperseded(Number(res.body.epoch), `${s.apiAddr} answered: ${(res.body.errors ?? []).join('; ')}`);
         return false;
       }

@@ -61,12 +61,12 @@ export async function shipState(db: Kysely<DB>, secondaryId: string): Promise<Sh
     SELECT r.mode, r.epoch, r.superseded_by_epoch,
            (SELECT min(lsn) FROM coffer_wal WHERE lsn IS NOT NULL) AS oldest,
            (SELECT last_lsn FROM coffer_wal_head WHERE id = 1) AS head,
-           (SELECT to_jsonb(s) FROM coffer_secondaries s WHERE s.secondary_id = ${secondaryId}) AS s
-      FROM coffer_replication r WHERE r.id = 1`.execute(db);
+           s.secondary_id, s.credential_hmac, s.api_addr, s.acked_lsn, s.status, s.version, s.last_heartbeat, s.last_error
+      FROM coffer_replication r LEFT JOIN coffer_secondaries s ON s.secondary_id = ${secondaryId}
+     WHERE r.id = 1`.execute(db);
   const r = rows[0];
-  const s = r.s;
   return {
-    secondary: s ? toSecondary({ ...s, credential_hmac: null, last_heartbeat: s.last_heartbeat ? new Date(s.last_heartbeat) : null }) : null,
+    secondary: r.secondary_id === null ? null : toSecondary(r),
     oldestLsn: r.oldest === null ? null : Number(r.oldest),
     headLsn: Number(r.head),
     mode: r.mode,

@@ -1,0 +1,84 @@
+/**
+ * What the primary reads for one shipping step, on real Postgres: `readBatch` (the next WAL
+ * rows after a cursor, cut by rows and by bytes — the first row always goes — with each named
+ * key's current entry) and `shipState` (cursor, retained WAL bounds, head and role in one
+ * statement).
+ */
+import { openPostgres, type Database } from '../../src/storage/db';
+import { putEntry } from '../../src/storage/entries';
+import { migrateToLatest } from '../../src/storage/migrate';
+import { readBatch, secondaries, shipState } from '../../src/storage/replication';
+import { sequenceWal, walHead } from '../../src/storage/wal';
+import { createTestDatabase, type TestDatabase } from '../helpers/pg';
+import { waitFor } from '../helpers/wait';
+import { closeBounded, TERM } from '../helpers/wal-invariants';
+
+let tdb: TestDatabase;
+let database: Database;
+
+beforeAll(async () => {
+  tdb = await createTestDatabase('ship_batch');
+  database = openPostgres(tdb.url, 4);
+  await migrateToLatest(database.db);
+});
+
+afterAll(async () => {
+  await tdb?.drop().catch(() => undefined);
+  if (database) await closeBounded(() => database.close());
+});
+
+const put = (path: string, bytes: number) => database.db.transaction().execute((tx) => putEntry(tx, path, Buffer.alloc(bytes, 1), TERM));
+
+async function orderAll(expectedHead: number): Promise<void> {
+  await waitFor(`the WAL ordered up to ${expectedHead}`, async () => {
+    await sequenceWal(database.db);
+    return (await walHead(database.db)) === expectedHead;
+  });
+}
+
+test('readBatch cuts by rows and bytes, always ships the first row, and sends each key once with its current entry', async () => {
+  const { db } = database;
+  // LSN 1..5: a, b, c (100 B each), d (500 B), then a again (its version 2, 300 B).
+  await put('sb/a', 100);
+  await put('sb/b', 100);
+  await put('sb/c', 100);
+  await put('sb/d', 500);
+  await put('sb/a', 300);
+  await orderAll(5);
+
+  const byBytes = await readBatch(db, 0, 100, 250);
+  expect(byBytes).toMatchObject({ fromLsn: 1, toLsn: 2 });
+  expect(byBytes!.entries.map((e) => [e.path, e.version, e.value?.length]).sort()).toEqual([
+    ['sb/a', 2, 300],
+    ['sb/b', 1, 100],
+  ]);
+
+  // A first row larger than the byte bound still goes, alone.
+  const oversized = await readBatch(db, 3, 100, 10);
+  expect(oversized).toMatchObject({ fromLsn: 4, toLsn: 4 });
+  expect(oversized!.entries.map((e) => e.path)).toEqual(['sb/d']);
+
+  const byRows = await readBatch(db, 0, 3, 1_000_000);
+  expect(byRows).toMatchObject({ fromLsn: 1, toLsn: 3 });
+  expect(byRows!.entries.map((e) => e.path).sort()).toEqual(['sb/a', 'sb/b', 'sb/c']);
+
+  // The key written twice in range comes once, at its current version.
+  const all = await readBatch(db, 0, 100, 1_000_000);
+  expect(all).toMatchObject({ fromLsn: 1, toLsn: 5 });
+  expect(all!.entries.map((e) => `${e.path}@${e.version}`).sort()).toEqual(['sb/a@2', 'sb/b@1', 'sb/c@1', 'sb/d@1']);
+
+  expect(await readBatch(db, 5, 100, 1_000_000)).toBeNull();
+});
+
+test('shipState: the secondary (or null), the retained WAL bounds, the head and this cluster’s role, in one read', async () => {
+  const { db } = database;
+  const head = await walHead(db);
+  expect(await shipState(db, 'nobody')).toEqual({ secondary: null, oldestLsn: 1, headLsn: head, mode: 'disabled', epoch: 0, supersededByEpoch: null });
+
+  await secondaries.upsert(db, 'sec-1', Buffer.from('hmac'));
+  await secondaries.ack(db, 'sec-1', 3);
+  const st = await shipState(db, 'sec-1');
+  expect(st.secondary).toEqual(await secondaries.get(db, 'sec-1'));
+  expect(st.secondary).toMatchObject({ secondaryId: 'sec-1', ackedLsn: 3, status: 'pending' });
+  expect(st).toMatchObject({ oldestLsn: 1, headLsn: head, mode: 'disabled' });
+});
