@@ -3,7 +3,7 @@
  * bound to its storage path (invariant 8). While sealed there is no keyring and every call
  * throws Sealed.
  */
-import { KeyringStale, MustForward, Sealed } from './errors';
+import { Conflict, KeyringStale, MustForward, Sealed } from './errors';
 import { Keyring } from './keyring';
 import type { RawRead, Store, StoreTx } from './ports';
 
@@ -32,7 +32,26 @@ export interface StorageView {
   /** `prefetched`: the same read, already fetched (used when its path and prefix match). */
   getWithLast<A, B>(path: string, prefix: string, prefetched?: RawRead | null): Promise<{ value: A | null; last: { path: string; value: B } | null }>;
   transaction<T>(fn: (tx: BarrierTx) => Promise<T>): Promise<{ result: T; lastSeq: number }>;
+  /**
+   * A read-modify-write anchored on one entry: reads `anchor` and `extra`, hands their values
+   * to `compute`, and writes what it returns as if no one else had changed the anchor in
+   * between — every other change of the anchor is either wholly before or wholly after. On
+   * replicated storage it is optimistic (see Barrier.modify), so `compute` may run more than
+   * once and must not have effects of its own.
+   */
+  modify<R>(anchor: string, extra: string[], compute: (values: unknown[]) => Promise<Modification<R>>): Promise<{ result: R; lastSeq: number }>;
 }
+
+/** What a `modify` writes: nothing unless `anchor` is set (a value, or null to delete it). */
+export interface Modification<R> {
+  result: R;
+  anchor?: unknown;
+  puts?: [string, unknown][];
+  deletes?: string[];
+}
+
+/** Optimistic attempts before a write gives up on a key that others keep changing. */
+const MODIFY_ATTEMPTS = 100;
 
 export class Barrier implements StorageView {
   private keyring: Keyring | null = null;
@@ -153,7 +172,56 @@ export class Barrier implements StorageView {
       list: (p) => this.listLocal(p),
       getWithLast: async (p) => ({ value: await this.getLocal(p), last: null }),
       transaction: (fn) => this.transaction((tx) => fn(localTx(tx))),
+      // Local storage has no row versions: the anchor is locked for the whole read-modify-write.
+      modify: (anchor, extra, compute) =>
+        this.transaction(async (raw) => {
+          const tx = localTx(raw);
+          await tx.lock(anchor);
+          const m = await compute(await tx.getMany([anchor, ...extra]));
+          if (m.anchor === undefined) return m.result;
+          for (const p of m.deletes ?? []) await tx.delete(p);
+          await tx.putMany(m.puts ?? []);
+          if (m.anchor === null) await tx.delete(anchor);
+          else await tx.put(anchor, m.anchor);
+          return m.result;
+        }),
     };
+  }
+
+  /**
+   * Optimistic read-modify-write on replicated storage (StorageView.modify): read the entries
+   * with their row versions, compute, and write in one statement guarded by the anchor's
+   * version (Store.casWrite); if another writer changed the anchor meanwhile, nothing was
+   * written, and it reads and computes again. No lock or transaction is held across round
+   * trips, and concurrent writes share one statement and one commit.
+   */
+  async modify<R>(anchor: string, extra: string[], compute: (values: unknown[]) => Promise<Modification<R>>): Promise<{ result: R; lastSeq: number }> {
+    const paths = [anchor, ...extra];
+    for (let attempt = 1; attempt <= MODIFY_ATTEMPTS; attempt++) {
+      this.currentKeyring;
+      // A secondary writes replicated data only through apply: the primary does this one.
+      if (this.replicatedReadOnly) throw new MustForward();
+      const read = await this.store.getVersioned(paths);
+      const values = await Promise.all(read.map((r, i) => this.decrypt(paths[i], r.value)));
+      const m = await compute(values);
+      if (m.anchor === undefined || (m.anchor === null && values[0] === null)) {
+        if (m.puts?.length || m.deletes?.length) throw new Error('modify: a change must rewrite its anchor');
+        return { result: m.result, lastSeq: 0 };
+      }
+      try {
+        const seq = await this.store.casWrite({
+          anchor: { path: anchor, version: read[0].version, value: m.anchor === null ? null : this.encrypt(anchor, m.anchor) },
+          puts: (m.puts ?? []).map(([p, v]) => [p, this.encrypt(p, v)]),
+          deletes: m.deletes ?? [],
+        });
+        if (seq !== null) return { result: m.result, lastSeq: seq };
+      } catch (err) {
+        // Another process rotated the key: reload the keyring and go again (nothing was written).
+        if (!(err instanceof KeyringStale) || !this.reloadKeyring) throw err;
+        this.keyring = await this.reloadKeyring();
+      }
+    }
+    throw new Conflict(`${anchor} kept changing under ${MODIFY_ATTEMPTS} attempts to write it; retry`);
   }
 
   /** Runs `fn` in one storage transaction; the use case owns it. */

@@ -6,11 +6,11 @@
  *   config                      engine-wide defaults
  *   metadata/<key>              versions, timestamps, custom metadata
  *   versions/<sha256(key)>/<n>  the data of version n (hashed so any key is one path segment)
- * Every change to one key runs in one transaction under a per-key lock, so concurrent writers
- * get distinct versions and check-and-set is exact.
+ * Every change to one key is one read-modify-write of its metadata entry (StorageView.modify),
+ * so concurrent writers get distinct versions and check-and-set is exact.
  */
 import { createHash } from 'node:crypto';
-import type { Barrier, BarrierTx, StorageView } from './barrier';
+import type { Barrier, BarrierTx, Modification, StorageView } from './barrier';
 import type { Clock } from './clock';
 import { CasMismatch, InvalidRequest, NotFound, UnsupportedMediaType, UnsupportedOperation, UnsupportedPath } from './errors';
 import type { MountEntry } from './mounts';
@@ -269,20 +269,33 @@ class KvMount {
         }, cas, true);
       }
       case 'delete': {
-        const { lastSeq } = await this.store.transaction(async (tx) => {
-          await tx.lock(this.metaPath(base, key));
-          const meta = await tx.get<KeyMetadata>(this.metaPath(base, key));
+        const { lastSeq } = await this.modifyKey(base, key, async (meta) => {
           const vm = meta?.versions[String(meta.current_version)];
-          if (!meta || !vm || vm.deletion_time || vm.destroyed) return;
+          if (!meta || !vm || vm.deletion_time || vm.destroyed) return { result: undefined };
           vm.deletion_time = this.now();
           meta.updated_time = vm.deletion_time;
-          await tx.put(this.metaPath(base, key), meta);
+          return { result: undefined, anchor: meta };
         });
         return { status: 204, walSeq: lastSeq };
       }
       default:
         throw new UnsupportedOperation();
     }
+  }
+
+  /**
+   * Every change to one key is a read-modify-write of its metadata (StorageView.modify): the
+   * metadata entry is the anchor, so concurrent writers of a key get distinct versions and
+   * check-and-set is exact. `compute` may run more than once; it must only compute.
+   */
+  private modifyKey<R>(
+    base: string,
+    key: string,
+    compute: (meta: KeyMetadata | null, cfg: EngineConfig) => Promise<Modification<R>>,
+  ): Promise<{ result: R; lastSeq: number }> {
+    return this.store.modify(this.metaPath(base, key), [base + 'config'], ([meta, cfg]) =>
+      compute(meta as KeyMetadata | null, { ...DEFAULT_CONFIG, ...((cfg as EngineConfig | null) ?? {}) }),
+    );
   }
 
   /** Adds a version computed from the current one, honouring cas and max_versions. */
@@ -293,11 +306,7 @@ class KvMount {
     cas: number | undefined,
     needsCurrent = false,
   ): Promise<LogicalResponse> {
-    const { result, lastSeq } = await this.store.transaction(async (tx) => {
-      const metaPath = this.metaPath(base, key);
-      await tx.lock(metaPath);
-      const [storedCfg, storedMeta] = (await tx.getMany([base + 'config', metaPath])) as [EngineConfig | null, KeyMetadata | null];
-      const cfg = { ...DEFAULT_CONFIG, ...(storedCfg ?? {}) };
+    const { result, lastSeq } = await this.modifyKey(base, key, async (storedMeta, cfg) => {
       const now = this.now();
       const meta: KeyMetadata = storedMeta ?? {
         created_time: now,
@@ -317,7 +326,7 @@ class KvMount {
       let current: Record<string, unknown> | null = null;
       if (needsCurrent) {
         const vm = meta.versions[String(meta.current_version)];
-        if (vm && !vm.deletion_time && !vm.destroyed) current = await tx.get(this.versionPath(base, key, meta.current_version));
+        if (vm && !vm.deletion_time && !vm.destroyed) current = await this.store.get(this.versionPath(base, key, meta.current_version));
       }
       const data = next(current);
       const n = meta.current_version + 1;
@@ -327,17 +336,14 @@ class KvMount {
       meta.versions[String(n)] = { created_time: now, deletion_time: '', destroyed: false };
       // Prune beyond max_versions (key setting, else engine setting, else Vault's default 10).
       const max = meta.max_versions || cfg.max_versions || 10;
+      const deletes: string[] = [];
       while (n - meta.oldest_version + 1 > max) {
         delete meta.versions[String(meta.oldest_version)];
-        await tx.delete(this.versionPath(base, key, meta.oldest_version));
+        deletes.push(this.versionPath(base, key, meta.oldest_version));
         meta.oldest_version += 1;
       }
-      // The new version and the metadata in one statement (each with its WAL row).
-      await tx.putMany([
-        [this.versionPath(base, key, n), data],
-        [metaPath, meta],
-      ]);
-      return versionResponse(meta, n, meta.versions[String(n)]);
+      // The new version, the pruned ones and the metadata in one statement (each with its WAL row).
+      return { result: versionResponse(meta, n, meta.versions[String(n)]), anchor: meta, puts: [[this.versionPath(base, key, n), data]], deletes };
     });
     return { data: result, walSeq: lastSeq };
   }
@@ -361,10 +367,9 @@ class KvMount {
       case 'update':
       case 'patch': {
         const d = req.data;
-        const { lastSeq } = await this.store.transaction(async (tx) => {
-          await tx.lock(metaPath);
+        const { lastSeq } = await this.modifyKey(base, key, async (stored) => {
           const now = this.now();
-          const meta: KeyMetadata = (await tx.get<KeyMetadata>(metaPath)) ?? {
+          const meta: KeyMetadata = stored ?? {
             created_time: now, updated_time: now, current_version: 0, oldest_version: 0, max_versions: 0,
             cas_required: false, delete_version_after: '0s', custom_metadata: null, versions: {},
           };
@@ -382,17 +387,14 @@ class KvMount {
             meta.custom_metadata = merged;
           }
           meta.updated_time = now;
-          await tx.put(metaPath, meta);
+          return { result: undefined, anchor: meta };
         });
         return { status: 204, walSeq: lastSeq };
       }
       case 'delete': {
-        const { lastSeq } = await this.store.transaction(async (tx) => {
-          await tx.lock(metaPath);
-          const meta = await tx.get<KeyMetadata>(metaPath);
-          if (!meta) return;
-          for (const n of Object.keys(meta.versions)) await tx.delete(this.versionPath(base, key, Number(n)));
-          await tx.delete(metaPath);
+        const { lastSeq } = await this.modifyKey(base, key, async (meta) => {
+          if (!meta) return { result: undefined };
+          return { result: undefined, anchor: null, deletes: Object.keys(meta.versions).map((n) => this.versionPath(base, key, Number(n))) };
         });
         return { status: 204, walSeq: lastSeq };
       }
@@ -406,12 +408,10 @@ class KvMount {
     const list = Array.isArray(raw) ? raw : typeof raw === 'string' ? raw.split(',') : raw === undefined ? [] : [raw];
     const versions = list.map((v) => positiveInt(v, 'versions'));
     if (versions.length === 0) throw new InvalidRequest('no versions provided');
-    const metaPath = this.metaPath(base, key);
-    const { lastSeq } = await this.store.transaction(async (tx) => {
-      await tx.lock(metaPath);
-      const meta = await tx.get<KeyMetadata>(metaPath);
-      if (!meta) return;
+    const { lastSeq } = await this.modifyKey(base, key, async (meta) => {
+      if (!meta) return { result: undefined };
       const now = this.now();
+      const deletes: string[] = [];
       for (const n of versions) {
         const vm = meta.versions[String(n)];
         if (!vm || vm.destroyed) continue;
@@ -419,11 +419,11 @@ class KvMount {
         if (op === 'undelete') vm.deletion_time = '';
         if (op === 'destroy') {
           vm.destroyed = true;
-          await tx.delete(this.versionPath(base, key, n));
+          deletes.push(this.versionPath(base, key, n));
         }
       }
       meta.updated_time = now;
-      await tx.put(metaPath, meta);
+      return { result: undefined, anchor: meta, deletes: [...new Set(deletes)] };
     });
     return { status: 204, walSeq: lastSeq };
   }

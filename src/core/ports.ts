@@ -58,9 +58,33 @@ export interface Store {
    */
   authRead(hmac: Buffer, read?: ReadPlan): Promise<AuthRead | null>;
 
+  /** Entries with their row versions (for `casWrite`), in the order asked; batched with concurrent callers. */
+  getVersioned(paths: string[]): Promise<Versioned[]>;
+  /**
+   * An optimistic write: its anchor changes (and then its other entries, each with its WAL row)
+   * only if the anchor is still at the version read; null if it had moved (nothing written),
+   * else the highest WAL seq written. Concurrent calls share one statement, so one commit.
+   * Throws KeyringStale if a value used a superseded keyring term (nothing written).
+   */
+  casWrite(w: CasWrite): Promise<number | null>;
+
   tokens: TokenRepo;
   leases: LeaseRepo;
   wrapped: WrapRepo;
+}
+
+export interface Versioned {
+  value: Buffer | null;
+  /** The entry row's version (bumped by every put and delete, kept by a delete); 0 if it never existed. */
+  version: number;
+}
+
+/** See Store.casWrite. Values are already barrier-encrypted; each path appears once. */
+export interface CasWrite {
+  /** The anchor's new value (null: delete it) and the version its writer read. */
+  anchor: { path: string; version: number; value: Buffer | null };
+  puts: [string, Buffer][];
+  deletes: string[];
 }
 
 /** The entries a read handler asks for first: `getWithLast(path, prefix)`, or `get(path)` when prefix is null. */

@@ -46,6 +46,8 @@ export class ActiveNode {
   private loop: Promise<void> | null = null;
   private stopping = false;
   private wake: (() => void) | null = null;
+  /** Set by poke(); the sequencer loop clears it before each step. */
+  private poked = false;
   private housekeeping: NodeJS.Timeout | null = null;
   /** Set once the merkle index has recovered on this node's current term as active. */
   merkleReady = false;
@@ -194,8 +196,13 @@ export class ActiveNode {
     });
   }
 
-  /** Asks the sequencer to run now (a local write just committed). */
+  /**
+   * Asks the sequencer to run now (a local write just committed). A poke that arrives while a
+   * step is running is remembered, so the loop goes again instead of sleeping: that step's
+   * snapshot may predate the commit.
+   */
   poke(): void {
+    this.poked = true;
     this.wake?.();
   }
 
@@ -203,6 +210,8 @@ export class ActiveNode {
     let idleMs = 1;
     while (this.active && !this.stopping) {
       let assigned = 0;
+      let failed = false;
+      this.poked = false;
       try {
         const r = await sequenceWal(this.o.db);
         assigned = r.assigned;
@@ -222,8 +231,10 @@ export class ActiveNode {
       } catch (err) {
         this.o.log.warn({ err: (err as Error).message }, 'WAL sequencing failed; retrying');
         idleMs = 500;
+        failed = true;
       }
-      if (assigned > 0) {
+      // A failing step waits (backs off) even when poked.
+      if (!failed && (assigned > 0 || this.poked)) {
         idleMs = 1;
         continue;
       }

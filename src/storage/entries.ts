@@ -9,6 +9,7 @@
 import { createHash } from 'node:crypto';
 import { sql, type Kysely, type Transaction } from 'kysely';
 import { preparedQuery } from './db';
+import type { CasWrite, Versioned } from '../core/ports';
 import type { DB } from './schema';
 
 export interface WrittenRow {
@@ -140,5 +141,116 @@ export async function listChildren(
     const child = slash === -1 ? rest : rest.slice(0, slash + 1);
     if (child && out[out.length - 1] !== child) out.push(child);
   }
+  return out;
+}
+
+/** Per write of a batch: its highest WAL seq, or null if its anchor had moved (nothing of it was written). */
+export type CasOutcome = number | null;
+
+/**
+ * Several optimistic read-modify-writes in ONE statement (so one commit): each write changes its
+ * anchor entry only if the anchor's version is still the one its writer read, and writes its
+ * other entries only if that succeeded; every changed entry gets its WAL row in the same
+ * statement (invariant 1). The guard sits where Postgres re-checks it against the newest row
+ * version under the row lock — ON CONFLICT DO UPDATE's WHERE and UPDATE's WHERE — so a writer
+ * that committed after this statement's snapshot is seen, and the loser writes nothing. The new
+ * anchor version is `version + 1`, which is what the guard compares against (`EXCLUDED.version
+ * - 1`). A write whose anchor is absent expects version 0; an anchor row deleted since keeps its
+ * row (value NULL, version bumped), so "absent" and "deleted" never look alike.
+ *
+ * Callers pass each path at most once in the whole batch (a row changed twice in one statement
+ * is an error). The keyring-term guard is the same as PUT_WITH_WAL's, for the whole batch.
+ */
+const MODIFY_BATCH = `
+  WITH t AS (SELECT NOT EXISTS (SELECT 1 FROM coffer_seal WHERE id = 1 AND active_term > $10::int) AS ok),
+  a AS (SELECT * FROM unnest($1::int[], $2::text[], $3::bigint[], $4::bytea[], $5::bytea[]) AS a(item, path, ver, val, hash)),
+  o AS (SELECT * FROM unnest($6::int[], $7::text[], $8::bytea[], $9::bytea[]) AS o(item, path, val, hash)),
+  ap AS (
+    INSERT INTO coffer_entries AS cur (path, version, value, value_hash, updated_at)
+    SELECT a.path, a.ver + 1, a.val, a.hash, clock_timestamp() FROM a, t
+     WHERE t.ok AND a.val IS NOT NULL
+       AND (a.ver = 0 OR EXISTS (SELECT 1 FROM coffer_entries e WHERE e.path = a.path))
+    ON CONFLICT (path) DO UPDATE
+       SET version = EXCLUDED.version, value = EXCLUDED.value, value_hash = EXCLUDED.value_hash, updated_at = EXCLUDED.updated_at
+     WHERE cur.version = EXCLUDED.version - 1
+    RETURNING path, version, value_hash, octet_length(value) AS size),
+  ad AS (
+    UPDATE coffer_entries cur SET version = cur.version + 1, value = NULL, value_hash = NULL, updated_at = clock_timestamp()
+      FROM a, t
+     WHERE t.ok AND a.val IS NULL AND cur.path = a.path AND cur.version = a.ver AND cur.value IS NOT NULL
+    RETURNING cur.path, cur.version),
+  ok AS (SELECT a.item FROM a WHERE a.path IN (SELECT path FROM ap UNION ALL SELECT path FROM ad)),
+  op AS (
+    INSERT INTO coffer_entries AS cur (path, version, value, value_hash, updated_at)
+    SELECT o.path, 1, o.val, o.hash, clock_timestamp() FROM o
+     WHERE o.val IS NOT NULL AND o.item IN (SELECT item FROM ok)
+    ON CONFLICT (path) DO UPDATE
+       SET version = cur.version + 1, value = EXCLUDED.value, value_hash = EXCLUDED.value_hash, updated_at = EXCLUDED.updated_at
+    RETURNING path, version, value_hash, octet_length(value) AS size),
+  od AS (
+    UPDATE coffer_entries cur SET version = cur.version + 1, value = NULL, value_hash = NULL, updated_at = clock_timestamp()
+      FROM o
+     WHERE o.val IS NULL AND o.item IN (SELECT item FROM ok) AND cur.path = o.path AND cur.value IS NOT NULL
+    RETURNING cur.path, cur.version),
+  w AS (
+    INSERT INTO coffer_wal (path, op, key_version, value_hash, value_size)
+    SELECT path, 'put', version, value_hash, size FROM ap
+    UNION ALL SELECT path, 'put', version, value_hash, size FROM op
+    UNION ALL SELECT path, 'delete', version, NULL, 0 FROM ad
+    UNION ALL SELECT path, 'delete', version, NULL, 0 FROM od
+    RETURNING seq, path)
+  SELECT t.ok AS term_ok, r.item, r.last_seq
+    FROM t LEFT JOIN (
+      SELECT ok.item, max(w.seq) AS last_seq
+        FROM ok
+        JOIN (SELECT item, path FROM a UNION ALL SELECT item, path FROM o) p ON p.item = ok.item
+        JOIN w ON w.path = p.path
+       GROUP BY ok.item) r ON true`;
+
+/**
+ * Runs a batch of optimistic writes in one statement; see MODIFY_BATCH. Throws StaleKeyTerm
+ * (nothing written) if the keyring term moved on.
+ */
+export async function casWriteBatch(db: Kysely<DB>, writes: CasWrite[], term: number): Promise<CasOutcome[]> {
+  const a = { item: [] as number[], path: [] as string[], ver: [] as number[], val: [] as (Buffer | null)[], hash: [] as (Buffer | null)[] };
+  const o = { item: [] as number[], path: [] as string[], val: [] as (Buffer | null)[], hash: [] as (Buffer | null)[] };
+  writes.forEach((w, i) => {
+    a.item.push(i);
+    a.path.push(w.anchor.path);
+    a.ver.push(w.anchor.version);
+    a.val.push(w.anchor.value);
+    a.hash.push(w.anchor.value && valueHash(w.anchor.value));
+    for (const [p, v] of w.puts) {
+      o.item.push(i);
+      o.path.push(p);
+      o.val.push(v);
+      o.hash.push(valueHash(v));
+    }
+    for (const p of w.deletes) {
+      o.item.push(i);
+      o.path.push(p);
+      o.val.push(null);
+      o.hash.push(null);
+    }
+  });
+  const rows = await preparedQuery<{ term_ok: boolean; item: number | null; last_seq: number | null }>(db, 'coffer_modify_batch', MODIFY_BATCH, [
+    a.item, a.path, a.ver, a.val, a.hash, o.item, o.path, o.val, o.hash, term,
+  ]);
+  if (!rows[0]?.term_ok) throw new StaleKeyTerm();
+  const out: CasOutcome[] = writes.map(() => null);
+  for (const r of rows) if (r.item !== null) out[r.item] = Number(r.last_seq ?? 0);
+  return out;
+}
+
+const GET_VERSIONED = `
+  SELECT q.i, c.value, c.version
+    FROM unnest($1::text[]) WITH ORDINALITY AS q(path, i)
+    LEFT JOIN coffer_entries c ON c.path = q.path COLLATE "C"`;
+
+/** Entries with their versions, for a later casWriteBatch; in the order asked. */
+export async function getVersionedMany(db: Kysely<DB>, paths: string[]): Promise<Versioned[]> {
+  const rows = await preparedQuery<{ i: number; value: Buffer | null; version: number | null }>(db, 'coffer_get_versioned', GET_VERSIONED, [paths]);
+  const out: Versioned[] = paths.map(() => ({ value: null, version: 0 }));
+  for (const r of rows) out[Number(r.i) - 1] = { value: r.value, version: Number(r.version ?? 0) };
   return out;
 }

@@ -1,8 +1,8 @@
 /** Store (src/core/ports.ts) on Postgres through kysely. */
 import { sql, type Kysely, type Transaction } from 'kysely';
 import pg from 'pg';
-import type { AuthRead, LeaseRecord, LeaseRepo, ReadPlan, SealRecord, Store, StoreTx, TokenRecord, TokenRepo, WrapRepo, WrappedRecord } from '../core/ports';
-import { deleteEntry, getEntries, getEntry, getWithLast, listChildren, prefixEnd, putEntries, putEntry, StaleKeyTerm } from './entries';
+import type { AuthRead, CasWrite, LeaseRecord, LeaseRepo, ReadPlan, SealRecord, Store, StoreTx, TokenRecord, TokenRepo, Versioned, WrapRepo, WrappedRecord } from '../core/ports';
+import { casWriteBatch, deleteEntry, getEntries, getVersionedMany, getEntry, getWithLast, listChildren, prefixEnd, putEntries, putEntry, StaleKeyTerm } from './entries';
 import { KeyringStale } from '../core/errors';
 import { termOf } from '../core/keyring';
 import { deleteLocal, getLocal, putLocal } from './local';
@@ -210,35 +210,41 @@ const AUTH_READ = `
           WHERE path >= q.prefix COLLATE "C" AND path < q.prefix_end COLLATE "C" AND value IS NOT NULL
           ORDER BY path DESC LIMIT 1) AS l ON true`;
 
-interface PendingAuthRead {
-  hmac: Buffer;
-  read: ReadPlan | undefined;
-  resolve(r: AuthRead | null): void;
+interface Pending<I, O> {
+  item: I;
+  keys: string[];
+  resolve(r: O): void;
   reject(err: unknown): void;
 }
 
 /**
- * Coalesces concurrent authReads into one statement: requests that arrive while a batch is
- * out (or in the same turn of the event loop) go together in the next one, so under load one
- * round trip serves many requests, and an idle server adds no wait beyond that turn. Each
- * request still reads a snapshot taken after it arrived (the statement starts later), so what
- * it sees is what it would have seen alone.
+ * Coalesces concurrent calls into one statement: calls that arrive while `maxInFlight` batches
+ * are out (or in the same turn of the event loop) go together in the next one, so under load
+ * one round trip — and for writes one commit — serves many requests, and an idle server adds
+ * no wait beyond that turn. A read still sees a snapshot taken after it arrived (the statement
+ * starts later), so what it sees is what it would have seen alone.
+ *
+ * `keys`: a call whose keys meet those of a call already in the batch, or of a batch in flight,
+ * waits for a later batch (in arrival order among its peers): a statement may change a row once,
+ * and two statements in flight never wait on each other's rows (no deadlock between batches).
  */
-class AuthReadBatcher {
-  private queue: PendingAuthRead[] = [];
+class Batcher<I, O> {
+  private queue: Pending<I, O>[] = [];
   private inFlight = 0;
   private scheduled = false;
+  private readonly busy = new Set<string>();
 
   constructor(
-    private readonly db: Kysely<DB>,
-    /** Batches out at once: one per connection of the pool it runs on. */
-    private readonly maxInFlight = HOT_CONNECTIONS,
+    private readonly run: (items: I[]) => Promise<O[]>,
+    /** Batches out at once (at most the connections of the pool they run on). */
+    private readonly maxInFlight: number,
     private readonly maxBatch = 64,
+    private readonly keys: (item: I) => string[] = () => [],
   ) {}
 
-  read(hmac: Buffer, read: ReadPlan | undefined): Promise<AuthRead | null> {
+  submit(item: I): Promise<O> {
     return new Promise((resolve, reject) => {
-      this.queue.push({ hmac, read, resolve, reject });
+      this.queue.push({ item, keys: this.keys(item), resolve, reject });
       this.schedule();
     });
   }
@@ -252,21 +258,47 @@ class AuthReadBatcher {
     });
   }
 
+  private take(): Pending<I, O>[] {
+    const batch: Pending<I, O>[] = [];
+    const rest: Pending<I, O>[] = [];
+    const taken = new Set<string>();
+    for (const p of this.queue) {
+      if (batch.length < this.maxBatch && p.keys.every((k) => !taken.has(k) && !this.busy.has(k))) {
+        batch.push(p);
+        for (const k of p.keys) taken.add(k);
+      } else {
+        rest.push(p);
+        // Later calls on the same keys keep their order behind this one.
+        for (const k of p.keys) taken.add(k);
+      }
+    }
+    this.queue = rest;
+    return batch;
+  }
+
   private send(): void {
     if (this.inFlight >= this.maxInFlight || this.queue.length === 0) return;
-    const batch = this.queue.length <= this.maxBatch ? this.queue : this.queue.slice(0, this.maxBatch);
-    this.queue = batch === this.queue ? [] : this.queue.slice(this.maxBatch);
+    const batch = this.take();
+    if (batch.length === 0) return;
+    const keys = batch.flatMap((p) => p.keys);
+    for (const k of keys) this.busy.add(k);
     this.inFlight++;
-    runAuthReads(this.db, batch)
+    this.run(batch.map((p) => p.item))
       .then(
         (answers) => batch.forEach((p, i) => p.resolve(answers[i])),
         (err) => batch.forEach((p) => p.reject(err)),
       )
       .finally(() => {
+        for (const k of keys) this.busy.delete(k);
         this.inFlight--;
         this.schedule();
       });
   }
+}
+
+interface PendingAuthRead {
+  hmac: Buffer;
+  read: ReadPlan | undefined;
 }
 
 async function runAuthReads(db: Kysely<DB>, batch: PendingAuthRead[]): Promise<(AuthRead | null)[]> {
@@ -293,10 +325,34 @@ async function runAuthReads(db: Kysely<DB>, batch: PendingAuthRead[]): Promise<(
   return answers;
 }
 
+/** Concurrent optimistic writes in flight at once (each its own statement and commit). */
+const CAS_WRITES_IN_FLIGHT = 4;
+
 export function pgStore(db: Kysely<DB>): Store {
-  const authReads = new AuthReadBatcher(db);
+  const authReads = new Batcher<PendingAuthRead, AuthRead | null>((batch) => runAuthReads(db, batch), HOT_CONNECTIONS);
+  const versionedReads = new Batcher<string[], Versioned[]>(async (batch) => {
+    const all = await getVersionedMany(db, batch.flat());
+    let at = 0;
+    return batch.map((paths) => all.slice(at, (at += paths.length)));
+  }, CAS_WRITES_IN_FLIGHT);
+  const casWrites = new Batcher<CasWrite, number | null>(
+    async (batch) => {
+      // One keyring term per statement: the oldest in the batch (a newer one only passes more);
+      // a batch of deletes encrypts nothing and passes any guard.
+      const terms = batch.flatMap((w) => [...(w.anchor.value ? [w.anchor.value] : []), ...w.puts.map(([, v]) => v)]).map(termOf);
+      return casWriteBatch(db, batch, terms.length ? Math.min(...terms) : 2 ** 31 - 1);
+    },
+    CAS_WRITES_IN_FLIGHT,
+    64,
+    (w) => [w.anchor.path, ...w.puts.map(([p]) => p), ...w.deletes],
+  );
   return {
-    authRead: (hmac, read) => authReads.read(hmac, read),
+    authRead: (hmac, read) => authReads.submit({ hmac, read }),
+    getVersioned: (paths) => versionedReads.submit(paths),
+    casWrite: (w) =>
+      casWrites.submit(w).catch((err) => {
+        throw err instanceof StaleKeyTerm ? new KeyringStale() : err;
+      }),
     get: (path) => getEntry(db, path),
     getWithLast: (path, prefix) => getWithLast(db, path, prefix),
     list: (prefix) => listChildren(db, 'coffer_entries', prefix),
