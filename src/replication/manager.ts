@@ -115,6 +115,8 @@ function keyringTransportKey(secret: string): Buffer {
 }
 
 const CREDENTIAL_PATH = 'core/replication/credential';
+/** How long a secondary trusts its remembered credential (see credential()). */
+const CREDENTIAL_CACHE_MS = 1000;
 /** Secondary statuses (primary side) that receive WAL batches. */
 const SHIPPABLE = new Set(['bootstrapping', 'streaming']);
 const secondarySecretPath = (id: string) => `core/replication/secondaries/${id}`;
@@ -563,6 +565,7 @@ export class Replication {
     }
     await this.adoptKeyring(reg.body.keyring, b.secret);
     await this.o.core.barrier.transaction((tx) => tx.putLocal(CREDENTIAL_PATH, cred));
+    this.credentialCache = null;
     await updateReplication(this.o.db, {
       mode: 'secondary',
       set_id: reg.body.set_id,
@@ -596,6 +599,7 @@ export class Replication {
     if (row.mode !== 'secondary') throw new InvalidRequest('this cluster is not a performance secondary');
     await updateReplication(this.o.db, { mode: 'disabled', state: 'idle', primary_api_addr: null, secondary_id: null, set_id: null });
     await this.o.core.barrier.transaction((tx) => tx.deleteLocal(CREDENTIAL_PATH));
+    this.credentialCache = null;
     this.lastSeenMode = null;
     await this.tick();
     return { status: 204 };
@@ -628,6 +632,7 @@ export class Replication {
     });
     await secondaries.deleteAll(this.o.db);
     await this.o.core.barrier.transaction((tx) => tx.deleteLocal(CREDENTIAL_PATH));
+    this.credentialCache = null;
     // A TLS cluster mints its own replication CA as the new primary (the old one's stays there).
     if (this.o.clusterAddr && row.setId) await this.tls.mint(row.setId);
     this.lastSeenMode = null;
@@ -704,11 +709,21 @@ export class Replication {
     await this.o.core.adoptKeyring(keyring, (convert) => reencryptLocal(this.o.db, convert, keyring.activeTerm));
   }
 
+  /**
+   * This secondary's credential. Every pushed batch checks it, so it is remembered for
+   * CREDENTIAL_CACHE_MS (this process forgets it at once when it changes it). Another process of
+   * the cluster disabling or re-enabling replication is seen within that time — and a batch
+   * pushed meanwhile still applies only while this cluster is a streaming secondary (applyBatch).
+   */
   private async credential(): Promise<Credential> {
+    const cached = this.credentialCache;
+    if (cached && Date.now() - cached.at < CREDENTIAL_CACHE_MS) return cached.value;
     const c = await this.o.core.barrier.getLocal<Credential>(CREDENTIAL_PATH);
     if (!c) throw new PermissionDenied();
+    this.credentialCache = { at: Date.now(), value: c };
     return c;
   }
+  private credentialCache: { at: number; value: Credential } | null = null;
 
   /** Where and how this secondary reaches its primary (cluster listener over mutual TLS, or API). */
   private async toPrimary(row: ReplicationRow): Promise<{ cred: Credential; base: string; headers: Record<string, string>; tls?: TlsContext }> {
@@ -744,8 +759,7 @@ export class Replication {
     if (!Number.isInteger(batch.fromLsn) || !Number.isInteger(batch.toLsn) || batch.toLsn < batch.fromLsn) throw new InvalidRequest('bad batch bounds');
     if (body.key_term && !this.o.core.barrier.currentKeyring.has(Number(body.key_term))) await this.refreshKeyring();
     const epoch = Number((body as { epoch?: number }).epoch ?? 0);
-    if (epoch > 0) await this.o.db.updateTable('coffer_replication').set({ epoch: epoch }).where('id', '=', 1).where('epoch', '<', epoch).execute();
-    const out = await applyBatch(this.o.db, batch);
+    const out = await applyBatch(this.o.db, batch, Number.isSafeInteger(epoch) && epoch > 0 ? epoch : 0);
     if (out.applied && batch.entries.some((e) => e.path.startsWith('core/mounts') || e.path.startsWith('core/auth'))) {
       await this.o.core.reloadMounts().catch(() => undefined);
     }

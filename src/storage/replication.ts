@@ -7,6 +7,7 @@
  * secondary's applied position, in one transaction that also advances it (invariant 3).
  */
 import { sql, type Kysely } from 'kysely';
+import { preparedQuery } from './db';
 import type { DB } from './schema';
 
 export interface ShippedEntry {
@@ -84,32 +85,24 @@ export async function shipState(db: Kysely<DB>, secondaryId: string): Promise<Sh
 const UPSERT_SHIPPED = (paths: string[], versions: number[], values: (Buffer | null)[], when: 'newer' | 'differs') => sql<{ seq: number }>`
   WITH x AS (
     SELECT p, v, val, sha256(val) AS h FROM unnest(${paths}::text[], ${versions}::bigint[], ${values}::bytea[]) AS t(p, v, val)
-  ), e AS (
+  ), ${sql.raw(writeShipped(when))}
+  SELECT seq FROM w`;
+
+/** The CTEs `e` (entries) and `w` (their WAL rows) that write what CTE `x` (p, v, val, h) holds. */
+function writeShipped(when: 'newer' | 'differs'): string {
+  return `e AS (
     INSERT INTO coffer_entries AS cur (path, version, value, value_hash, updated_at)
     SELECT p, v, val, h, clock_timestamp() FROM x
     ON CONFLICT (path) DO UPDATE
        SET version = EXCLUDED.version, value = EXCLUDED.value,
            value_hash = EXCLUDED.value_hash, updated_at = EXCLUDED.updated_at
-     WHERE ${when === 'newer' ? sql`cur.version < EXCLUDED.version` : sql`cur.version IS DISTINCT FROM EXCLUDED.version OR cur.value_hash IS DISTINCT FROM EXCLUDED.value_hash`}
+     WHERE ${when === 'newer' ? 'cur.version < EXCLUDED.version' : 'cur.version IS DISTINCT FROM EXCLUDED.version OR cur.value_hash IS DISTINCT FROM EXCLUDED.value_hash'}
     RETURNING path, version, value, value_hash
-  )
-  INSERT INTO coffer_wal (path, op, key_version, value_hash, value_size)
-  SELECT path, CASE WHEN value IS NULL THEN 'delete' ELSE 'put' END, version, value_hash, coalesce(octet_length(value), 0) FROM e
-  RETURNING seq`;
-
-/** Writes entries keeping the newer version of each key, with WAL rows for what changed. */
-export async function applyEntries(db: Kysely<DB>, entries: ShippedEntry[]): Promise<number> {
-  const newest = new Map<string, ShippedEntry>();
-  for (const e of entries) if ((newest.get(e.path)?.version ?? -1) < e.version) newest.set(e.path, e);
-  const list = [...newest.values()];
-  if (list.length === 0) return 0;
-  const { rows } = await UPSERT_SHIPPED(
-    list.map((e) => e.path),
-    list.map((e) => e.version),
-    list.map((e) => e.value),
-    'newer',
-  ).execute(db);
-  return rows.length;
+  ), w AS (
+    INSERT INTO coffer_wal (path, op, key_version, value_hash, value_size)
+    SELECT path, CASE WHEN value IS NULL THEN 'delete' ELSE 'put' END, version, value_hash, coalesce(octet_length(value), 0) FROM e
+    RETURNING seq
+  )`;
 }
 
 /** A secondary applies shipped WAL only in these states (not while bootstrapping or reconciling). */
@@ -170,20 +163,48 @@ export async function syncEntries(db: Kysely<DB>, entries: ShippedEntry[], purge
 
 export type ApplyOutcome = { applied: true; appliedLsn: number; changed: number } | { applied: false; appliedLsn: number; reason: string };
 
-/** Applies a shipped batch exactly once, in order (invariant 3). */
-export async function applyBatch(db: Kysely<DB>, batch: Batch): Promise<ApplyOutcome> {
-  return db.transaction().execute(async (tx) => {
-    const { rows } = await sql<{ applied_lsn: number; mode: string; state: string }>`
-      SELECT applied_lsn, mode, state FROM coffer_replication WHERE id = 1 FOR UPDATE`.execute(tx);
-    const cur = rows[0];
-    const applied = Number(cur.applied_lsn);
-    if (cur.mode !== 'secondary') return { applied: false as const, appliedLsn: applied, reason: 'not a secondary' };
-    if (!APPLYING_STATES.has(cur.state)) return { applied: false as const, appliedLsn: applied, reason: `secondary is ${cur.state}` };
-    if (batch.fromLsn !== applied + 1) return { applied: false as const, appliedLsn: applied, reason: `batch starts at ${batch.fromLsn}, expected ${applied + 1}` };
-    const changed = await applyEntries(tx, batch.entries);
-    await sql`UPDATE coffer_replication SET applied_lsn = ${batch.toLsn}, last_heartbeat = now(), updated_at = now(), last_error = NULL WHERE id = 1`.execute(tx);
-    return { applied: true as const, appliedLsn: batch.toLsn, changed };
-  });
+/**
+ * Applies a shipped batch exactly once, in order (invariant 3), in ONE statement (so one
+ * commit and one round trip). `adv` moves the applied position only if the batch starts right
+ * after it and this cluster is a streaming secondary — a WHERE that Postgres re-checks on the
+ * newest row version under the row lock, so of two deliveries of one batch racing, the second
+ * waits for the first and then finds the position moved. The entries (newer version wins,
+ * with a WAL row for each that changed) are written only through `adv`, so a refused batch
+ * writes nothing. `epoch` (the sender's; 0: none) is learnt in the same update, or, for a
+ * refused batch, by a second statement.
+ */
+const APPLY_BATCH = `
+  WITH adv AS (
+    UPDATE coffer_replication
+       SET applied_lsn = $2, epoch = GREATEST(epoch, $3), last_heartbeat = now(), updated_at = now(), last_error = NULL
+     WHERE id = 1 AND mode = 'secondary' AND state IN ('stream-wals', 'idle') AND applied_lsn = $1::bigint - 1
+    RETURNING 1),
+  x AS (
+    SELECT p, v, val, sha256(val) AS h FROM unnest($4::text[], $5::bigint[], $6::bytea[]) AS t(p, v, val)
+     WHERE EXISTS (SELECT 1 FROM adv)),
+  ${writeShipped('newer')}
+  SELECT (SELECT count(*) FROM adv)::int AS applied, (SELECT count(*) FROM w)::int AS changed, r.applied_lsn, r.mode, r.state
+    FROM coffer_replication r WHERE r.id = 1`;
+
+export async function applyBatch(db: Kysely<DB>, batch: Batch, epoch = 0): Promise<ApplyOutcome> {
+  const newest = new Map<string, ShippedEntry>();
+  for (const e of batch.entries) if ((newest.get(e.path)?.version ?? -1) < e.version) newest.set(e.path, e);
+  const list = [...newest.values()];
+  const [r] = await preparedQuery<{ applied: number; changed: number; applied_lsn: number; mode: string; state: string }>(db, 'coffer_apply_batch', APPLY_BATCH, [
+    batch.fromLsn,
+    batch.toLsn,
+    epoch,
+    list.map((e) => e.path),
+    list.map((e) => e.version),
+    list.map((e) => e.value),
+  ]);
+  if (r.applied === 1) return { applied: true, appliedLsn: batch.toLsn, changed: r.changed };
+  if (epoch > 0) await sql`UPDATE coffer_replication SET epoch = ${epoch} WHERE id = 1 AND epoch < ${epoch}`.execute(db);
+  // What the statement's snapshot saw (a concurrent delivery of this batch may have moved it since).
+  const applied = Number(r.applied_lsn);
+  if (r.mode !== 'secondary') return { applied: false, appliedLsn: applied, reason: 'not a secondary' };
+  if (!APPLYING_STATES.has(r.state)) return { applied: false, appliedLsn: applied, reason: `secondary is ${r.state}` };
+  return { applied: false, appliedLsn: applied, reason: `batch starts at ${batch.fromLsn}, expected ${applied + 1}` };
 }
 
 

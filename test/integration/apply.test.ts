@@ -88,3 +88,32 @@ test('a cluster that is not a secondary, or is still bootstrapping, applies noth
   expect(await applyBatch(database.db, batch(applied + 1, applied + 1, [['d', 1, 'd1']]))).toMatchObject({ applied: false, reason: 'not a secondary' });
   expect((await rows()).some((r) => r[0] === 'd')).toBe(false);
 });
+
+test('one batch delivered twice at once (two processes, two pools): applied once, the other refused', async () => {
+  await updateReplication(database.db, { mode: 'secondary', state: 'stream-wals' });
+  const other = openPostgres(tdb.url, 2);
+  try {
+    for (let round = 0; round < 20; round++) {
+      const { appliedLsn } = await readReplication(database.db);
+      const b = batch(appliedLsn + 1, appliedLsn + 2, [[`dup/${round}`, 1, 'x'], [`dup/${round}/b`, 1, 'y']]);
+      const before = await walCount();
+      const out = await Promise.all([applyBatch(database.db, b, 7), applyBatch(other.db, b, 7)]);
+      expect(out.filter((o) => o.applied)).toHaveLength(1);
+      expect(out.find((o) => !o.applied)).toMatchObject({ reason: expect.stringMatching(/^batch starts at/) });
+      expect(await walCount()).toBe(before + 2);
+      expect((await readReplication(database.db)).appliedLsn).toBe(appliedLsn + 2);
+    }
+    // The sender's epoch was learnt by the same statement.
+    expect((await readReplication(database.db)).epoch).toBe(7);
+  } finally {
+    await other.close();
+  }
+});
+
+test('a refused batch still teaches the sender epoch; a lower one changes nothing', async () => {
+  const { appliedLsn } = await readReplication(database.db);
+  expect(await applyBatch(database.db, batch(appliedLsn + 5, appliedLsn + 5, [['late', 1, 'x']]), 9)).toMatchObject({ applied: false });
+  expect((await readReplication(database.db)).epoch).toBe(9);
+  await applyBatch(database.db, batch(appliedLsn + 1, appliedLsn + 1, [['early', 1, 'x']]), 3);
+  expect((await readReplication(database.db)).epoch).toBe(9);
+});
