@@ -119,6 +119,8 @@ const CREDENTIAL_PATH = 'core/replication/credential';
 const CREDENTIAL_CACHE_MS = 1000;
 /** Secondary statuses (primary side) that receive WAL batches. */
 const SHIPPABLE = new Set(['bootstrapping', 'streaming']);
+/** How long poke() trusts its list of shippable secondaries before listing them again. */
+const SHIPPABLE_LIST_MS = 1000;
 const secondarySecretPath = (id: string) => `core/replication/secondaries/${id}`;
 
 export class Replication {
@@ -406,11 +408,14 @@ export class Replication {
   /** Active primary node: wake a shipping job for every secondary that is behind. */
   private async wakeShipping(knownHead?: number): Promise<void> {
     const head = knownHead ?? (await walHead(this.o.db));
-    for (const s of await secondaries.list(this.o.db)) {
-      if (!SHIPPABLE.has(s.status) || !s.apiAddr) continue;
-      if (s.ackedLsn < head) await this.enqueueShip(s.secondaryId);
-    }
+    const list = (await secondaries.list(this.o.db)).filter((s) => SHIPPABLE.has(s.status) && s.apiAddr);
+    this.shippable = list.map((s) => s.secondaryId);
+    this.shippableAt = Date.now();
+    for (const s of list) if (s.ackedLsn < head) await this.enqueueShip(s.secondaryId);
   }
+  /** The shippable secondaries as last listed, and when (poke's shortcut trusts it briefly). */
+  private shippable: string[] = [];
+  private shippableAt = 0;
 
   private async enqueueShip(secondaryId: string): Promise<void> {
     // At most one waiting job per secondary per second (BullMQ dedupes by id). The id changes
@@ -426,19 +431,32 @@ export class Replication {
   /** The shipping job: send batches after the secondary's cursor, moving the cursor each time. */
   private readonly shipPending = new Set<string>();
 
+  /** Secondaries this process is shipping to right now (it holds their ship lock). */
+  private readonly shipping = new Set<string>();
+
   async shipTo(secondaryId: string): Promise<void> {
     if (this.o.core.sealed || this.stopping) return;
     this.shipPending.add(secondaryId);
+    let more = false;
     await withShipLock(this.o.db, secondaryId, async () => {
-      // Keep going while there is more, and once more if a wake-up arrived meanwhile (it could
-      // not take the lock), so no ordered row waits for the next tick.
-      // Stopping (SIGTERM): the batch in flight finishes, the rest is another process's or the
-      // next start's (the cursor is in Postgres); the queue's close waits for this job.
-      for (let i = 0; i < 200 && !this.stopping; i++) {
-        this.shipPending.delete(secondaryId);
-        if (!(await this.shipOne(secondaryId)) && !this.shipPending.has(secondaryId)) break;
+      this.shipping.add(secondaryId);
+      try {
+        // Keep going while there is more, and once more if a wake-up arrived meanwhile (it could
+        // not take the lock, or saw this loop running and only left word), so no ordered row
+        // waits for the next tick.
+        // Stopping (SIGTERM): the batch in flight finishes, the rest is another process's or the
+        // next start's (the cursor is in Postgres); the queue's close waits for this job.
+        for (let i = 0; i < 200 && !this.stopping; i++) {
+          this.shipPending.delete(secondaryId);
+          if (!(await this.shipOne(secondaryId)) && !this.shipPending.has(secondaryId)) break;
+        }
+      } finally {
+        this.shipping.delete(secondaryId);
+        // Word left after the loop's last look (or the 200-batch bound): a job takes it up.
+        more = this.shipPending.has(secondaryId) && !this.stopping;
       }
     });
+    if (more) await this.enqueueShip(secondaryId);
   }
 
   /** One batch; true if one was sent and applied. */
@@ -497,6 +515,12 @@ export class Replication {
     // Coalesced: the sequencer may order rows hundreds of times a second, and one wake-up
     // with the newest head (pokes come in order from one sequencer) covers every earlier one.
     this.wakeHead = headLsn;
+    // Every secondary is being shipped to by this process: leave word for its loop instead of
+    // listing the secondaries and queueing a job that would only find the lock taken.
+    if (this.shippable.length > 0 && Date.now() - this.shippableAt < SHIPPABLE_LIST_MS && this.shippable.every((id) => this.shipping.has(id))) {
+      for (const id of this.shippable) this.shipPending.add(id);
+      return;
+    }
     if (this.waking) {
       this.wakeAgain = true;
       return;
