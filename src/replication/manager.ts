@@ -23,9 +23,8 @@ import { HASH_BYTES, KEY_BYTES, pageHashes, PAGES, rootOf, SUBPAGES_PER_PAGE } f
 import { entriesOfSubpages, pathsOfSubpages, readCheckpoint } from '../storage/merkle';
 import {
   applyBatch,
-  shipState,
+  shipStep,
   divergenceReport,
-  readBatch,
   readReplication,
   secondaries,
   syncEntries,
@@ -446,9 +445,19 @@ export class Replication {
         // waits for the next tick.
         // Stopping (SIGTERM): the batch in flight finishes, the rest is another process's or the
         // next start's (the cursor is in Postgres); the queue's close waits for this job.
-        for (let i = 0; i < 200 && !this.stopping; i++) {
-          this.shipPending.delete(secondaryId);
-          if (!(await this.shipOne(secondaryId)) && !this.shipPending.has(secondaryId)) break;
+        // A batch's acknowledgement is recorded by the next step's statement (shipStep).
+        let ack: number | null = null;
+        try {
+          for (let i = 0; i < 200 && !this.stopping; i++) {
+            this.shipPending.delete(secondaryId);
+            const step = await this.shipOne(secondaryId, ack);
+            ack = step.ack;
+            if (!step.sent && !this.shipPending.has(secondaryId)) break;
+          }
+        } finally {
+          // The loop's bound (or SIGTERM) came right after a batch: record it now. If this fails
+          // too, the batch is sent again later and refused — applied once all the same.
+          if (ack !== null) await secondaries.ack(this.o.db, secondaryId, ack).catch(() => undefined);
         }
       } finally {
         this.shipping.delete(secondaryId);
@@ -459,54 +468,56 @@ export class Replication {
     if (more) await this.enqueueShip(secondaryId);
   }
 
-  /** One batch; true if one was sent and applied. */
-  private async shipOne(secondaryId: string): Promise<boolean> {
-    {
-      // The secondary's cursor, the retained WAL's bounds and our own role: one round trip.
-      const st = await shipState(this.o.db, secondaryId);
-      const s = st.secondary;
-      if (!s || !SHIPPABLE.has(s.status) || !s.apiAddr) return false;
-      if (st.mode !== 'primary' || st.supersededByEpoch !== null) return false;
-      // Bounded WAL: if what this secondary needs next was collected, it must reconcile.
-      const oldest = st.oldestLsn;
-      if (oldest === null ? s.ackedLsn < st.headLsn : oldest > s.ackedLsn + 1) {
-        this.o.log.warn({ secondary: secondaryId, acked: s.ackedLsn, oldest }, 'no matching WALs available; the secondary must reconcile (merkle-diff)');
-        await secondaries.update(this.o.db, secondaryId, { status: 'needs-reconcile', last_error: `WAL after ${s.ackedLsn} is no longer retained; reconciling` });
-        return false;
-      }
-      const batch = await readBatch(this.o.db, s.ackedLsn, this.o.batchMaxRows, this.o.batchMaxBytes);
-      if (!batch) return false;
-      const secret = await this.secretOf(secondaryId);
-      const route = await this.tls.routeToSecondary(secondaryId, s.apiAddr);
-      const res = await call<{ applied: boolean; applied_lsn: number; reason?: string; epoch?: number; errors?: string[] }>(`${route.base}${INTERNAL_PREFIX}/apply`, {
-        body: { epoch: st.epoch, from_lsn: batch.fromLsn, to_lsn: batch.toLsn, key_term: this.o.core.barrier.currentKeyring.activeTerm, entries: batch.entries.map(toWire) },
-        headers: { [CREDENTIAL_HEADER]: credentialHeader(secondaryId, secret) },
-        tls: route.tls,
-      }).catch(async (err: Error) => {
-        await secondaries.update(this.o.db, secondaryId, { last_error: err.message });
-        throw err;
-      });
-      if (res.status === 409 && Number(res.body?.epoch) > st.epoch) {
-        await this.markSuperseded(Number(res.body.epoch), `${s.apiAddr} answered: ${(res.body.errors ?? []).join('; ')}`);
-        return false;
-      }
-      if (res.status !== 200) {
-        const msg = `secondary answered ${res.status}: ${(res.body?.errors ?? []).join('; ')}`;
-        await secondaries.update(this.o.db, secondaryId, { last_error: msg });
-        throw new UpstreamUnavailable(msg);
-      }
-      if (res.body.applied) {
-        faultPoint('ship.beforeAck');
-        await secondaries.ack(this.o.db, secondaryId, batch.toLsn);
-        return true;
-      }
-      // Rejected (a duplicate, or a batch from a stale cursor): the secondary says where it is.
-      if (typeof res.body.applied_lsn === 'number' && res.body.reason?.startsWith('batch starts')) {
-        await secondaries.resync(this.o.db, secondaryId, res.body.applied_lsn);
-        return true;
-      }
-      return false;
+  /**
+   * One step: record `ack` (the batch applied last step), then send the next batch. `sent`: a
+   * batch went and was applied (or the cursor was reset to the secondary's position), so there
+   * may be more; `ack`: what the next step must record.
+   */
+  private async shipOne(secondaryId: string, ack: number | null): Promise<{ sent: boolean; ack: number | null }> {
+    const idle = { sent: false, ack: null };
+    // Record the last batch, read the cursor, the retained WAL's bounds, our own role and the
+    // next batch: one statement.
+    const { state: st, batch } = await shipStep(this.o.db, secondaryId, ack, this.o.batchMaxRows, this.o.batchMaxBytes);
+    const s = st.secondary;
+    if (!s || !SHIPPABLE.has(s.status) || !s.apiAddr) return idle;
+    if (st.mode !== 'primary' || st.supersededByEpoch !== null) return idle;
+    // Bounded WAL: if what this secondary needs next was collected, it must reconcile.
+    const oldest = st.oldestLsn;
+    if (oldest === null ? s.ackedLsn < st.headLsn : oldest > s.ackedLsn + 1) {
+      this.o.log.warn({ secondary: secondaryId, acked: s.ackedLsn, oldest }, 'no matching WALs available; the secondary must reconcile (merkle-diff)');
+      await secondaries.update(this.o.db, secondaryId, { status: 'needs-reconcile', last_error: `WAL after ${s.ackedLsn} is no longer retained; reconciling` });
+      return idle;
     }
+    if (!batch) return idle;
+    const secret = await this.secretOf(secondaryId);
+    const route = await this.tls.routeToSecondary(secondaryId, s.apiAddr);
+    const res = await call<{ applied: boolean; applied_lsn: number; reason?: string; epoch?: number; errors?: string[] }>(`${route.base}${INTERNAL_PREFIX}/apply`, {
+      body: { epoch: st.epoch, from_lsn: batch.fromLsn, to_lsn: batch.toLsn, key_term: this.o.core.barrier.currentKeyring.activeTerm, entries: batch.entries.map(toWire) },
+      headers: { [CREDENTIAL_HEADER]: credentialHeader(secondaryId, secret) },
+      tls: route.tls,
+    }).catch(async (err: Error) => {
+      await secondaries.update(this.o.db, secondaryId, { last_error: err.message });
+      throw err;
+    });
+    if (res.status === 409 && Number(res.body?.epoch) > st.epoch) {
+      await this.markSuperseded(Number(res.body.epoch), `${s.apiAddr} answered: ${(res.body.errors ?? []).join('; ')}`);
+      return idle;
+    }
+    if (res.status !== 200) {
+      const msg = `secondary answered ${res.status}: ${(res.body?.errors ?? []).join('; ')}`;
+      await secondaries.update(this.o.db, secondaryId, { last_error: msg });
+      throw new UpstreamUnavailable(msg);
+    }
+    if (res.body.applied) {
+      faultPoint('ship.beforeAck');
+      return { sent: true, ack: batch.toLsn };
+    }
+    // Rejected (a duplicate, or a batch from a stale cursor): the secondary says where it is.
+    if (typeof res.body.applied_lsn === 'number' && res.body.reason?.startsWith('batch starts')) {
+      await secondaries.resync(this.o.db, secondaryId, res.body.applied_lsn);
+      return { sent: true, ack: null };
+    }
+    return idle;
   }
 
   /** Called by the active node right after it ordered new WAL: ship without waiting for a tick. */

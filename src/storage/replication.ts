@@ -6,7 +6,7 @@
  * idempotent and order-free per key); a batch applies only if it starts right after the
  * secondary's applied position, in one transaction that also advances it (invariant 3).
  */
-import { sql, type Kysely } from 'kysely';
+import { sql, type Kysely, type RawBuilder } from 'kysely';
 import { preparedQuery } from './db';
 import type { DB } from './schema';
 
@@ -24,29 +24,45 @@ export interface Batch {
 }
 
 /**
- * The next batch after `afterLsn`: the WAL rows' keys with their *current* values (a later
- * version than the row's is fine — apply keeps the newest). Bounded by rows and bytes; null
- * when there is nothing new.
+ * The CTEs `w` and `k` of a batch read: the WAL rows after `after` (an SQL expression), cut
+ * where their running size passes maxBytes (the first row always goes, however large).
  */
-export async function readBatch(db: Kysely<DB>, afterLsn: number, maxRows: number, maxBytes: number): Promise<Batch | null> {
-  // One statement: the next WAL rows, cut where their running size passes maxBytes (the first
-  // row always goes, however large), and the current entry of each key they name.
-  const { rows } = await sql<{ to_lsn: number | null; path: string | null; version: number | null; value: Buffer | null }>`
-    WITH w AS (
-      SELECT lsn, path, sum(value_size) OVER (ORDER BY lsn) AS upto, row_number() OVER (ORDER BY lsn) AS n
-        FROM (SELECT lsn, path, value_size FROM coffer_wal WHERE lsn > ${afterLsn} ORDER BY lsn LIMIT ${maxRows}) t
-    ), k AS (
-      SELECT lsn, path FROM w WHERE n = 1 OR upto <= ${maxBytes}
-    )
-    SELECT b.to_lsn, e.path, e.version, e.value
-      FROM (SELECT max(lsn) AS to_lsn FROM k) b
-      LEFT JOIN coffer_entries e ON e.path IN (SELECT path FROM k)`.execute(db);
+const batchCtes = (after: RawBuilder<unknown>, maxRows: number, maxBytes: number) => sql`
+  w AS (
+    SELECT lsn, path, sum(value_size) OVER (ORDER BY lsn) AS upto, row_number() OVER (ORDER BY lsn) AS n
+      FROM (SELECT lsn, path, value_size FROM coffer_wal WHERE lsn > ${after} ORDER BY lsn LIMIT ${maxRows}) t
+  ), k AS (
+    SELECT lsn, path FROM w WHERE n = 1 OR upto <= ${maxBytes}
+  )`;
+
+interface BatchRow {
+  to_lsn: number | null;
+  e_path: string | null;
+  e_version: number | null;
+  e_value: Buffer | null;
+}
+
+function toBatch(afterLsn: number, rows: BatchRow[]): Batch | null {
   if (rows.length === 0 || rows[0].to_lsn === null) return null;
-  const entries = rows.filter((e) => e.path !== null).map((e) => ({ path: e.path!, version: Number(e.version), value: e.value }));
+  const entries = rows.filter((e) => e.e_path !== null).map((e) => ({ path: e.e_path!, version: Number(e.e_version), value: e.e_value }));
   return { fromLsn: afterLsn + 1, toLsn: Number(rows[0].to_lsn), entries };
 }
 
-/** What one shipping step needs to know, in one round trip. */
+/**
+ * The next batch after `afterLsn`: the WAL rows' keys with their *current* values (a later
+ * version than the row's is fine — apply keeps the newest). Bounded by rows and bytes; null
+ * when there is nothing new. One statement.
+ */
+export async function readBatch(db: Kysely<DB>, afterLsn: number, maxRows: number, maxBytes: number): Promise<Batch | null> {
+  const { rows } = await sql<BatchRow>`
+    WITH ${batchCtes(sql`${afterLsn}`, maxRows, maxBytes)}
+    SELECT b.to_lsn, e.path AS e_path, e.version AS e_version, e.value AS e_value
+      FROM (SELECT max(lsn) AS to_lsn FROM k) b
+      LEFT JOIN coffer_entries e ON e.path IN (SELECT path FROM k)`.execute(db);
+  return toBatch(afterLsn, rows);
+}
+
+/** What one shipping step needs to know. */
 export interface ShipState {
   secondary: SecondaryRow | null;
   /** Oldest WAL position still retained (null: none retained). */
@@ -57,16 +73,34 @@ export interface ShipState {
   supersededByEpoch: number | null;
 }
 
-export async function shipState(db: Kysely<DB>, secondaryId: string): Promise<ShipState> {
+/**
+ * One shipping step in ONE statement: record that the secondary applied everything up to
+ * `ack` (the batch sent last; null: nothing to record) — the cursor moves with GREATEST, never
+ * back — then read its cursor, the retained WAL's bounds, the head and this cluster's role,
+ * and the next batch after the cursor (maxRows 0: no batch). The caller decides from the state
+ * whether to send the batch; reading it when it will not is cheap and rare.
+ */
+export async function shipStep(db: Kysely<DB>, secondaryId: string, ack: number | null, maxRows: number, maxBytes: number): Promise<{ state: ShipState; batch: Batch | null }> {
   const { rows } = await sql<any>`
-    SELECT r.mode, r.epoch, r.superseded_by_epoch,
-           (SELECT min(lsn) FROM coffer_wal WHERE lsn IS NOT NULL) AS oldest,
-           (SELECT last_lsn FROM coffer_wal_head WHERE id = 1) AS head,
-           s.secondary_id, s.credential_hmac, s.api_addr, s.acked_lsn, s.status, s.version, s.last_heartbeat, s.last_error
-      FROM coffer_replication r LEFT JOIN coffer_secondaries s ON s.secondary_id = ${secondaryId}
-     WHERE r.id = 1`.execute(db);
+    WITH a AS (
+      UPDATE coffer_secondaries SET acked_lsn = GREATEST(acked_lsn, ${ack}::bigint), last_heartbeat = now(), last_error = NULL
+       WHERE secondary_id = ${secondaryId} AND ${ack}::bigint IS NOT NULL
+      RETURNING acked_lsn
+    ), st AS (
+      SELECT r.mode, r.epoch, r.superseded_by_epoch,
+             (SELECT min(lsn) FROM coffer_wal WHERE lsn IS NOT NULL) AS oldest,
+             (SELECT last_lsn FROM coffer_wal_head WHERE id = 1) AS head,
+             s.secondary_id, s.credential_hmac, s.api_addr, coalesce((SELECT acked_lsn FROM a), s.acked_lsn) AS acked_lsn,
+             s.status, s.version, s.last_heartbeat, s.last_error
+        FROM coffer_replication r LEFT JOIN coffer_secondaries s ON s.secondary_id = ${secondaryId}
+       WHERE r.id = 1
+    ), ${batchCtes(sql`(SELECT acked_lsn FROM st)`, maxRows, maxBytes)}
+    SELECT st.*, b.to_lsn, e.path AS e_path, e.version AS e_version, e.value AS e_value
+      FROM st
+     CROSS JOIN (SELECT max(lsn) AS to_lsn FROM k) b
+      LEFT JOIN coffer_entries e ON e.path IN (SELECT path FROM k)`.execute(db);
   const r = rows[0];
-  return {
+  const state: ShipState = {
     secondary: r.secondary_id === null ? null : toSecondary(r),
     oldestLsn: r.oldest === null ? null : Number(r.oldest),
     headLsn: Number(r.head),
@@ -74,6 +108,12 @@ export async function shipState(db: Kysely<DB>, secondaryId: string): Promise<Sh
     epoch: Number(r.epoch),
     supersededByEpoch: r.superseded_by_epoch === null ? null : Number(r.superseded_by_epoch),
   };
+  return { state, batch: state.secondary ? toBatch(state.secondary.ackedLsn, rows) : null };
+}
+
+/** The state part of shipStep alone (records nothing, reads no batch). */
+export async function shipState(db: Kysely<DB>, secondaryId: string): Promise<ShipState> {
+  return (await shipStep(db, secondaryId, null, 0, 0)).state;
 }
 
 /**

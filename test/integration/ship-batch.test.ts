@@ -1,13 +1,13 @@
 /**
  * What the primary reads for one shipping step, on real Postgres: `readBatch` (the next WAL
  * rows after a cursor, cut by rows and by bytes — the first row always goes — with each named
- * key's current entry) and `shipState` (cursor, retained WAL bounds, head and role in one
- * statement).
+ * key's current entry), `shipState` (cursor, retained WAL bounds, head and role) and `shipStep`
+ * (the previous batch's acknowledgement, that state and the next batch, in one statement).
  */
 import { openPostgres, type Database } from '../../src/storage/db';
 import { putEntry } from '../../src/storage/entries';
 import { migrateToLatest } from '../../src/storage/migrate';
-import { readBatch, secondaries, shipState } from '../../src/storage/replication';
+import { readBatch, secondaries, shipState, shipStep } from '../../src/storage/replication';
 import { sequenceWal, walHead } from '../../src/storage/wal';
 import { createTestDatabase, type TestDatabase } from '../helpers/pg';
 import { waitFor } from '../helpers/wait';
@@ -81,4 +81,26 @@ test('shipState: the secondary (or null), the retained WAL bounds, the head and 
   expect(st.secondary).toEqual(await secondaries.get(db, 'sec-1'));
   expect(st.secondary).toMatchObject({ secondaryId: 'sec-1', ackedLsn: 3, status: 'pending' });
   expect(st).toMatchObject({ oldestLsn: 1, headLsn: head, mode: 'disabled' });
+});
+
+test('shipStep records the last batch (never moving the cursor back) and reads the next batch after it, in one statement', async () => {
+  const { db } = database;
+  await secondaries.upsert(db, 'sec-2', Buffer.from('hmac'));
+  // Nothing to record: the batch after the stored cursor (0).
+  const first = await shipStep(db, 'sec-2', null, 2, 1_000_000);
+  expect(first.state.secondary).toMatchObject({ ackedLsn: 0 });
+  expect(first.batch).toMatchObject({ fromLsn: 1, toLsn: 2 });
+  // Recording 2 moves the cursor and the batch read in the same statement starts after it.
+  const second = await shipStep(db, 'sec-2', 2, 2, 1_000_000);
+  expect(second.state.secondary).toMatchObject({ ackedLsn: 2 });
+  expect(second.batch).toMatchObject({ fromLsn: 3, toLsn: 4 });
+  expect((await secondaries.get(db, 'sec-2'))!.ackedLsn).toBe(2);
+  // An older acknowledgement (a late duplicate) does not move it back.
+  expect((await shipStep(db, 'sec-2', 1, 2, 1_000_000)).state.secondary).toMatchObject({ ackedLsn: 2 });
+  // At the head: nothing more to send.
+  const head = await walHead(db);
+  expect((await shipStep(db, 'sec-2', head, 100, 1_000_000)).batch).toBeNull();
+  expect((await secondaries.get(db, 'sec-2'))!.ackedLsn).toBe(head);
+  // No such secondary: no state, no batch, nothing written.
+  expect(await shipStep(db, 'nobody', 5, 100, 1_000_000)).toMatchObject({ state: { secondary: null }, batch: null });
 });
