@@ -211,26 +211,28 @@ export type ApplyOutcome = { applied: true; appliedLsn: number; changed: number 
  * waits for the first and then finds the position moved. The entries (newer version wins,
  * with a WAL row for each that changed) are written only through `adv`, so a refused batch
  * writes nothing. `epoch` (the sender's; 0: none) is learnt in the same update, or, for a
- * refused batch, by a second statement.
+ * refused batch, by a second statement; a batch from an epoch older than the one this
+ * secondary follows is refused (a superseded primary's, racing the route's epoch guard).
  */
 const APPLY_BATCH = `
   WITH adv AS (
     UPDATE coffer_replication
        SET applied_lsn = $2, epoch = GREATEST(epoch, $3), last_heartbeat = now(), updated_at = now(), last_error = NULL
      WHERE id = 1 AND mode = 'secondary' AND state IN ('stream-wals', 'idle') AND applied_lsn = $1::bigint - 1
+       AND ($3::bigint = 0 OR epoch <= $3::bigint)
     RETURNING 1),
   x AS (
     SELECT p, v, val, sha256(val) AS h FROM unnest($4::text[], $5::bigint[], $6::bytea[]) AS t(p, v, val)
      WHERE EXISTS (SELECT 1 FROM adv)),
   ${writeShipped('newer')}
-  SELECT (SELECT count(*) FROM adv)::int AS applied, (SELECT count(*) FROM w)::int AS changed, r.applied_lsn, r.mode, r.state
+  SELECT (SELECT count(*) FROM adv)::int AS applied, (SELECT count(*) FROM w)::int AS changed, r.applied_lsn, r.mode, r.state, r.epoch
     FROM coffer_replication r WHERE r.id = 1`;
 
 export async function applyBatch(db: Kysely<DB>, batch: Batch, epoch = 0): Promise<ApplyOutcome> {
   const newest = new Map<string, ShippedEntry>();
   for (const e of batch.entries) if ((newest.get(e.path)?.version ?? -1) < e.version) newest.set(e.path, e);
   const list = [...newest.values()];
-  const [r] = await preparedQuery<{ applied: number; changed: number; applied_lsn: number; mode: string; state: string }>(db, 'coffer_apply_batch', APPLY_BATCH, [
+  const [r] = await preparedQuery<{ applied: number; changed: number; applied_lsn: number; mode: string; state: string; epoch: number }>(db, 'coffer_apply_batch', APPLY_BATCH, [
     batch.fromLsn,
     batch.toLsn,
     epoch,
@@ -244,6 +246,9 @@ export async function applyBatch(db: Kysely<DB>, batch: Batch, epoch = 0): Promi
   const applied = Number(r.applied_lsn);
   if (r.mode !== 'secondary') return { applied: false, appliedLsn: applied, reason: 'not a secondary' };
   if (!APPLYING_STATES.has(r.state)) return { applied: false, appliedLsn: applied, reason: `secondary is ${r.state}` };
+  // The route's epoch guard answers 409 first; this catches a newer primary's batch that
+  // raised the epoch between that guard and this statement.
+  if (epoch > 0 && Number(r.epoch) > epoch) return { applied: false, appliedLsn: applied, reason: `superseded: this secondary follows epoch ${r.epoch}, the batch is from epoch ${epoch}` };
   return { applied: false, appliedLsn: applied, reason: `batch starts at ${batch.fromLsn}, expected ${applied + 1}` };
 }
 

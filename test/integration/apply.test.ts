@@ -117,3 +117,14 @@ test('a refused batch still teaches the sender epoch; a lower one changes nothin
   await applyBatch(database.db, batch(appliedLsn + 1, appliedLsn + 1, [['early', 1, 'x']]), 3);
   expect((await readReplication(database.db)).epoch).toBe(9);
 });
+
+test('a batch from an epoch older than the one this secondary follows is refused and writes nothing', async () => {
+  const { appliedLsn, epoch } = await readReplication(database.db);
+  expect(epoch).toBe(9);
+  const before = [await rows(), await walCount()];
+  const out = await applyBatch(database.db, batch(appliedLsn + 1, appliedLsn + 1, [['stale-primary', 1, 'x']]), 8);
+  expect(out).toMatchObject({ applied: false, appliedLsn, reason: expect.stringMatching(/^superseded/) });
+  expect([await rows(), await walCount()]).toEqual(before);
+  // The same batch from the current epoch applies.
+  expect(await applyBatch(database.db, batch(appliedLsn + 1, appliedLsn + 1, [['stale-primary', 1, 'x']]), 9)).toMatchObject({ applied: true });
+});
