@@ -158,12 +158,17 @@ export type CasOutcome = number | null;
  * - 1`). A write whose anchor is absent expects version 0; an anchor row deleted since keeps its
  * row (value NULL, version bumped), so "absent" and "deleted" never look alike.
  *
- * Callers pass each path at most once in the whole batch (a row changed twice in one statement
- * is an error). The keyring-term guard is the same as PUT_WITH_WAL's, for the whole batch.
+ * Before any row is touched, the statement takes a transaction advisory lock per anchor, in
+ * the order of the lock keys: two batches from two processes that share anchors (each batch
+ * holds several) then wait for each other instead of deadlocking on rows locked in different
+ * orders. The guard still decides; the locks only order. Callers pass each path at most once in
+ * the whole batch (a row changed twice in one statement is an error). The keyring-term guard is
+ * the same as PUT_WITH_WAL's, for the whole batch.
  */
 const MODIFY_BATCH = `
   WITH t AS (SELECT NOT EXISTS (SELECT 1 FROM coffer_seal WHERE id = 1 AND active_term > $10::int) AS ok),
-  a AS (SELECT * FROM unnest($1::int[], $2::text[], $3::bigint[], $4::bytea[], $5::bytea[]) AS a(item, path, ver, val, hash)),
+  a AS (SELECT * FROM unnest($1::int[], $2::text[], $3::bigint[], $4::bytea[], $5::bytea[]) AS a(item, path, ver, val, hash)
+         WHERE (SELECT count(pg_advisory_xact_lock(k)) FROM (SELECT DISTINCT hashtextextended(p, 0) AS k FROM unnest($2::text[]) AS p ORDER BY 1) l) >= 0),
   o AS (SELECT * FROM unnest($6::int[], $7::text[], $8::bytea[], $9::bytea[]) AS o(item, path, val, hash)),
   ap AS (
     INSERT INTO coffer_entries AS cur (path, version, value, value_hash, updated_at)
