@@ -116,6 +116,8 @@ function keyringTransportKey(secret: string): Buffer {
 const CREDENTIAL_PATH = 'core/replication/credential';
 /** How long a secondary trusts its remembered credential (see credential()). */
 const CREDENTIAL_CACHE_MS = 1000;
+/** How long the epoch guard trusts the role and epoch it last read (see epochGuard()). */
+const EPOCH_GUARD_CACHE_MS = 1000;
 /** Secondary statuses (primary side) that receive WAL batches. */
 const SHIPPABLE = new Set(['bootstrapping', 'streaming']);
 /** How long poke() trusts its list of shippable secondaries before listing them again. */
@@ -203,6 +205,7 @@ export class Replication {
     // With TLS on our listener: a replication CA (local, never shared) and our own leaf.
     if (this.o.clusterAddr) await this.tls.mint(setId);
     await updateReplication(this.o.db, { mode: 'primary', set_id: setId, state: 'running', epoch: 1, superseded_by_epoch: null });
+    this.guardCache = null;
     this.lastSeenMode = null;
     return { warnings: ['This cluster is now a performance primary.'] };
   }
@@ -212,6 +215,7 @@ export class Replication {
     if (row.mode !== 'primary') throw new InvalidRequest('this cluster is not a performance primary');
     await secondaries.deleteAll(this.o.db);
     await updateReplication(this.o.db, { mode: 'disabled', set_id: null, state: 'idle' });
+    this.guardCache = null;
     await this.tls.drop();
     this.lastSeenMode = null;
     return { warnings: ['Performance replication is disabled; secondaries must be re-enabled with new tokens.'] };
@@ -617,6 +621,7 @@ export class Replication {
       primary_contact_at: new Date(),
       last_error: null,
     });
+    this.guardCache = null;
     this.lastSeenMode = null;
     this.tls.onChange?.();
     await this.tick();
@@ -633,6 +638,7 @@ export class Replication {
     const row = await readReplication(this.o.db);
     if (row.mode !== 'secondary') throw new InvalidRequest('this cluster is not a performance secondary');
     await updateReplication(this.o.db, { mode: 'disabled', state: 'idle', primary_api_addr: null, secondary_id: null, set_id: null });
+    this.guardCache = null;
     await this.o.core.barrier.transaction((tx) => tx.deleteLocal(CREDENTIAL_PATH));
     this.credentialCache = null;
     this.lastSeenMode = null;
@@ -665,6 +671,7 @@ export class Replication {
       sync_lsn: null,
       last_error: null,
     });
+    this.guardCache = null;
     await secondaries.deleteAll(this.o.db);
     await this.o.core.barrier.transaction((tx) => tx.deleteLocal(CREDENTIAL_PATH));
     this.credentialCache = null;
@@ -697,15 +704,24 @@ export class Replication {
     const row = await readReplication(this.o.db);
     if (row.mode !== 'primary') throw new InvalidRequest('this cluster is not a performance primary');
     await updateReplication(this.o.db, { mode: 'secondary', state: 'idle', primary_api_addr: null, secondary_id: null, last_error: 'demoted: waiting for secondary/update-primary' });
+    this.guardCache = null;
     await secondaries.deleteAll(this.o.db);
     this.lastSeenMode = null;
     await this.tick();
     return { warnings: ['This cluster is now a performance secondary; it connects nowhere until secondary/update-primary. Its replicated data is kept.'] };
   }
 
-  /** Refuses a batch from a primary of an older epoch (409, with ours, so it learns it is superseded). */
+  /**
+   * Refuses a batch from a primary of an older epoch (409, with ours, so it learns it is
+   * superseded). Every pushed batch passes here, so the role and epoch it compares with are
+   * remembered for EPOCH_GUARD_CACHE_MS; a change within that time is still caught by apply
+   * itself (a secondary refuses an older epoch, and a promoted cluster refuses every batch), and
+   * a refused batch makes the next one read them again.
+   */
   async epochGuard(body: { epoch?: unknown }): Promise<{ epoch: number; reason: string } | null> {
-    const row = await readReplication(this.o.db);
+    const cached = this.guardCache;
+    const row = cached && Date.now() - cached.at < EPOCH_GUARD_CACHE_MS ? cached.row : await readReplication(this.o.db);
+    if (row !== cached?.row) this.guardCache = { at: Date.now(), row };
     const theirs = Number(body?.epoch ?? 0);
     if (row.mode === 'primary' && row.epoch > theirs) return { epoch: row.epoch, reason: `this cluster was promoted to primary at epoch ${row.epoch}; the sender (epoch ${theirs}) is superseded` };
     if (row.mode === 'secondary' && theirs > 0 && row.epoch > theirs) return { epoch: row.epoch, reason: `this secondary follows epoch ${row.epoch}; the sender (epoch ${theirs}) is superseded` };
@@ -759,6 +775,7 @@ export class Replication {
     return c;
   }
   private credentialCache: { at: number; value: Credential } | null = null;
+  private guardCache: { at: number; row: ReplicationRow } | null = null;
 
   /** Where and how this secondary reaches its primary (cluster listener over mutual TLS, or API). */
   private async toPrimary(row: ReplicationRow): Promise<{ cred: Credential; base: string; headers: Record<string, string>; tls?: TlsContext }> {
@@ -795,6 +812,7 @@ export class Replication {
     if (body.key_term && !this.o.core.barrier.currentKeyring.has(Number(body.key_term))) await this.refreshKeyring();
     const epoch = Number((body as { epoch?: number }).epoch ?? 0);
     const out = await applyBatch(this.o.db, batch, Number.isSafeInteger(epoch) && epoch > 0 ? epoch : 0);
+    if (!out.applied) this.guardCache = null;
     if (out.applied && batch.entries.some((e) => e.path.startsWith('core/mounts') || e.path.startsWith('core/auth'))) {
       await this.o.core.reloadMounts().catch(() => undefined);
     }
@@ -913,6 +931,7 @@ export class Replication {
         primary_contact_at: new Date(),
         ...(Number(res.body.epoch) > row.epoch ? { epoch: Number(res.body.epoch) } : {}),
       });
+      this.guardCache = null;
     } catch (err) {
       this.connection = 'disconnected';
       if (row.state !== 'idle') await updateReplication(this.o.db, { state: 'idle', last_error: (err as Error).message });
