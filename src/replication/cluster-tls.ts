@@ -22,6 +22,7 @@ import { join } from 'node:path';
 import type { Barrier } from '../core/barrier';
 import { InvalidRequest, PermissionDenied, UpstreamUnavailable } from '../core/errors';
 import { createCa, issueLeaf, primaryCommonName, type CertAndKey } from './pki';
+import { Remembered } from './remembered';
 import type { TlsContext } from './wire';
 
 const CA_PATH = 'core/replication/tls/ca';
@@ -129,7 +130,7 @@ export function admitsPrimary(cred: Credential, peer: Peer | undefined): boolean
 export class ReplicationTls {
   /** Told when this process's listener identity may have changed (main.ts refreshes it). */
   onChange: (() => void) | null = null;
-  private leafCache: { at: number; leaf: PrimaryLeaf | null } | null = null;
+  private readonly leafCache = new Remembered<PrimaryLeaf | null>(CACHE_MS);
   private readonly addrCache = new Map<string, { at: number; addr: string | null }>();
 
   constructor(private readonly barrier: () => Barrier) {}
@@ -143,7 +144,7 @@ export class ReplicationTls {
       await tx.putLocal(CA_PATH, ca);
       await tx.putLocal(PRIMARY_LEAF_PATH, { ...leaf, name, ca: ca.cert } satisfies PrimaryLeaf);
     });
-    this.leafCache = null;
+    this.leafCache.forget();
     this.onChange?.();
   }
 
@@ -156,17 +157,14 @@ export class ReplicationTls {
       await tx.deleteLocal(PRIMARY_LEAF_PATH);
       for (const k of addrs) await tx.deleteLocal(k.startsWith(SECONDARY_ADDR_PREFIX) ? k : secondaryAddrPath(k));
     });
-    this.leafCache = null;
+    this.leafCache.forget();
     this.addrCache.clear();
     this.onChange?.();
   }
 
   /** The primary's leaf (with the CA certificate and its name); null on a primary without TLS. */
   async primaryLeaf(): Promise<PrimaryLeaf | null> {
-    if (this.leafCache && Date.now() - this.leafCache.at < CACHE_MS) return this.leafCache.leaf;
-    const leaf = await this.barrier().getLocal<PrimaryLeaf>(PRIMARY_LEAF_PATH);
-    this.leafCache = { at: Date.now(), leaf };
-    return leaf;
+    return this.leafCache.get(() => this.barrier().getLocal<PrimaryLeaf>(PRIMARY_LEAF_PATH));
   }
 
   /** secondary-token: a leaf for `id` (CN = id), when this primary has a CA. */

@@ -18,15 +18,16 @@ import type { LogicalRequest, LogicalResponse } from '../core/request';
 import { faultPoint } from '../faults';
 import type { JobQueue } from '../queue/jobs';
 import { reencryptLocal } from '../storage/local';
+import { Remembered } from './remembered';
 import type { MerkleIndex } from '../merkle/index';
 import { HASH_BYTES, KEY_BYTES, pageHashes, PAGES, rootOf, SUBPAGES_PER_PAGE } from '../merkle/tree';
 import { entriesOfSubpages, pathsOfSubpages, readCheckpoint } from '../storage/merkle';
 import {
   applyBatch,
-  shipStep,
   divergenceReport,
   readReplication,
   secondaries,
+  shipStep,
   syncEntries,
   updateReplication,
   wipeReplicated,
@@ -204,8 +205,7 @@ export class Replication {
     const setId = randomUUID();
     // With TLS on our listener: a replication CA (local, never shared) and our own leaf.
     if (this.o.clusterAddr) await this.tls.mint(setId);
-    await updateReplication(this.o.db, { mode: 'primary', set_id: setId, state: 'running', epoch: 1, superseded_by_epoch: null });
-    this.guardCache = null;
+    await this.updateRow({ mode: 'primary', set_id: setId, state: 'running', epoch: 1, superseded_by_epoch: null });
     this.lastSeenMode = null;
     return { warnings: ['This cluster is now a performance primary.'] };
   }
@@ -214,8 +214,7 @@ export class Replication {
     const row = await readReplication(this.o.db);
     if (row.mode !== 'primary') throw new InvalidRequest('this cluster is not a performance primary');
     await secondaries.deleteAll(this.o.db);
-    await updateReplication(this.o.db, { mode: 'disabled', set_id: null, state: 'idle' });
-    this.guardCache = null;
+    await this.updateRow({ mode: 'disabled', set_id: null, state: 'idle' });
     await this.tls.drop();
     this.lastSeenMode = null;
     return { warnings: ['Performance replication is disabled; secondaries must be re-enabled with new tokens.'] };
@@ -443,27 +442,24 @@ export class Replication {
     let more = false;
     await withShipLock(this.o.db, secondaryId, async () => {
       this.shipping.add(secondaryId);
+      // A batch's acknowledgement is recorded by the next step's statement (shipStep).
+      let ack: number | null = null;
       try {
         // Keep going while there is more, and once more if a wake-up arrived meanwhile (it could
         // not take the lock, or saw this loop running and only left word), so no ordered row
         // waits for the next tick.
         // Stopping (SIGTERM): the batch in flight finishes, the rest is another process's or the
         // next start's (the cursor is in Postgres); the queue's close waits for this job.
-        // A batch's acknowledgement is recorded by the next step's statement (shipStep).
-        let ack: number | null = null;
-        try {
-          for (let i = 0; i < 200 && !this.stopping; i++) {
-            this.shipPending.delete(secondaryId);
-            const step = await this.shipOne(secondaryId, ack);
-            ack = step.ack;
-            if (!step.sent && !this.shipPending.has(secondaryId)) break;
-          }
-        } finally {
-          // The loop's bound (or SIGTERM) came right after a batch: record it now. If this fails
-          // too, the batch is sent again later and refused — applied once all the same.
-          if (ack !== null) await secondaries.ack(this.o.db, secondaryId, ack).catch(() => undefined);
+        for (let i = 0; i < 200 && !this.stopping; i++) {
+          this.shipPending.delete(secondaryId);
+          const step = await this.shipOne(secondaryId, ack);
+          ack = step.ack;
+          if (!step.sent && !this.shipPending.has(secondaryId)) break;
         }
       } finally {
+        // The loop's bound (or SIGTERM) came right after a batch: record it now. If this fails
+        // too, the batch is sent again later and refused — applied once all the same.
+        if (ack !== null) await secondaries.ack(this.o.db, secondaryId, ack).catch(() => undefined);
         this.shipping.delete(secondaryId);
         // Word left after the loop's last look (or the 200-batch bound): a job takes it up.
         more = this.shipPending.has(secondaryId) && !this.stopping;
@@ -604,8 +600,8 @@ export class Replication {
     }
     await this.adoptKeyring(reg.body.keyring, b.secret);
     await this.o.core.barrier.transaction((tx) => tx.putLocal(CREDENTIAL_PATH, cred));
-    this.credentialCache = null;
-    await updateReplication(this.o.db, {
+    this.credentialCache.forget();
+    await this.updateRow({
       mode: 'secondary',
       set_id: reg.body.set_id,
       secondary_id: b.secondary_id,
@@ -621,7 +617,6 @@ export class Replication {
       primary_contact_at: new Date(),
       last_error: null,
     });
-    this.guardCache = null;
     this.lastSeenMode = null;
     this.tls.onChange?.();
     await this.tick();
@@ -637,10 +632,9 @@ export class Replication {
   async disableSecondary(): Promise<LogicalResponse> {
     const row = await readReplication(this.o.db);
     if (row.mode !== 'secondary') throw new InvalidRequest('this cluster is not a performance secondary');
-    await updateReplication(this.o.db, { mode: 'disabled', state: 'idle', primary_api_addr: null, secondary_id: null, set_id: null });
-    this.guardCache = null;
+    await this.updateRow({ mode: 'disabled', state: 'idle', primary_api_addr: null, secondary_id: null, set_id: null });
     await this.o.core.barrier.transaction((tx) => tx.deleteLocal(CREDENTIAL_PATH));
-    this.credentialCache = null;
+    this.credentialCache.forget();
     this.lastSeenMode = null;
     await this.tick();
     return { status: 204 };
@@ -661,7 +655,7 @@ export class Replication {
       throw new InvalidRequest(`this secondary is in ${row.state}: its data is partial; finish reconciling or promote with force=true`);
     }
     const epoch = Math.max(row.epoch, 1) + 1;
-    await updateReplication(this.o.db, {
+    await this.updateRow({
       mode: 'primary',
       state: 'running',
       epoch,
@@ -671,10 +665,9 @@ export class Replication {
       sync_lsn: null,
       last_error: null,
     });
-    this.guardCache = null;
     await secondaries.deleteAll(this.o.db);
     await this.o.core.barrier.transaction((tx) => tx.deleteLocal(CREDENTIAL_PATH));
-    this.credentialCache = null;
+    this.credentialCache.forget();
     // A TLS cluster mints its own replication CA as the new primary (the old one's stays there).
     if (this.o.clusterAddr && row.setId) await this.tls.mint(row.setId);
     this.lastSeenMode = null;
@@ -703,8 +696,7 @@ export class Replication {
   async demote(): Promise<LogicalResponse> {
     const row = await readReplication(this.o.db);
     if (row.mode !== 'primary') throw new InvalidRequest('this cluster is not a performance primary');
-    await updateReplication(this.o.db, { mode: 'secondary', state: 'idle', primary_api_addr: null, secondary_id: null, last_error: 'demoted: waiting for secondary/update-primary' });
-    this.guardCache = null;
+    await this.updateRow({ mode: 'secondary', state: 'idle', primary_api_addr: null, secondary_id: null, last_error: 'demoted: waiting for secondary/update-primary' });
     await secondaries.deleteAll(this.o.db);
     this.lastSeenMode = null;
     await this.tick();
@@ -719,9 +711,7 @@ export class Replication {
    * a refused batch makes the next one read them again.
    */
   async epochGuard(body: { epoch?: unknown }): Promise<{ epoch: number; reason: string } | null> {
-    const cached = this.guardCache;
-    const row = cached && Date.now() - cached.at < EPOCH_GUARD_CACHE_MS ? cached.row : await readReplication(this.o.db);
-    if (row !== cached?.row) this.guardCache = { at: Date.now(), row };
+    const row = await this.guardCache.get(() => readReplication(this.o.db));
     const theirs = Number(body?.epoch ?? 0);
     if (row.mode === 'primary' && row.epoch > theirs) return { epoch: row.epoch, reason: `this cluster was promoted to primary at epoch ${row.epoch}; the sender (epoch ${theirs}) is superseded` };
     if (row.mode === 'secondary' && theirs > 0 && row.epoch > theirs) return { epoch: row.epoch, reason: `this secondary follows epoch ${row.epoch}; the sender (epoch ${theirs}) is superseded` };
@@ -733,7 +723,7 @@ export class Replication {
     const row = await readReplication(this.o.db);
     if (row.mode !== 'primary' || epoch <= row.epoch || row.supersededByEpoch !== null) return;
     this.o.log.error({ epoch: row.epoch, superseded_by_epoch: epoch, why }, 'this primary has been superseded by a promoted cluster; it takes no more writes');
-    await updateReplication(this.o.db, { superseded_by_epoch: epoch, last_error: `superseded: ${why}` });
+    await this.updateRow({ superseded_by_epoch: epoch, last_error: `superseded: ${why}` });
     // This process stops taking writes now; the cluster's other processes within a tick.
     await this.followRole(await readReplication(this.o.db));
   }
@@ -766,16 +756,21 @@ export class Replication {
    * the cluster disabling or re-enabling replication is seen within that time — and a batch
    * pushed meanwhile still applies only while this cluster is a streaming secondary (applyBatch).
    */
-  private async credential(): Promise<Credential> {
-    const cached = this.credentialCache;
-    if (cached && Date.now() - cached.at < CREDENTIAL_CACHE_MS) return cached.value;
-    const c = await this.o.core.barrier.getLocal<Credential>(CREDENTIAL_PATH);
-    if (!c) throw new PermissionDenied();
-    this.credentialCache = { at: Date.now(), value: c };
-    return c;
+  private credential(): Promise<Credential> {
+    return this.credentialCache.get(async () => {
+      const c = await this.o.core.barrier.getLocal<Credential>(CREDENTIAL_PATH);
+      if (!c) throw new PermissionDenied();
+      return c;
+    });
   }
-  private credentialCache: { at: number; value: Credential } | null = null;
-  private guardCache: { at: number; row: ReplicationRow } | null = null;
+  private readonly credentialCache = new Remembered<Credential>(CREDENTIAL_CACHE_MS);
+  private readonly guardCache = new Remembered<ReplicationRow>(EPOCH_GUARD_CACHE_MS);
+
+  /** Every change of this cluster's replication row goes through here (the epoch guard forgets it). */
+  private async updateRow(patch: Parameters<typeof updateReplication>[1]): Promise<void> {
+    await updateReplication(this.o.db, patch);
+    this.guardCache.forget();
+  }
 
   /** Where and how this secondary reaches its primary (cluster listener over mutual TLS, or API). */
   private async toPrimary(row: ReplicationRow): Promise<{ cred: Credential; base: string; headers: Record<string, string>; tls?: TlsContext }> {
@@ -812,7 +807,7 @@ export class Replication {
     if (body.key_term && !this.o.core.barrier.currentKeyring.has(Number(body.key_term))) await this.refreshKeyring();
     const epoch = Number((body as { epoch?: number }).epoch ?? 0);
     const out = await applyBatch(this.o.db, batch, Number.isSafeInteger(epoch) && epoch > 0 ? epoch : 0);
-    if (!out.applied) this.guardCache = null;
+    if (!out.applied) this.guardCache.forget();
     if (out.applied && batch.entries.some((e) => e.path.startsWith('core/mounts') || e.path.startsWith('core/auth'))) {
       await this.o.core.reloadMounts().catch(() => undefined);
     }
@@ -894,7 +889,7 @@ export class Replication {
           .catch(async (err) => {
             this.connection = 'disconnected';
             this.o.log.warn({ err: (err as Error).message }, 'merkle reconciliation failed; retrying');
-            await updateReplication(this.o.db, { last_error: (err as Error).message }).catch(() => undefined);
+            await this.updateRow({ last_error: (err as Error).message }).catch(() => undefined);
             await new Promise((r) => setTimeout(r, 500));
           })
           .finally(() => (this.reconciling = null));
@@ -913,7 +908,7 @@ export class Replication {
       });
       if (res.status !== 200) throw new Error(`primary answered ${res.status}`);
       if (compareVersions(res.body.version, this.o.version) > 0) {
-        await updateReplication(this.o.db, { state: 'idle', last_error: `primary runs Coffer ${res.body.version}, newer than this cluster's ${this.o.version}; upgrade this cluster` });
+        await this.updateRow({ state: 'idle', last_error: `primary runs Coffer ${res.body.version}, newer than this cluster's ${this.o.version}; upgrade this cluster` });
         this.connection = 'disconnected';
         return;
       }
@@ -921,20 +916,19 @@ export class Replication {
       this.lastPrimaryHeartbeat = new Date();
       if (res.body.reconcile) {
         this.o.log.warn('non-matching guard: the primary no longer retains our WAL position; starting merkle diff');
-        await updateReplication(this.o.db, { state: 'merkle-diff', sync_progress: 0, sync_total_keys: 0 });
+        await this.updateRow({ state: 'merkle-diff', sync_progress: 0, sync_total_keys: 0 });
         return;
       }
-      if (row.state !== 'stream-wals') await updateReplication(this.o.db, { state: 'stream-wals', last_error: null });
-      await updateReplication(this.o.db, {
+      if (row.state !== 'stream-wals') await this.updateRow({ state: 'stream-wals', last_error: null });
+      await this.updateRow({
         last_heartbeat: new Date(),
         primary_head_lsn: Number(res.body.head_lsn),
         primary_contact_at: new Date(),
         ...(Number(res.body.epoch) > row.epoch ? { epoch: Number(res.body.epoch) } : {}),
       });
-      this.guardCache = null;
     } catch (err) {
       this.connection = 'disconnected';
-      if (row.state !== 'idle') await updateReplication(this.o.db, { state: 'idle', last_error: (err as Error).message });
+      if (row.state !== 'idle') await this.updateRow({ state: 'idle', last_error: (err as Error).message });
     }
   }
 
@@ -957,7 +951,7 @@ export class Replication {
     if (!merkle) return;
     let row = await readReplication(this.o.db);
     const { base, headers, tls } = await this.toPrimary(row);
-    await updateReplication(this.o.db, { state: 'merkle-diff' });
+    await this.updateRow({ state: 'merkle-diff' });
     // Our index must describe all of our storage: let the last applied rows be ordered.
     const settle = Date.now() + 10_000;
     while ((await walGauges(this.o.db)).walUnorderedRows > 0 && Date.now() < settle) await new Promise((r) => setTimeout(r, 10));
@@ -983,7 +977,7 @@ export class Replication {
     }
     const lsn = Number(diff.body.lsn);
     this.o.log.info({ num_conflict_subpages: differing.length, primary_lsn: lsn }, 'starting merkle sync');
-    await updateReplication(this.o.db, { state: 'merkle-sync', sync_lsn: lsn, sync_progress: 0, sync_total_keys: 0 });
+    await this.updateRow({ state: 'merkle-sync', sync_lsn: lsn, sync_progress: 0, sync_total_keys: 0 });
 
     let moved = 0;
     let found = 0;
@@ -1017,9 +1011,9 @@ export class Replication {
         purgePaths = paths.filter((_, i) => wanted.has(Buffer.from(hashes[i]).subarray(0, KEY_BYTES).toString('hex')));
       }
       found += res.body.entries.length + purgePaths.length;
-      await updateReplication(this.o.db, { sync_total_keys: found });
+      await this.updateRow({ sync_total_keys: found });
       moved += await syncEntries(this.o.db, res.body.entries.map(fromWire), purgePaths);
-      await updateReplication(this.o.db, { sync_progress: moved });
+      await this.updateRow({ sync_progress: moved });
       remaining = remaining.filter((sp) => !done.has(sp));
     }
     this.o.onSynced?.(moved);
@@ -1027,7 +1021,7 @@ export class Replication {
     await this.refreshKeyring().catch(() => undefined);
     row = await readReplication(this.o.db);
     if (row.state !== 'merkle-sync') return; // disabled meanwhile
-    await updateReplication(this.o.db, { state: 'stream-wals', applied_lsn: lsn, sync_lsn: null, last_error: null });
+    await this.updateRow({ state: 'stream-wals', applied_lsn: lsn, sync_lsn: null, last_error: null });
     await this.o.core.reloadMounts().catch(() => undefined);
     this.o.log.info({ keys: moved, lsn }, 'merkle sync complete; streaming WAL');
     // Tell the primary at once where to stream from (the heartbeat carries our position).
@@ -1041,7 +1035,7 @@ export class Replication {
     const row = await readReplication(this.o.db);
     if (row.mode === 'disabled') throw new InvalidRequest('replication is not enabled on this cluster');
     if (row.mode === 'secondary') {
-      await updateReplication(this.o.db, { state: 'merkle-diff', sync_progress: 0, sync_total_keys: 0 });
+      await this.updateRow({ state: 'merkle-diff', sync_progress: 0, sync_total_keys: 0 });
       return { warnings: ['Reconciling with the primary (merkle-diff, merkle-sync), then streaming WAL.'] };
     }
     for (const s of await secondaries.list(this.o.db)) if (s.status !== 'revoked') await secondaries.update(this.o.db, s.secondaryId, { last_error: null });
@@ -1055,7 +1049,7 @@ export class Replication {
     if (merkle.reindexProgress) return { warnings: ['A reindex is already running; see sys/replication/status.'] };
     void merkle
       .rebuild('reindex requested')
-      .then(() => updateReplication(this.o.db, { last_reindex_at: new Date() }))
+      .then(() => this.updateRow({ last_reindex_at: new Date() }))
       .catch((err) => this.o.log.error({ err: (err as Error).message }, 'reindex failed'));
     return { warnings: ['Reindex started; progress is in sys/replication/status (reindex_in_progress, reindex_building_progress).'] };
   }

@@ -111,11 +111,6 @@ export async function shipStep(db: Kysely<DB>, secondaryId: string, ack: number 
   return { state, batch: state.secondary ? toBatch(state.secondary.ackedLsn, rows) : null };
 }
 
-/** The state part of shipStep alone (records nothing, reads no batch). */
-export async function shipState(db: Kysely<DB>, secondaryId: string): Promise<ShipState> {
-  return (await shipStep(db, secondaryId, null, 0, 0)).state;
-}
-
 /**
  * Writes shipped entries with their versions, and a WAL row for each one that changed, in one
  * statement. `newer`: only where the shipped version is newer (streaming apply: idempotent,

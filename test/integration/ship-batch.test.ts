@@ -1,13 +1,13 @@
 /**
  * What the primary reads for one shipping step, on real Postgres: `readBatch` (the next WAL
  * rows after a cursor, cut by rows and by bytes — the first row always goes — with each named
- * key's current entry), `shipState` (cursor, retained WAL bounds, head and role) and `shipStep`
- * (the previous batch's acknowledgement, that state and the next batch, in one statement).
+ * key's current entry), and `shipStep` (the previous batch's acknowledgement; the cursor, retained
+ * WAL bounds, head and role; and the next batch, in one statement).
  */
 import { openPostgres, type Database } from '../../src/storage/db';
 import { putEntry } from '../../src/storage/entries';
 import { migrateToLatest } from '../../src/storage/migrate';
-import { readBatch, secondaries, shipState, shipStep } from '../../src/storage/replication';
+import { readBatch, secondaries, shipStep } from '../../src/storage/replication';
 import { sequenceWal, walHead } from '../../src/storage/wal';
 import { createTestDatabase, type TestDatabase } from '../helpers/pg';
 import { waitFor } from '../helpers/wait';
@@ -70,14 +70,16 @@ test('readBatch cuts by rows and bytes, always ships the first row, and sends ea
   expect(await readBatch(db, 5, 100, 1_000_000)).toBeNull();
 });
 
-test('shipState: the secondary (or null), the retained WAL bounds, the head and this cluster’s role, in one read', async () => {
+test('shipStep’s state: the secondary (or null), the retained WAL bounds, the head and this cluster’s role, in one read', async () => {
   const { db } = database;
+  // Recording nothing and reading no batch: the state alone.
+  const shipState = async (id: string) => (await shipStep(db, id, null, 0, 0)).state;
   const head = await walHead(db);
-  expect(await shipState(db, 'nobody')).toEqual({ secondary: null, oldestLsn: 1, headLsn: head, mode: 'disabled', epoch: 0, supersededByEpoch: null });
+  expect(await shipState('nobody')).toEqual({ secondary: null, oldestLsn: 1, headLsn: head, mode: 'disabled', epoch: 0, supersededByEpoch: null });
 
   await secondaries.upsert(db, 'sec-1', Buffer.from('hmac'));
   await secondaries.ack(db, 'sec-1', 3);
-  const st = await shipState(db, 'sec-1');
+  const st = await shipState('sec-1');
   expect(st.secondary).toEqual(await secondaries.get(db, 'sec-1'));
   expect(st.secondary).toMatchObject({ secondaryId: 'sec-1', ackedLsn: 3, status: 'pending' });
   expect(st).toMatchObject({ oldestLsn: 1, headLsn: head, mode: 'disabled' });
