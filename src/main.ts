@@ -116,7 +116,6 @@ export async function startServer(config: CofferConfig, dev?: DevOptions): Promi
       apiAddr: config.apiAddr ?? '',
       version: VERSION,
       isActive: () => node?.isActive() ?? false,
-      lsnFor: (seq, timeoutMs, check) => (node ? node.lsnFor(seq, timeoutMs, check) : check()),
       bestEffortWalWaitMs: config.replication.bestEffortWalWaitDurationMs,
       batchMaxRows: 1000,
       batchMaxBytes: 4 * 1024 * 1024,
@@ -138,7 +137,6 @@ export async function startServer(config: CofferConfig, dev?: DevOptions): Promi
       replication: {
         router: replicationInternalRouter(replication),
         prefix: INTERNAL_PREFIX,
-        indexOf: (seq) => replication.indexOf(seq),
         assertIndex: (lsn, wait) => replication.assertIndex(lsn, wait),
       },
       metrics,

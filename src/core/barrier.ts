@@ -20,8 +20,6 @@ export interface BarrierTx {
   putLocal(path: string, value: unknown): Promise<void>;
   deleteLocal(path: string): Promise<void>;
   listLocal(prefix: string): Promise<string[]>;
-  /** Highest WAL insertion number written in this transaction (0 if none). */
-  readonly lastSeq: number;
 }
 
 /** What an engine stores through: the replicated barrier, or the same calls on local storage. */
@@ -31,7 +29,7 @@ export interface StorageView {
   list(prefix: string): Promise<string[]>;
   /** `prefetched`: the same read, already fetched (used when its path and prefix match). */
   getWithLast<A, B>(path: string, prefix: string, prefetched?: RawRead | null): Promise<{ value: A | null; last: { path: string; value: B } | null }>;
-  transaction<T>(fn: (tx: BarrierTx) => Promise<T>): Promise<{ result: T; lastSeq: number }>;
+  transaction<T>(fn: (tx: BarrierTx) => Promise<T>): Promise<{ result: T; lastLsn: number }>;
   /**
    * A read-modify-write anchored on one entry: reads `anchor` and `extra`, hands their values
    * to `compute`, and writes what it returns as if no one else had changed the anchor in
@@ -39,7 +37,7 @@ export interface StorageView {
    * replicated storage it is optimistic (see Barrier.modify), so `compute` may run more than
    * once and must not have effects of its own.
    */
-  modify<R>(anchor: string, extra: string[], compute: (values: unknown[]) => Promise<Modification<R>>): Promise<{ result: R; lastSeq: number }>;
+  modify<R>(anchor: string, extra: string[], compute: (values: unknown[]) => Promise<Modification<R>>): Promise<{ result: R; lastLsn: number }>;
 }
 
 /** What a `modify` writes: nothing unless `anchor` is set (a value, or null to delete it). */
@@ -163,9 +161,6 @@ export class Barrier implements StorageView {
       putLocal: (p, v) => tx.putLocal(p, v),
       deleteLocal: (p) => tx.deleteLocal(p),
       listLocal: (p) => tx.listLocal(p),
-      get lastSeq() {
-        return tx.lastSeq;
-      },
     });
     return {
       get: (p) => this.getLocal(p),
@@ -195,7 +190,7 @@ export class Barrier implements StorageView {
    * written, and it reads and computes again. No lock or transaction is held across round
    * trips, and concurrent writes share one statement and one commit.
    */
-  async modify<R>(anchor: string, extra: string[], compute: (values: unknown[]) => Promise<Modification<R>>): Promise<{ result: R; lastSeq: number }> {
+  async modify<R>(anchor: string, extra: string[], compute: (values: unknown[]) => Promise<Modification<R>>): Promise<{ result: R; lastLsn: number }> {
     const paths = [anchor, ...extra];
     for (let attempt = 1; attempt <= MODIFY_ATTEMPTS; attempt++) {
       this.currentKeyring;
@@ -206,7 +201,7 @@ export class Barrier implements StorageView {
       const m = await compute(values);
       if (m.anchor === undefined || (m.anchor === null && values[0] === null)) {
         if (m.puts?.length || m.deletes?.length) throw new Error('modify: a change must rewrite its anchor');
-        return { result: m.result, lastSeq: 0 };
+        return { result: m.result, lastLsn: 0 };
       }
       try {
         const seq = await this.store.casWrite({
@@ -214,7 +209,7 @@ export class Barrier implements StorageView {
           puts: (m.puts ?? []).map(([p, v]) => [p, this.encrypt(p, v)]),
           deletes: m.deletes ?? [],
         });
-        if (seq !== null) return { result: m.result, lastSeq: seq };
+        if (seq !== null) return { result: m.result, lastLsn: seq };
       } catch (err) {
         // Another process rotated the key: reload the keyring and go again (nothing was written).
         if (!(err instanceof KeyringStale) || !this.reloadKeyring) throw err;
@@ -225,7 +220,7 @@ export class Barrier implements StorageView {
   }
 
   /** Runs `fn` in one storage transaction; the use case owns it. */
-  async transaction<T>(fn: (tx: BarrierTx) => Promise<T>): Promise<{ result: T; lastSeq: number }> {
+  async transaction<T>(fn: (tx: BarrierTx) => Promise<T>): Promise<{ result: T; lastLsn: number }> {
     try {
       return await this.attempt(fn);
     } catch (err) {
@@ -237,10 +232,9 @@ export class Barrier implements StorageView {
     }
   }
 
-  private async attempt<T>(fn: (tx: BarrierTx) => Promise<T>): Promise<{ result: T; lastSeq: number }> {
+  private async attempt<T>(fn: (tx: BarrierTx) => Promise<T>): Promise<{ result: T; lastLsn: number }> {
     this.currentKeyring;
-    let lastSeq = 0;
-    const result = await this.store.transaction(async (raw: StoreTx) => {
+    return this.store.transaction(async (raw: StoreTx) => {
       const tx: BarrierTx = {
         get: async (p) => this.decrypt(p, await raw.get(p)),
         getMany: async (ps) => {
@@ -249,18 +243,16 @@ export class Barrier implements StorageView {
         },
         put: async (p, v) => {
           if (this.replicatedReadOnly) throw new MustForward();
-          lastSeq = Math.max(lastSeq, await raw.put(p, this.encrypt(p, v)));
+          await raw.put(p, this.encrypt(p, v));
         },
         putMany: async (entries) => {
           if (entries.length === 0) return;
           if (this.replicatedReadOnly) throw new MustForward();
-          lastSeq = Math.max(lastSeq, await raw.putMany(entries.map(([p, v]) => [p, this.encrypt(p, v)])));
+          await raw.putMany(entries.map(([p, v]) => [p, this.encrypt(p, v)]));
         },
         delete: async (p) => {
           if (this.replicatedReadOnly) throw new MustForward();
-          const seq = await raw.delete(p);
-          if (seq !== null) lastSeq = Math.max(lastSeq, seq);
-          return seq !== null;
+          return raw.delete(p);
         },
         list: (p) => raw.list(p),
         lock: (k) => raw.lock(k),
@@ -268,12 +260,8 @@ export class Barrier implements StorageView {
         putLocal: (p, v) => raw.putLocal(p, this.encrypt(p, v)),
         deleteLocal: (p) => raw.deleteLocal(p),
         listLocal: (p) => raw.listLocal(p),
-        get lastSeq() {
-          return lastSeq;
-        },
       };
       return fn(tx);
     });
-    return { result, lastSeq };
   }
 }

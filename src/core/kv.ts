@@ -108,12 +108,15 @@ class KvMount {
           update: async (ctx) => {
             if (!ctx.params.path || ctx.params.path.endsWith('/')) throw new InvalidRequest('missing key');
             if (Object.keys(ctx.req.data).length === 0) throw new InvalidRequest('no data provided');
-            const { lastSeq } = await this.store.transaction((tx) => tx.put(at(ctx), ctx.req.data));
-            return { status: 204, walSeq: lastSeq };
+            // A blind write, through the optimistic path: batched with concurrent writes into
+            // one statement (and one commit); a concurrent writer of the key only means another try.
+            const data = ctx.req.data;
+            const { lastLsn } = await this.store.modify(at(ctx), [], async () => ({ result: undefined, anchor: data }));
+            return { status: 204, walLsn: lastLsn };
           },
           delete: async (ctx) => {
-            const { lastSeq } = await this.store.transaction((tx) => tx.delete(at(ctx)));
-            return { status: 204, walSeq: lastSeq };
+            const { lastLsn } = await this.store.modify(at(ctx), [], async () => ({ result: undefined, anchor: null }));
+            return { status: 204, walLsn: lastLsn };
           },
         },
       },
@@ -210,14 +213,14 @@ class KvMount {
     if (op === 'read') return { data: { ...(await this.engineConfig(base)) } };
     if (op !== 'create' && op !== 'update') throw new UnsupportedOperation();
     const d = ctx.req.data;
-    const { lastSeq } = await this.store.transaction(async (tx) => {
+    const { lastLsn } = await this.store.transaction(async (tx) => {
       const cur = await this.engineConfig(base, tx);
       if (d.max_versions !== undefined) cur.max_versions = nonNegInt(d.max_versions, 'max_versions');
       if (d.cas_required !== undefined) cur.cas_required = bool(d.cas_required, 'cas_required');
       if (d.delete_version_after !== undefined) cur.delete_version_after = String(d.delete_version_after);
       await tx.put(base + 'config', cur);
     });
-    return { status: 204, walSeq: lastSeq };
+    return { status: 204, walLsn: lastLsn };
   }
 
   private metaPath(base: string, key: string): string {
@@ -269,14 +272,14 @@ class KvMount {
         }, cas, true);
       }
       case 'delete': {
-        const { lastSeq } = await this.modifyKey(base, key, async (meta) => {
+        const { lastLsn } = await this.modifyKey(base, key, async (meta) => {
           const vm = meta?.versions[String(meta.current_version)];
           if (!meta || !vm || vm.deletion_time || vm.destroyed) return { result: undefined };
           vm.deletion_time = this.now();
           meta.updated_time = vm.deletion_time;
           return { result: undefined, anchor: meta };
         });
-        return { status: 204, walSeq: lastSeq };
+        return { status: 204, walLsn: lastLsn };
       }
       default:
         throw new UnsupportedOperation();
@@ -292,7 +295,7 @@ class KvMount {
     base: string,
     key: string,
     compute: (meta: KeyMetadata | null, cfg: EngineConfig) => Promise<Modification<R>>,
-  ): Promise<{ result: R; lastSeq: number }> {
+  ): Promise<{ result: R; lastLsn: number }> {
     return this.store.modify(this.metaPath(base, key), [base + 'config'], ([meta, cfg]) =>
       compute(meta as KeyMetadata | null, { ...DEFAULT_CONFIG, ...((cfg as EngineConfig | null) ?? {}) }),
     );
@@ -306,7 +309,7 @@ class KvMount {
     cas: number | undefined,
     needsCurrent = false,
   ): Promise<LogicalResponse> {
-    const { result, lastSeq } = await this.modifyKey(base, key, async (storedMeta, cfg) => {
+    const { result, lastLsn } = await this.modifyKey(base, key, async (storedMeta, cfg) => {
       const now = this.now();
       const meta: KeyMetadata = storedMeta ?? {
         created_time: now,
@@ -345,7 +348,7 @@ class KvMount {
       // The new version, the pruned ones and the metadata in one statement (each with its WAL row).
       return { result: versionResponse(meta, n, meta.versions[String(n)]), anchor: meta, puts: [[this.versionPath(base, key, n), data]], deletes };
     });
-    return { data: result, walSeq: lastSeq };
+    return { data: result, walLsn: lastLsn };
   }
 
   private async metadata(ctx: RequestContext, base: string, key: string): Promise<LogicalResponse> {
@@ -367,7 +370,7 @@ class KvMount {
       case 'update':
       case 'patch': {
         const d = req.data;
-        const { lastSeq } = await this.modifyKey(base, key, async (stored) => {
+        const { lastLsn } = await this.modifyKey(base, key, async (stored) => {
           const now = this.now();
           const meta: KeyMetadata = stored ?? {
             created_time: now, updated_time: now, current_version: 0, oldest_version: 0, max_versions: 0,
@@ -389,14 +392,14 @@ class KvMount {
           meta.updated_time = now;
           return { result: undefined, anchor: meta };
         });
-        return { status: 204, walSeq: lastSeq };
+        return { status: 204, walLsn: lastLsn };
       }
       case 'delete': {
-        const { lastSeq } = await this.modifyKey(base, key, async (meta) => {
+        const { lastLsn } = await this.modifyKey(base, key, async (meta) => {
           if (!meta) return { result: undefined };
           return { result: undefined, anchor: null, deletes: Object.keys(meta.versions).map((n) => this.versionPath(base, key, Number(n))) };
         });
-        return { status: 204, walSeq: lastSeq };
+        return { status: 204, walLsn: lastLsn };
       }
       default:
         throw new UnsupportedOperation();
@@ -408,7 +411,7 @@ class KvMount {
     const list = Array.isArray(raw) ? raw : typeof raw === 'string' ? raw.split(',') : raw === undefined ? [] : [raw];
     const versions = list.map((v) => positiveInt(v, 'versions'));
     if (versions.length === 0) throw new InvalidRequest('no versions provided');
-    const { lastSeq } = await this.modifyKey(base, key, async (meta) => {
+    const { lastLsn } = await this.modifyKey(base, key, async (meta) => {
       if (!meta) return { result: undefined };
       const now = this.now();
       const deletes: string[] = [];
@@ -425,7 +428,7 @@ class KvMount {
       meta.updated_time = now;
       return { result: undefined, anchor: meta, deletes: [...new Set(deletes)] };
     });
-    return { status: 204, walSeq: lastSeq };
+    return { status: 204, walLsn: lastLsn };
   }
 
   private async subkeys(ctx: RequestContext, base: string, key: string): Promise<LogicalResponse> {

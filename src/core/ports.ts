@@ -9,11 +9,12 @@ export interface StoreTx {
   /** Several entries in one round trip, in the order asked. */
   getMany(paths: string[]): Promise<(Buffer | null)[]>;
   list(prefix: string): Promise<string[]>;
-  /** Writes the entry and its WAL row together; returns the WAL row's insertion number. */
-  put(path: string, value: Buffer): Promise<number>;
-  /** Several puts (each with its WAL row) in one statement; returns the highest WAL seq. */
-  putMany(entries: [string, Buffer][]): Promise<number>;
-  delete(path: string): Promise<number | null>;
+  /** Writes the entry and its WAL row together (the row is numbered when the transaction ends). */
+  put(path: string, value: Buffer): Promise<void>;
+  /** Several puts (each with its WAL row) in one statement. */
+  putMany(entries: [string, Buffer][]): Promise<void>;
+  /** False (and no WAL row) when there was no live value to delete. */
+  delete(path: string): Promise<boolean>;
   /** Serialises read-modify-write of one logical key for the rest of the transaction. */
   lock(key: string): Promise<void>;
   /** Local (never replicated) storage, in the same transaction. */
@@ -41,8 +42,11 @@ export interface Store {
   list(prefix: string): Promise<string[]>;
   getLocal(path: string): Promise<Buffer | null>;
   listLocal(prefix: string): Promise<string[]>;
-  /** Throws KeyringStale if a put used a superseded keyring term (nothing is committed). */
-  transaction<T>(fn: (tx: StoreTx) => Promise<T>): Promise<T>;
+  /**
+   * Runs `fn` in one transaction; `lastLsn` is the highest WAL position it wrote (0: none).
+   * Throws KeyringStale if a put used a superseded keyring term (nothing is committed).
+   */
+  transaction<T>(fn: (tx: StoreTx) => Promise<T>): Promise<{ result: T; lastLsn: number }>;
 
   readSeal(): Promise<SealRecord | null>;
   /** Inserts the seal record; false if the cluster was initialised meanwhile. */
@@ -63,7 +67,7 @@ export interface Store {
   /**
    * An optimistic write: its anchor changes (and then its other entries, each with its WAL row)
    * only if the anchor is still at the version read; null if it had moved (nothing written),
-   * else the highest WAL seq written. Concurrent calls share one statement, so one commit.
+   * else the highest WAL position written. Concurrent calls share one statement, so one commit.
    * Throws KeyringStale if a value used a superseded keyring term (nothing written).
    */
   casWrite(w: CasWrite): Promise<number | null>;

@@ -44,7 +44,7 @@ export interface LogicalResponse {
   /** Status when not the default (200 with body / 204 without). */
   status?: number;
   /** Highest WAL insertion number this request wrote (X-Vault-Index). */
-  walSeq?: number;
+  walLsn?: number;
   /** The primary's WAL position of a forwarded write (X-Vault-Index on a secondary). */
   replicatedLsn?: number;
   /** Set when the response was wrapped: the envelope carries only this. */

@@ -65,7 +65,7 @@ export class Wrapping {
     };
     const wrapInfo = await this.store(payload, wrapTtlSeconds(ttl), creationPath);
     // Keep the write's WAL position: a wrapped write still needs its X-Vault-Index.
-    return { wrapInfo, data: null, ...(resp.walSeq ? { walSeq: resp.walSeq } : {}) };
+    return { wrapInfo, data: null, ...(resp.walLsn ? { walLsn: resp.walLsn } : {}) };
   }
 
   /** The original response; the wrapping token is spent whatever happens next. */

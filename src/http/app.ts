@@ -16,7 +16,7 @@ import { canonicalPath } from './paths';
 
 export interface NodeStatus {
   isActive(): boolean;
-  /** A write committed here: let the sequencer (if this process runs it) order it now. */
+  /** A write committed here: let the active node (if this process is it) read the new WAL now. */
   poke(): void;
   leader(): Promise<{ haEnabled: boolean; isSelf: boolean; activeTime: string; leaderAddress: string; leaderClusterAddress: string }>;
   stepDown(): Promise<void>;
@@ -26,8 +26,6 @@ export interface NodeStatus {
 export interface ReplicationHooks {
   router: express.Router;
   prefix: string;
-  /** The X-Vault-Index of a direct write. */
-  indexOf(seq: number): Promise<number>;
   /** 412 when this cluster has not reached the index a request requires. */
   assertIndex(lsn: number, wait: boolean): Promise<void>;
 }
@@ -297,13 +295,14 @@ async function logical(o: AppOptions, req: HttpCall, res: http.ServerResponse): 
     await o.replication.assertIndex(Number(required), header(req, 'x-vault-inconsistent') === 'await-state');
   }
   const out = await o.core.handle(lreq);
-  if (out.walSeq) o.node.poke();
-  if (out.walSeq && o.replication) out.walSeq = await o.replication.indexOf(out.walSeq);
+  // The write's WAL position is its X-Vault-Index; the active node feeds it to the merkle
+  // index and shipping now rather than at its next poll.
+  if (out.walLsn) o.node.poke();
   render(res, lreq, out);
 }
 
 function render(res: http.ServerResponse, req: LogicalRequest, out: LogicalResponse): void {
-  const index = out.replicatedLsn || out.walSeq;
+  const index = out.replicatedLsn || out.walLsn;
   if (index) res.setHeader('X-Vault-Index', String(index));
   const hasBody = out.data != null || out.auth != null || out.wrapInfo != null || (out.warnings?.length ?? 0) > 0;
   if (!hasBody && (out.status === 204 || out.status === undefined)) {

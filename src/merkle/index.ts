@@ -1,12 +1,13 @@
 /**
  * The merkle index of a cluster's replicated entries, held by the active node.
  *
- * Every WAL record the sequencer orders is applied here in LSN order (`apply`), in memory.
+ * Every WAL record is applied here in LSN order (`apply`), in memory, as the active node reads it.
  * Dirty subpages are flushed to Postgres in the background, each image carrying its pageLSN;
  * a fuzzy checkpoint records the dirty-page table. After a crash or a takeover, `recover` is
  * ARIES redo from the checkpoint (docs/merkle-and-recovery.md maps each concept to this file).
- * There is no undo: the index only ever applies WAL rows that Postgres already committed and
- * the sequencer ordered, so no loser transaction can have touched it.
+ * There is no undo: the index only ever applies WAL rows that Postgres already committed (a row
+ * is read by position after its transaction committed), so no loser transaction can have
+ * touched it.
  *
  * Subpages load lazily: after recovery only the subpages redo touched hold their records in
  * memory; the others are known by their flushed hash and pageLSN until a write, a sync or a
@@ -22,7 +23,6 @@ import {
   loadPageHeads,
   loadRuns,
   oldestRetainedLsn,
-  orderedThrough,
   readCheckpoint,
   saveCheckpoint,
   savePages,
@@ -488,18 +488,18 @@ export class MerkleIndex {
   reindexProgress: { stage: string; done: number; total: number } | null = null;
 
   /** A complete index built from one snapshot of the entries, and the WAL head it matches. */
-  async buildFromStorage(): Promise<{ lsn: number; pendingSeq: number; subs: Subpage[] }> {
+  async buildFromStorage(): Promise<{ lsn: number; subs: Subpage[] }> {
     const subs = MerkleIndex.emptySubs(0);
     this.reindexProgress = { stage: 'scanning', done: 0, total: SUBPAGES };
     let done = 0;
-    const { head: lsn, pendingSeq } = await scanRuns(this.o.db, async (_head, batch) => {
+    const lsn = await scanRuns(this.o.db, async (_head, batch) => {
       const hashes = await this.o.pool.run('hashRuns', { runs: batch.map((b) => own(b.run)) });
       batch.forEach((b, i) => (subs[b.subpage] = { run: b.run, hash: asBuffer(hashes[i]), pageLsn: 0 }));
       done = batch[batch.length - 1].subpage + 1;
       this.reindexProgress = { stage: 'scanning', done, total: SUBPAGES };
     }).finally(() => (this.reindexProgress = null));
     for (const s of subs) s.pageLsn = lsn;
-    return { lsn, pendingSeq, subs };
+    return { lsn, subs };
   }
 
   private finishRecovery(report: RecoveryReport): void {
@@ -532,14 +532,9 @@ export class MerkleIndex {
    */
   async check(): Promise<{ lsn: number; root: Buffer; corrupted: number[] }> {
     const built = await this.buildFromStorage();
-    // The rebuild holds writes that were committed but not yet ordered at its snapshot; the
-    // live index gets them once ordered. Wait for that, bring the index up to the WAL head,
-    // then take its picture (and replay the rebuild to the same point below).
-    const until = Date.now() + 30_000;
-    while (built.pendingSeq > 0 && !(await orderedThrough(this.o.db, built.pendingSeq))) {
-      if (Date.now() > until) throw new Error('merkle-check: writes committed before the check are still not ordered after 30 s (a long transaction holds the xid horizon)');
-      await new Promise((r) => setTimeout(r, 10));
-    }
+    // Every write the rebuild's snapshot holds is in the WAL up to its head (writers number their
+    // rows at commit): bring the index up to the WAL head, then take its picture (and replay the
+    // rebuild to the same point below).
     await this.catchUp(Math.max(built.lsn, await walHead(this.o.db)));
     const mine = await this.serial(() => this.snapshot());
     // Bring the rebuild forward to the picture's LSN with the same redo the index uses.

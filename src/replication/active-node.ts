@@ -1,7 +1,8 @@
 /**
  * This process's role inside its cluster. Every server serves reads and writes (they share
- * Postgres); the one holding the active lease also runs the singleton duties — today the WAL
- * sequencer — and advertises itself in coffer_nodes for `sys/leader`.
+ * Postgres); the one holding the active lease also runs the singleton duties — following the
+ * WAL into the merkle index and waking shipping, checkpoints, WAL collection — and advertises
+ * itself in coffer_nodes for `sys/leader`.
  *
  *   standby ──lease taken──▶ active ──lease lost / step-down──▶ standby
  */
@@ -11,7 +12,7 @@ import type { MerkleIndex } from '../merkle/index';
 import { ActiveLease } from '../storage/active-lease';
 import { collectWal, type WalRetention } from '../storage/merkle';
 import type { DB } from '../storage/schema';
-import { sequenceWal } from '../storage/wal';
+import { orderStragglers, readNewWal, type OrderedRecord } from '../storage/wal';
 
 export interface ActiveNodeOptions {
   db: Kysely<DB>;
@@ -23,7 +24,7 @@ export interface ActiveNodeOptions {
   /** Embedded dev database: one process, always active, no lease. */
   singleProcess: boolean;
   leasePollMs?: number;
-  /** Runs after the sequencer handed out new positions (replication ships them at once). */
+  /** Runs when the WAL head moved (replication ships the new rows at once). */
   onSequenced?: (headLsn: number) => void;
   /** The merkle index this node maintains while active (absent: index disabled). */
   merkle?: MerkleIndex;
@@ -34,10 +35,10 @@ export interface ActiveNodeOptions {
   onWalCollected?: (deleted: number) => void;
 }
 
-/** How many recent (seq → lsn) pairs the active node remembers for its writers. */
-const RECENT_POSITIONS = 65_536;
-/** A writer still waiting after this long asks Postgres once (its row may be ordered already). */
-const RECENT_CHECK_MS = 200;
+/** Records read per step of the WAL follower. */
+const FOLLOW_BATCH = 5000;
+/** With nothing new, the follower looks again after 1, 2, 4 … up to this many ms (or a poke). */
+const FOLLOW_IDLE_MAX_MS = 20;
 
 export class ActiveNode {
   private lease: ActiveLease | null = null;
@@ -46,21 +47,17 @@ export class ActiveNode {
   private loop: Promise<void> | null = null;
   private stopping = false;
   private wake: (() => void) | null = null;
-  /** Set by poke(); the sequencer loop clears it before each step. */
+  /** Set by poke(); the follower loop clears it before each step. */
   private poked = false;
   private housekeeping: NodeJS.Timeout | null = null;
   /** Set once the merkle index has recovered on this node's current term as active. */
   merkleReady = false;
-  /** Last dense WAL position handed out by this node's sequencer. */
+  /** The WAL head as this node's follower last read it. */
   headLsn = 0;
-  /** Writers in this process waiting for their WAL row's position (seq → resolve). */
-  private readonly waiters = new Map<number, (lsn: number | null) => void>();
-  /**
-   * Positions this node's sequencer handed out lately (seq → lsn, oldest first), so a writer
-   * whose row was ordered before it asked finds it without a query. Bounded; a writer that
-   * misses it (a very slow one) asks Postgres.
-   */
-  private readonly recent = new Map<number, number>();
+  /** Every WAL record up to here has been handed to the merkle index (-1: not read yet this term). */
+  private followedLsn = -1;
+  /** coffer_wal_head.resets when followedLsn was read. */
+  private followedResets = 0;
 
   constructor(private readonly o: ActiveNodeOptions) {}
 
@@ -159,82 +156,59 @@ export class ActiveNode {
     if (!this.active) return;
     this.active = false;
     this.o.log.warn({ node: this.o.nodeId, why }, 'lost the active lease; now standby');
-    // Another node orders what is left; its writers ask Postgres.
-    for (const finish of [...this.waiters.values()]) finish(null);
-    this.recent.clear();
     void this.stopMerkle();
     this.wake?.();
   }
 
   /**
-   * The position of WAL row `seq`, once this process's sequencer hands it out; null if this
-   * process is not (or stops being) the active node, or `timeoutMs` passes (the caller then asks
-   * Postgres). The common case costs no query: the row, committed by a writer in this process
-   * while it is active, is ordered by this sequencer, either before the writer asks (it is in
-   * `recent`) or after (the waiter fires). JavaScript runs the look-up and the registration
-   * without a sequencer step in between. Postgres is asked once after RECENT_CHECK_MS, for the
-   * rows that cannot be here (ordered by an earlier active node, or evicted from `recent`).
-   */
-  async lsnFor(seq: number, timeoutMs: number, check: () => Promise<number | null>): Promise<number | null> {
-    if (!this.active) return check();
-    const known = this.recent.get(seq);
-    if (known !== undefined) return known;
-    return new Promise((resolve) => {
-      let done = false;
-      const finish = (v: number | null) => {
-        if (done) return;
-        done = true;
-        clearTimeout(t);
-        clearTimeout(c);
-        this.waiters.delete(seq);
-        resolve(v);
-      };
-      const t = setTimeout(() => finish(null), timeoutMs);
-      const c = setTimeout(() => check().then((v) => v !== null && finish(v), () => undefined), RECENT_CHECK_MS);
-      this.waiters.set(seq, finish);
-      this.poke();
-    });
-  }
-
-  /**
-   * Asks the sequencer to run now (a local write just committed). A poke that arrives while a
-   * step is running is remembered, so the loop goes again instead of sleeping: that step's
-   * snapshot may predate the commit.
+   * A local write committed: read the new WAL now instead of at the next poll. A poke that
+   * arrives while a step is running is remembered, so the loop goes again instead of sleeping:
+   * that step's snapshot may predate the commit.
    */
   poke(): void {
     this.poked = true;
     this.wake?.();
   }
 
+  /**
+   * The WAL follower: reads what was committed since the last step (writers number their rows
+   * at commit, in commit order, so resuming after the last position misses nothing) and hands it
+   * to the merkle index and to shipping. Local writes poke it; writes by other processes of the
+   * cluster are found by polling, at most FOLLOW_IDLE_MAX_MS apart.
+   */
   private async runDuties(): Promise<void> {
     let idleMs = 1;
+    this.followedLsn = -1;
+    await orderStragglers(this.o.db).catch((err) => this.o.log.warn({ err: (err as Error).message }, 'numbering WAL rows left by an older version failed'));
     while (this.active && !this.stopping) {
-      let assigned = 0;
+      let more = false;
       let failed = false;
       this.poked = false;
       try {
-        const r = await sequenceWal(this.o.db);
-        assigned = r.assigned;
-        this.headLsn = r.headLsn;
-        this.feedMerkle(r.headLsn, r.records ?? []);
-        if (assigned > 0) {
-          for (const [seq, lsn] of r.pairs ?? []) {
-            this.recent.set(seq, lsn);
-            this.waiters.get(seq)?.(lsn);
-          }
-          for (const seq of this.recent.keys()) {
-            if (this.recent.size <= RECENT_POSITIONS) break;
-            this.recent.delete(seq);
-          }
-          this.o.onSequenced?.(r.headLsn);
+        // First step of a term: start at the head; recovery covers what came before it.
+        const r = await readNewWal(this.o.db, this.followedLsn < 0 ? Number.MAX_SAFE_INTEGER : this.followedLsn, FOLLOW_BATCH);
+        if (this.followedLsn < 0 || r.resets !== this.followedResets) {
+          // A new term (the index catches up to the head once recovered), or the WAL was reset
+          // (a secondary enable wiped the replicated data): the index starts over.
+          if (this.followedLsn < 0) this.o.merkle?.catchUp(r.headLsn).catch(() => undefined);
+          else this.resetMerkle();
+          this.followedLsn = r.headLsn;
+          this.followedResets = r.resets;
+        } else if (r.records.length > 0) {
+          this.feedMerkle(r.records);
+          this.followedLsn = r.records[r.records.length - 1].lsn;
+          more = r.records.length === FOLLOW_BATCH;
         }
+        const moved = r.headLsn !== this.headLsn;
+        this.headLsn = r.headLsn;
+        if (moved) this.o.onSequenced?.(r.headLsn);
       } catch (err) {
-        this.o.log.warn({ err: (err as Error).message }, 'WAL sequencing failed; retrying');
+        this.o.log.warn({ err: (err as Error).message }, 'reading new WAL failed; retrying');
         idleMs = 500;
         failed = true;
       }
       // A failing step waits (backs off) even when poked.
-      if (!failed && (assigned > 0 || this.poked)) {
+      if (!failed && (more || this.poked)) {
         idleMs = 1;
         continue;
       }
@@ -246,24 +220,22 @@ export class ActiveNode {
         };
       });
       this.wake = null;
-      idleMs = Math.min(idleMs * 2, 20);
+      idleMs = Math.min(idleMs * 2, FOLLOW_IDLE_MAX_MS);
     }
   }
 
-  /** Hands newly ordered records to the index (not awaited: ordering never waits for it). */
-  private feedMerkle(head: number, records: import('../storage/wal').OrderedRecord[]): void {
+  /** Hands new records to the index (not awaited: following the WAL never waits for it). */
+  private feedMerkle(records: OrderedRecord[]): void {
     const merkle = this.o.merkle;
     if (!merkle) return;
-    // The WAL went backwards under the index (a secondary enable wiped it): start over.
-    if (head < merkle.appliedLsn) {
-      void merkle.rebuild('the WAL was reset').catch((err) => this.o.log.warn({ err: (err as Error).message }, 'merkle rebuild failed'));
-      return;
-    }
-    if (records.length === 0) return;
     merkle.apply(records).catch((err) => {
       this.o.log.error({ err: (err as Error).message }, 'merkle apply failed; rebuilding the index');
       void merkle.rebuild('apply failed').catch(() => undefined);
     });
+  }
+
+  private resetMerkle(): void {
+    void this.o.merkle?.rebuild('the WAL was reset').catch((err) => this.o.log.warn({ err: (err as Error).message }, 'merkle rebuild failed'));
   }
 
   async leader() {

@@ -37,7 +37,7 @@ import {
   type ShippedEntry,
 } from '../storage/replication';
 import type { DB } from '../storage/schema';
-import { lsnOfSeq, walGauges, walHead } from '../storage/wal';
+import { walHead } from '../storage/wal';
 import type { Mode, SecondaryState } from './states';
 import {
   assertSafePrimaryAddr,
@@ -72,8 +72,6 @@ export interface ReplicationOptions {
   clusterAddr?: string;
   version: string;
   isActive: () => boolean;
-  /** The in-process sequencer's answer for a WAL row's position (active node only). */
-  lsnFor?: (seq: number, timeoutMs: number, check: () => Promise<number | null>) => Promise<number | null>;
   bestEffortWalWaitMs: number;
   batchMaxRows: number;
   batchMaxBytes: number;
@@ -390,10 +388,9 @@ export class Replication {
   /** Runs a write a secondary forwarded, and answers with the WAL position it got. */
   async runForwarded(secondaryId: string, req: LogicalRequest): Promise<{ response: LogicalResponse; lsn: number }> {
     const response = await this.o.core.handle({ ...req, token: null, forwardedBy: secondaryId });
-    // Read-after-write needs a position the secondary can compare with what it applied: wait
-    // (briefly) for the sequencer to order this write.
-    const lsn = response.walSeq ? ((await this.lsnOf(response.walSeq)) ?? 0) : 0;
-    return { response, lsn };
+    // Read-after-write: the write's WAL position, which the secondary compares with what it
+    // has applied (known at commit: entries.ts numbers WAL rows in the writing transaction).
+    return { response, lsn: response.walLsn ?? 0 };
   }
 
   private readonly secrets = new Map<string, string>();
@@ -520,11 +517,11 @@ export class Replication {
     return idle;
   }
 
-  /** Called by the active node right after it ordered new WAL: ship without waiting for a tick. */
+  /** Called by the active node right after it saw new WAL: ship without waiting for a tick. */
   poke(headLsn: number): void {
     if (this.lastSeenMode !== 'primary') return;
-    // Coalesced: the sequencer may order rows hundreds of times a second, and one wake-up
-    // with the newest head (pokes come in order from one sequencer) covers every earlier one.
+    // Coalesced: the active node may see new WAL hundreds of times a second, and one wake-up
+    // with the newest head (pokes come in order from one loop) covers every earlier one.
     this.wakeHead = headLsn;
     // Every secondary is being shipped to by this process: leave word for its loop instead of
     // listing the secondaries and queueing a job that would only find the lock taken.
@@ -838,7 +835,7 @@ export class Replication {
     const { response, lsn } = res.body;
     const warnings = [...(response.warnings ?? [])];
     if (lsn > 0 && !(await this.waitForApplied(lsn))) warnings.push(WAL_WAIT_WARNING);
-    return { ...response, warnings, walSeq: undefined, replicatedLsn: lsn };
+    return { ...response, warnings, walLsn: undefined, replicatedLsn: lsn };
   }
 
   /** Waits until this secondary has applied `lsn`, up to the best-effort wait. */
@@ -847,28 +844,6 @@ export class Replication {
     for (;;) {
       if ((await readReplication(this.o.db)).appliedLsn >= lsn) return true;
       if (Date.now() > deadline) return false;
-      await new Promise((r) => setTimeout(r, 5));
-    }
-  }
-
-  /**
-   * The X-Vault-Index of a direct write. On a primary it is the write's WAL position (waiting
-   * briefly for the sequencer), so a secondary can compare it with what it has applied.
-   */
-  async indexOf(seq: number): Promise<number> {
-    if (this.lastSeenMode !== 'primary') return seq;
-    return (await this.lsnOf(seq)) ?? seq;
-  }
-
-  /** A WAL row's position: from the in-process sequencer when it is here, else from Postgres. */
-  private async lsnOf(seq: number): Promise<number | null> {
-    const deadline = Date.now() + this.o.bestEffortWalWaitMs;
-    const check = () => lsnOfSeq(this.o.db, seq);
-    const local = this.o.lsnFor ? await this.o.lsnFor(seq, this.o.bestEffortWalWaitMs, check) : await check();
-    if (local !== null) return local;
-    for (;;) {
-      const l = await lsnOfSeq(this.o.db, seq);
-      if (l !== null || Date.now() > deadline) return l;
       await new Promise((r) => setTimeout(r, 5));
     }
   }
@@ -952,9 +927,8 @@ export class Replication {
     let row = await readReplication(this.o.db);
     const { base, headers, tls } = await this.toPrimary(row);
     await this.updateRow({ state: 'merkle-diff' });
-    // Our index must describe all of our storage: let the last applied rows be ordered.
-    const settle = Date.now() + 10_000;
-    while ((await walGauges(this.o.db)).walUnorderedRows > 0 && Date.now() < settle) await new Promise((r) => setTimeout(r, 10));
+    // Our index must describe all of our storage: every applied row is in the WAL (numbered at
+    // commit); bring the index up to its head.
     await merkle.syncWithWal();
     const mine = await merkle.snapshot();
     const myPages = pageHashes(mine.subpageHashes);

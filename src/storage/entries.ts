@@ -5,6 +5,21 @@
  * statement (a data-modifying CTE), so neither can commit without the other, whatever
  * transaction the caller runs it in. The hot-path statements are kept together so they can be
  * reviewed as text.
+ *
+ * Invariant 2 (dense, commit-ordered WAL): a WAL row gets its position (`lsn`) from the head row
+ * `coffer_wal_head`, whose lock is the LAST lock its transaction takes and is held until that
+ * transaction's commit is visible — so whoever numbers position n+1 did so after the writer of n
+ * committed. Two shapes:
+ *
+ *  - a write that is one statement (the batched KV writes, a secondary's apply) numbers its rows
+ *    in that statement (`WAL_POSITIONS`), after its entry rows are locked;
+ *  - a transaction of several statements writes its rows without a position and numbers them all
+ *    in its last statement before COMMIT (`stampWal`). Migration 0008's deferred trigger refuses
+ *    a COMMIT that would leave one unnumbered.
+ *
+ * Nothing ever waits on an entry row while holding the head, so the two cannot deadlock; and
+ * within one transaction a key's rows are numbered in the order they were written, which is its
+ * version order.
  */
 import { createHash } from 'node:crypto';
 import { sql, type Kysely, type Transaction } from 'kysely';
@@ -13,9 +28,51 @@ import type { CasWrite, Versioned } from '../core/ports';
 import type { DB } from './schema';
 
 export interface WrittenRow {
-  /** The WAL row's insertion number (not yet its dense LSN; the sequencer assigns that). */
+  /** The WAL row's insertion number (its position comes from stampWal before COMMIT). */
   seq: number;
   keyVersion: number;
+}
+
+/**
+ * The CTE `hd` that takes `n` positions for the rows of CTE `rows`: it moves the head past them
+ * (taking the head row's lock, held to commit) and yields `base`, the position before the first.
+ * Its inputs are the changed rows, so Postgres has locked every entry row before it reaches the
+ * head; and a statement that changed nothing leaves the head alone (no lock, no position).
+ * Under READ COMMITTED a writer that waited for the lock re-reads the head its predecessor
+ * committed (EvalPlanQual), so its positions follow on densely.
+ */
+export const WAL_POSITIONS = (rows: string) => `hd AS (
+    UPDATE coffer_wal_head SET last_lsn = last_lsn + (SELECT count(*) FROM ${rows})
+     WHERE id = 1 AND EXISTS (SELECT 1 FROM ${rows})
+    RETURNING last_lsn - (SELECT count(*) FROM ${rows}) AS base)`;
+
+/**
+ * Numbers the WAL rows this transaction wrote without a position (in the order written), as its
+ * last statement before COMMIT; returns the highest position (0: it wrote none, and then the head
+ * is not locked). See the header: the head's lock must be the last one the transaction takes.
+ */
+const STAMP_WAL = sql<{ last_lsn: number | null }>`
+  WITH mine AS (
+    SELECT seq, row_number() OVER (ORDER BY seq) AS n FROM coffer_wal
+     WHERE xid = pg_current_xact_id_if_assigned() AND lsn IS NULL),
+  ${sql.raw(WAL_POSITIONS('mine'))},
+  u AS (
+    UPDATE coffer_wal w SET lsn = hd.base + mine.n, ordered_at = clock_timestamp()
+      FROM mine, hd WHERE w.seq = mine.seq
+    RETURNING w.lsn)
+  SELECT max(lsn) AS last_lsn FROM u`;
+
+export async function stampWal(tx: Transaction<DB>): Promise<number> {
+  const { rows } = await STAMP_WAL.execute(tx);
+  return Number(rows[0]?.last_lsn ?? 0);
+}
+
+/** A transaction whose WAL rows are numbered as its last statement; `lastLsn` 0 if it wrote none. */
+export async function walTransaction<T>(db: Kysely<DB>, fn: (tx: Transaction<DB>) => Promise<T>): Promise<{ result: T; lastLsn: number }> {
+  return db.transaction().execute(async (tx) => {
+    const result = await fn(tx);
+    return { result, lastLsn: await stampWal(tx) };
+  });
 }
 
 const DELETE_WITH_WAL = (path: string) => sql<{ seq: number; key_version: number }>`
@@ -65,7 +122,7 @@ export async function putEntry(tx: Transaction<DB>, path: string, value: Buffer,
 }
 
 /** Several puts in one statement (one round trip); every entry still gets its own WAL row. */
-export async function putEntries(tx: Transaction<DB>, entries: [string, Buffer][], term: number): Promise<number> {
+export async function putEntries(tx: Transaction<DB>, entries: [string, Buffer][], term: number): Promise<void> {
   if (new Set(entries.map(([p]) => p)).size !== entries.length) throw new Error('putEntries: duplicate path');
   const { rows } = await PUT_WITH_WAL(
     entries.map(([p]) => p),
@@ -74,7 +131,6 @@ export async function putEntries(tx: Transaction<DB>, entries: [string, Buffer][
     term,
   ).execute(tx);
   if (rows.length !== entries.length) throw new StaleKeyTerm();
-  return Math.max(...rows.map((r) => r.seq));
 }
 
 export async function getEntries(db: Kysely<DB> | Transaction<DB>, paths: string[]): Promise<(Buffer | null)[]> {
@@ -144,14 +200,14 @@ export async function listChildren(
   return out;
 }
 
-/** Per write of a batch: its highest WAL seq, or null if its anchor had moved (nothing of it was written). */
+/** Per write of a batch: its highest WAL position, or null if its anchor had moved (nothing of it was written). */
 export type CasOutcome = number | null;
 
 /**
  * Several optimistic read-modify-writes in ONE statement (so one commit): each write changes its
  * anchor entry only if the anchor's version is still the one its writer read, and writes its
  * other entries only if that succeeded; every changed entry gets its WAL row in the same
- * statement (invariant 1). The guard sits where Postgres re-checks it against the newest row
+ * statement (invariant 1), numbered in it (WAL_POSITIONS). The guard sits where Postgres re-checks it against the newest row
  * version under the row lock — ON CONFLICT DO UPDATE's WHERE and UPDATE's WHERE — so a writer
  * that committed after this statement's snapshot is seen, and the loser writes nothing. The new
  * anchor version is `version + 1`, which is what the guard compares against (`EXCLUDED.version
@@ -197,16 +253,19 @@ const MODIFY_BATCH = `
       FROM o
      WHERE o.val IS NULL AND o.item IN (SELECT item FROM ok) AND cur.path = o.path AND cur.value IS NOT NULL
     RETURNING cur.path, cur.version),
-  w AS (
-    INSERT INTO coffer_wal (path, op, key_version, value_hash, value_size)
-    SELECT path, 'put', version, value_hash, size FROM ap
+  ch AS (
+    SELECT path, 'put' AS op, version, value_hash, size FROM ap
     UNION ALL SELECT path, 'put', version, value_hash, size FROM op
     UNION ALL SELECT path, 'delete', version, NULL, 0 FROM ad
-    UNION ALL SELECT path, 'delete', version, NULL, 0 FROM od
-    RETURNING seq, path)
-  SELECT t.ok AS term_ok, r.item, r.last_seq
+    UNION ALL SELECT path, 'delete', version, NULL, 0 FROM od),
+  ${WAL_POSITIONS('ch')},
+  w AS (
+    INSERT INTO coffer_wal (path, op, key_version, value_hash, value_size, lsn, ordered_at)
+    SELECT path, op, version, value_hash, size, (SELECT base FROM hd) + row_number() OVER (ORDER BY path), clock_timestamp() FROM ch
+    RETURNING lsn, path)
+  SELECT t.ok AS term_ok, r.item, r.last_lsn
     FROM t LEFT JOIN (
-      SELECT ok.item, max(w.seq) AS last_seq
+      SELECT ok.item, max(w.lsn) AS last_lsn
         FROM ok
         JOIN (SELECT item, path FROM a UNION ALL SELECT item, path FROM o) p ON p.item = ok.item
         JOIN w ON w.path = p.path
@@ -238,12 +297,12 @@ export async function casWriteBatch(db: Kysely<DB>, writes: CasWrite[], term: nu
       o.hash.push(null);
     }
   });
-  const rows = await preparedQuery<{ term_ok: boolean; item: number | null; last_seq: number | null }>(db, 'coffer_modify_batch', MODIFY_BATCH, [
+  const rows = await preparedQuery<{ term_ok: boolean; item: number | null; last_lsn: number | null }>(db, 'coffer_modify_batch', MODIFY_BATCH, [
     a.item, a.path, a.ver, a.val, a.hash, o.item, o.path, o.val, o.hash, term,
   ]);
   if (!rows[0]?.term_ok) throw new StaleKeyTerm();
   const out: CasOutcome[] = writes.map(() => null);
-  for (const r of rows) if (r.item !== null) out[r.item] = Number(r.last_seq ?? 0);
+  for (const r of rows) if (r.item !== null) out[r.item] = Number(r.last_lsn ?? 0);
   return out;
 }
 

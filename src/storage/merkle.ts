@@ -108,17 +108,14 @@ export async function scanRuns(
   db: Kysely<DB>,
   onBatch: (head: number, runs: { subpage: number; run: Buffer }[]) => Promise<void>,
   batchSize = 64,
-): Promise<{ head: number; pendingSeq: number }> {
+): Promise<number> {
   return db
     .transaction()
     .setIsolationLevel('repeatable read')
     .execute(async (tx) => {
-      // The snapshot also holds committed writes not yet ordered (their rows have no LSN): the
-      // newest such row is reported so a caller comparing with the live index can wait for it.
-      const { rows } = await sql<{ last_lsn: number; pending: number | null }>`
-        SELECT last_lsn, (SELECT max(seq) FROM coffer_wal WHERE lsn IS NULL) AS pending FROM coffer_wal_head WHERE id = 1`.execute(tx);
-      const head = Number(rows[0].last_lsn);
-      const pendingSeq = Number(rows[0].pending ?? 0);
+      // Every entry this snapshot holds was written by a transaction that numbered its WAL rows
+      // before committing: the head in the same snapshot covers them all.
+      const head = Number((await sql<{ last_lsn: number }>`SELECT last_lsn FROM coffer_wal_head WHERE id = 1`.execute(tx)).rows[0].last_lsn);
       await sql`
         DECLARE coffer_rebuild NO SCROLL CURSOR FOR
         SELECT merkle_subpage AS subpage,
@@ -131,14 +128,8 @@ export async function scanRuns(
         if (batch.length === 0) break;
         await onBatch(head, batch);
       }
-      return { head, pendingSeq };
+      return head;
     });
-}
-
-/** True once no WAL row up to insertion number `seq` is still waiting for a position. */
-export async function orderedThrough(db: Kysely<DB>, seq: number): Promise<boolean> {
-  const { rows } = await sql<{ n: number }>`SELECT count(*)::int AS n FROM coffer_wal WHERE lsn IS NULL AND seq <= ${seq}`.execute(db);
-  return rows[0].n === 0;
 }
 
 /** Entries (tombstones included) of some subpages, for merkle-sync. */

@@ -2,14 +2,15 @@
 import { sql, type Kysely, type Transaction } from 'kysely';
 import pg from 'pg';
 import type { AuthRead, CasWrite, LeaseRecord, LeaseRepo, ReadPlan, SealRecord, Store, StoreTx, TokenRecord, TokenRepo, Versioned, WrapRepo, WrappedRecord } from '../core/ports';
-import { casWriteBatch, deleteEntry, getEntries, getVersionedMany, getEntry, getWithLast, listChildren, prefixEnd, putEntries, putEntry, StaleKeyTerm } from './entries';
+import { casWriteBatch, deleteEntry, getEntries, getVersionedMany, getEntry, getWithLast, listChildren, prefixEnd, putEntries, putEntry, stampWal, StaleKeyTerm } from './entries';
 import { KeyringStale } from '../core/errors';
 import { termOf } from '../core/keyring';
 import { deleteLocal, getLocal, putLocal } from './local';
 import { HOT_CONNECTIONS, preparedQuery } from './db';
 import type { DB } from './schema';
 
-function txStore(tx: Transaction<DB>): StoreTx {
+/** A transaction's storage; `wrote` turns true once it wrote a WAL row (it then needs stampWal). */
+function txStore(tx: Transaction<DB>, wrote: { wal: boolean }): StoreTx {
   return {
     get: async (path) => {
       const row = await tx.selectFrom('coffer_entries').select('value').where('path', '=', path).executeTakeFirst();
@@ -17,9 +18,19 @@ function txStore(tx: Transaction<DB>): StoreTx {
     },
     getMany: (paths) => getEntries(tx, paths),
     list: (prefix) => listChildren(tx, 'coffer_entries', prefix),
-    put: async (path, value) => (await putEntry(tx, path, value, termOf(value))).seq,
-    putMany: (entries) => putEntries(tx, entries, Math.min(...entries.map(([, v]) => termOf(v)))),
-    delete: async (path) => (await deleteEntry(tx, path))?.seq ?? null,
+    put: async (path, value) => {
+      await putEntry(tx, path, value, termOf(value));
+      wrote.wal = true;
+    },
+    putMany: async (entries) => {
+      await putEntries(tx, entries, Math.min(...entries.map(([, v]) => termOf(v))));
+      wrote.wal = true;
+    },
+    delete: async (path) => {
+      const row = await deleteEntry(tx, path);
+      if (row) wrote.wal = true;
+      return row !== null;
+    },
     lock: async (key) => {
       await sql`SELECT pg_advisory_xact_lock(hashtextextended(${key}, 0))`.execute(tx);
     },
@@ -360,7 +371,12 @@ export function pgStore(db: Kysely<DB>): Store {
     listLocal: (prefix) => listChildren(db, 'coffer_local_entries', prefix),
     transaction: async (fn) => {
       try {
-        return await db.transaction().execute((tx) => fn(txStore(tx)));
+        return await db.transaction().execute(async (tx) => {
+          const wrote = { wal: false };
+          const result = await fn(txStore(tx, wrote));
+          // The WAL rows' positions, as the transaction's last statement (entries.ts header).
+          return { result, lastLsn: wrote.wal ? await stampWal(tx) : 0 };
+        });
       } catch (err) {
         if (err instanceof StaleKeyTerm) throw new KeyringStale();
         throw err;

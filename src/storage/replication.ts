@@ -8,6 +8,7 @@
  */
 import { sql, type Kysely, type RawBuilder } from 'kysely';
 import { preparedQuery } from './db';
+import { WAL_POSITIONS, walTransaction } from './entries';
 import type { DB } from './schema';
 
 export interface ShippedEntry {
@@ -120,12 +121,16 @@ export async function shipStep(db: Kysely<DB>, secondaryId: string, ack: number 
 const UPSERT_SHIPPED = (paths: string[], versions: number[], values: (Buffer | null)[], when: 'newer' | 'differs') => sql<{ seq: number }>`
   WITH x AS (
     SELECT p, v, val, sha256(val) AS h FROM unnest(${paths}::text[], ${versions}::bigint[], ${values}::bytea[]) AS t(p, v, val)
-  ), ${sql.raw(writeShipped(when))}
+  ), ${sql.raw(writeShipped(when, 'in-transaction'))}
   SELECT seq FROM w`;
 
-/** The CTEs `e` (entries) and `w` (their WAL rows) that write what CTE `x` (p, v, val, h) holds. */
-function writeShipped(when: 'newer' | 'differs'): string {
-  return `e AS (
+/**
+ * The CTEs `e` (entries) and `w` (their WAL rows) that write what CTE `x` (p, v, val, h) holds.
+ * `numbered`: the statement is the whole write, and numbers its WAL rows itself; in-transaction:
+ * the rows are numbered by the transaction's stampWal before COMMIT (see entries.ts).
+ */
+function writeShipped(when: 'newer' | 'differs', positions: 'numbered' | 'in-transaction'): string {
+  const entries = `e AS (
     INSERT INTO coffer_entries AS cur (path, version, value, value_hash, updated_at)
     SELECT p, v, val, h, clock_timestamp() FROM x
     ON CONFLICT (path) DO UPDATE
@@ -133,9 +138,18 @@ function writeShipped(when: 'newer' | 'differs'): string {
            value_hash = EXCLUDED.value_hash, updated_at = EXCLUDED.updated_at
      WHERE ${when === 'newer' ? 'cur.version < EXCLUDED.version' : 'cur.version IS DISTINCT FROM EXCLUDED.version OR cur.value_hash IS DISTINCT FROM EXCLUDED.value_hash'}
     RETURNING path, version, value, value_hash
-  ), w AS (
+  )`;
+  const row = `path, CASE WHEN value IS NULL THEN 'delete' ELSE 'put' END, version, value_hash, coalesce(octet_length(value), 0)`;
+  if (positions === 'in-transaction') {
+    return `${entries}, w AS (
     INSERT INTO coffer_wal (path, op, key_version, value_hash, value_size)
-    SELECT path, CASE WHEN value IS NULL THEN 'delete' ELSE 'put' END, version, value_hash, coalesce(octet_length(value), 0) FROM e
+    SELECT ${row} FROM e
+    RETURNING seq
+  )`;
+  }
+  return `${entries}, ${WAL_POSITIONS('e')}, w AS (
+    INSERT INTO coffer_wal (path, op, key_version, value_hash, value_size, lsn, ordered_at)
+    SELECT ${row}, (SELECT base FROM hd) + row_number() OVER (ORDER BY path), clock_timestamp() FROM e
     RETURNING seq
   )`;
 }
@@ -160,7 +174,7 @@ export async function divergenceReport(db: Kysely<DB>, limit = 1000) {
 }
 
 export async function syncEntries(db: Kysely<DB>, entries: ShippedEntry[], purgePaths: string[]): Promise<number> {
-  return db.transaction().execute(async (tx) => {
+  const { result } = await walTransaction(db, async (tx) => {
     const { rows } = await sql<{ mode: string; state: string }>`SELECT mode, state FROM coffer_replication WHERE id = 1 FOR UPDATE`.execute(tx);
     if (rows[0].mode !== 'secondary' || rows[0].state !== 'merkle-sync') throw new Error(`merkle-sync refused: cluster is ${rows[0].mode} in state ${rows[0].state}`);
     let changed = 0;
@@ -194,6 +208,7 @@ export async function syncEntries(db: Kysely<DB>, entries: ShippedEntry[], purge
     if (purgePaths.length) changed += (await SYNC_PURGE(purgePaths).execute(tx)).rows.length;
     return changed;
   });
+  return result;
 }
 
 export type ApplyOutcome = { applied: true; appliedLsn: number; changed: number } | { applied: false; appliedLsn: number; reason: string };
@@ -219,7 +234,7 @@ const APPLY_BATCH = `
   x AS (
     SELECT p, v, val, sha256(val) AS h FROM unnest($4::text[], $5::bigint[], $6::bytea[]) AS t(p, v, val)
      WHERE EXISTS (SELECT 1 FROM adv)),
-  ${writeShipped('newer')}
+  ${writeShipped('newer', 'numbered')}
   SELECT (SELECT count(*) FROM adv)::int AS applied, (SELECT count(*) FROM w)::int AS changed, r.applied_lsn, r.mode, r.state, r.epoch
     FROM coffer_replication r WHERE r.id = 1`;
 
@@ -252,7 +267,7 @@ export async function applyBatch(db: Kysely<DB>, batch: Batch, epoch = 0): Promi
 export async function wipeReplicated(db: Kysely<DB>): Promise<void> {
   await db.transaction().execute(async (tx) => {
     await sql`TRUNCATE coffer_entries, coffer_wal, coffer_merkle_pages, coffer_merkle_checkpoint`.execute(tx);
-    await sql`UPDATE coffer_wal_head SET last_lsn = 0 WHERE id = 1`.execute(tx);
+    await sql`UPDATE coffer_wal_head SET last_lsn = 0, resets = resets + 1 WHERE id = 1`.execute(tx);
     await sql`ALTER SEQUENCE coffer_wal_seq_seq RESTART`.execute(tx);
   });
 }

@@ -30,6 +30,8 @@ export interface WalTable {
 export interface WalHeadTable {
   id: number;
   last_lsn: Int8;
+  /** WAL resets so far (secondary enable starts the WAL again at 1). */
+  resets: Generated<Int8>;
 }
 
 export interface LocalEntriesTable {

@@ -57,7 +57,7 @@ const approleLogin = (data: Record<string, unknown>, o: CallOpts = {}) => call('
 test('sys/auth: enable at default and custom paths, list, read, tune, refuse what Vault refuses', async () => {
   const enabled = await call('update', 'sys/auth/userpass', { type: 'userpass' });
   expect(enabled.status).toBe(204);
-  expect(enabled.walSeq).toBeGreaterThan(0); // → X-Vault-Index
+  expect(enabled.walLsn).toBeGreaterThan(0); // → X-Vault-Index
   await call('update', 'sys/auth/people', { type: 'userpass', description: 'humans', config: { default_lease_ttl: '1h' } });
 
   const list = (await call('read', 'sys/auth')).data!;
@@ -80,7 +80,7 @@ test('sys/auth: enable at default and custom paths, list, read, tune, refuse wha
   expect((await call('read', 'sys/auth/people')).data).toEqual(list['people/']);
 
   const tuned = await call('update', 'sys/auth/people/tune', { default_lease_ttl: '30m', max_lease_ttl: 7200, description: 'people' });
-  expect(tuned.walSeq).toBeGreaterThan(0);
+  expect(tuned.walLsn).toBeGreaterThan(0);
   expect((await call('read', 'sys/auth/people/tune')).data).toMatchObject({ default_lease_ttl: 1800, max_lease_ttl: 7200, token_type: 'default-service', description: 'people' });
   // A nested mount path is tuned the same way.
   await call('update', 'sys/auth/team/eu', { type: 'approle' });
@@ -168,7 +168,7 @@ test('sys/auth disable: revokes the tokens and leases the method issued and eras
 
   const res = await call('delete', 'sys/auth/people');
   expect(res.status).toBe(204);
-  expect(res.walSeq).toBeGreaterThan(0);
+  expect(res.walLsn).toBeGreaterThan(0);
   expect(await core.leases.repo.idsWithPrefix('auth/people/')).toEqual([]);
   expect(await core.tokens.lookup(token)).toBeNull();
   expect(await core.barrier.list(`auth/${mount.uuid}/`)).toEqual([]);
@@ -198,7 +198,7 @@ test('approle: role, role-id, secret-id with num_uses=2 allows exactly two login
 
   expect(await fail('update', 'auth/approle/role/web/secret-id', { num_uses: 6 })).toEqual({ status: 400, errors: ["num_uses cannot be higher than the role's secret_id_num_uses"] });
   const gen = await call('update', 'auth/approle/role/web/secret-id', { num_uses: 2, metadata: '{"env":"prod"}' });
-  expect(gen.walSeq).toBeGreaterThan(0);
+  expect(gen.walLsn).toBeGreaterThan(0);
   const sid = gen.data as { secret_id: string; secret_id_accessor: string; secret_id_num_uses: number; secret_id_ttl: number };
   expect(sid).toEqual({ secret_id: expect.any(String), secret_id_accessor: expect.any(String), secret_id_num_uses: 2, secret_id_ttl: 0 });
   plaintexts.push(roleId, sid.secret_id);
@@ -206,7 +206,7 @@ test('approle: role, role-id, secret-id with num_uses=2 allows exactly two login
   const first = await approleLogin({ role_id: roleId, secret_id: sid.secret_id });
   expect(first.auth).toMatchObject({ policies: ['app', 'default'], metadata: { env: 'prod', role_name: 'web' }, lease_duration: 600, renewable: true, orphan: true });
   expect((await core.tokens.lookup(first.auth!.client_token))).toMatchObject({ displayName: 'approle', path: 'auth/approle/login' });
-  expect(first.walSeq).toBeGreaterThan(0); // a use was consumed
+  expect(first.walLsn).toBeGreaterThan(0); // a use was consumed
   expect((await call('update', 'auth/approle/role/web/secret-id/lookup', { secret_id: sid.secret_id })).data).toMatchObject({ secret_id_num_uses: 1 });
   await approleLogin({ role_id: roleId, secret_id: sid.secret_id });
   const third = await fail('update', 'auth/approle/login', { role_id: roleId, secret_id: sid.secret_id }, { token: null });

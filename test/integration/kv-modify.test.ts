@@ -202,11 +202,11 @@ describe('the batched statement itself', () => {
 test('a metadata delete (which encrypts nothing) commits; the key then starts again at version 1', async () => {
   for (const v of [1, 2]) await call(a, 'update', 'secret/data/gone', { data: { v } });
   const del = await call(b, 'delete', 'secret/metadata/gone');
-  expect(del.walSeq).toBeGreaterThan(0);
+  expect(del.walLsn).toBeGreaterThan(0);
   await expect(call(a, 'read', 'secret/metadata/gone')).rejects.toBeInstanceOf(NotFound);
   expect(version(await call(a, 'update', 'secret/data/gone', { data: { v: 3 } }))).toBe(1);
   // Soft delete of the latest version (also nothing encrypted but the metadata) and back.
-  expect((await call(b, 'delete', 'secret/data/gone')).walSeq).toBeGreaterThan(0);
-  expect((await call(a, 'update', 'secret/undelete/gone', { versions: [1] })).walSeq).toBeGreaterThan(0);
+  expect((await call(b, 'delete', 'secret/data/gone')).walLsn).toBeGreaterThan(0);
+  expect((await call(a, 'update', 'secret/undelete/gone', { versions: [1] })).walLsn).toBeGreaterThan(0);
   expect(await atomicWalViolations(q)).toEqual([]);
 });

@@ -1,8 +1,9 @@
 /**
  * The merkle index (src/merkle/index.ts) in this process, against real Postgres: the real
- * storage functions write (putEntry / deleteEntry in transactions), the real sequencer orders
- * (sequenceWal), and a real MerkleIndex with a real Piscina pool (workers/merkle.ts, compiled:
- * run `npx tsc -p tsconfig.json` first) follows the ordered WAL the way the active node does.
+ * storage functions write (putEntry / deleteEntry in transactions that number their WAL rows
+ * before COMMIT), a follower reads the new WAL (readNewWal, as the active node does), and a real
+ * MerkleIndex with a real Piscina pool (workers/merkle.ts, compiled: run `npx tsc -p
+ * tsconfig.json` first) applies it.
  *
  *  a. keyHash / subpageOf (Node) = coffer_key_subpage (SQL) and the generated column
  *     coffer_entries.merkle_subpage, for Unicode paths (property).
@@ -22,8 +23,8 @@
  *     flight), each followed by recovery on a new index, which must equal the storage. A crashed
  *     index sends no statement after the crash instant (statements already sent may complete,
  *     as with kill -9).
- *  g. merkle-check (MerkleIndex.check) must not report corruption of a correct index when a
- *     write is committed but not yet ordered (failed before aca554c: see the test).
+ *  g. merkle-check (MerkleIndex.check) must not report corruption of a correct index while
+ *     writes commit and a slow writer holds a transaction open (see the test).
  *  h. overlapping checkpoints must not leave an older checkpoint stored whose redo point's WAL
  *     the collection already deleted (failed before the fix in MerkleIndex.checkpoint).
  */
@@ -40,14 +41,13 @@ import { MerkleIndex, type IndexRecord } from '../../src/merkle/index';
 import { MerklePool } from '../../src/merkle/pool';
 import { hashRun, keyHash, makeRecord, pageHashes, rootOf, runFromRecords, SUBPAGES, subpageOf } from '../../src/merkle/tree';
 import { openPostgres, type Database } from '../../src/storage/db';
-import { deleteEntry, putEntry } from '../../src/storage/entries';
+import { deleteEntry, putEntry, walTransaction } from '../../src/storage/entries';
 import { collectWal, readCheckpoint } from '../../src/storage/merkle';
 import { migrateToLatest } from '../../src/storage/migrate';
 import type { DB } from '../../src/storage/schema';
-import { sequenceWal, walHead } from '../../src/storage/wal';
+import { readNewWal, walHead } from '../../src/storage/wal';
 import { createTestDatabase, sqlClient, type TestDatabase } from '../helpers/pg';
 import { seededRng } from '../helpers/rng';
-import { waitFor } from '../helpers/wait';
 import { closeBounded, rollbackQuietly, TERM, type Queryable } from '../helpers/wal-invariants';
 
 // ------------------------------------------------------------------ resources and cleanup
@@ -74,9 +74,18 @@ afterAll(async () => {
 
 interface Fresh {
   tdb: TestDatabase;
-  /** The writers' and the sequencer's connections (never "crash"). */
+  /** The writers' and the follower's connections (never "crash"). */
   db: Kysely<DB>;
   q: Queryable;
+  /** The follower's position: every WAL record up to here has been read. */
+  followed: number;
+}
+
+/** One step of the active node's WAL follower: the records committed since the last step. */
+async function follow(f: Fresh): Promise<{ records: IndexRecord[]; head: number }> {
+  const r = await readNewWal(f.db, f.followed, 5000);
+  if (r.records.length > 0) f.followed = r.records[r.records.length - 1].lsn;
+  return { records: r.records, head: r.headLsn };
 }
 
 async function fresh(label: string): Promise<Fresh> {
@@ -87,7 +96,7 @@ async function fresh(label: string): Promise<Fresh> {
   await migrateToLatest(database.db);
   const q = await sqlClient(tdb.url);
   clients.push(q);
-  return { tdb, db: database.db, q };
+  return { tdb, db: database.db, q, followed: 0 };
 }
 
 /**
@@ -189,7 +198,7 @@ type Op = { path: string; value: Buffer | null };
 async function writeTx(db: Kysely<DB>, ops: Op[], rollback = false): Promise<void> {
   class Rollback extends Error {}
   try {
-    await db.transaction().execute(async (tx) => {
+    await walTransaction(db, async (tx) => {
       for (const op of ops) {
         if (op.value) await putEntry(tx, op.path, op.value, TERM);
         else await deleteEntry(tx, op.path);
@@ -201,26 +210,13 @@ async function writeTx(db: Kysely<DB>, ops: Op[], rollback = false): Promise<voi
   }
 }
 
-const toRecords = (recs: { lsn: number; path: string; op: 'put' | 'delete'; valueHash: Buffer | null; sp: number }[] | undefined): IndexRecord[] => recs ?? [];
-
-/**
- * Runs the sequencer until every committed WAL row has a position, handing each batch to `feed`
- * (bounded: the xmin horizon is server-wide and other test files may hold it for a moment).
- */
+/** Reads every committed WAL record not read yet, handing each batch to `feed`; returns the head. */
 async function sequenceAll(f: Fresh, feed: (recs: IndexRecord[]) => void = () => undefined): Promise<number> {
-  return waitFor(
-    'every WAL row to be ordered',
-    async () => {
-      for (;;) {
-        const r = await sequenceWal(f.db);
-        if (r.assigned === 0) break;
-        feed(toRecords(r.records));
-      }
-      const { rows } = await f.q.query('SELECT count(*)::int AS n FROM coffer_wal WHERE lsn IS NULL');
-      return rows[0].n === 0 ? walHead(f.db) : null;
-    },
-    { timeoutMs: 20_000, intervalMs: 20 },
-  );
+  for (;;) {
+    const r = await follow(f);
+    if (r.records.length === 0) return r.head;
+    feed(r.records);
+  }
 }
 
 /** The active node's path: order everything, hand it to the index, and wait until it applied it. */
@@ -297,7 +293,7 @@ test('property: keyHash/subpageOf (Node) = coffer_key_subpage (SQL) = coffer_ent
   await check(fixed);
   await fc.assert(fc.asyncProperty(fc.array(anyPath, { minLength: 1, maxLength: 60 }), check), { seed, numRuns: 40 });
 
-  // Through the real write path: the stored generated column and the sequencer's records agree.
+  // Through the real write path: the stored generated column and the follower's records agree.
   const paths = [...fixed.filter((p) => p !== ''), ...fc.sample(anyPath, { numRuns: 200, seed })];
   const unique = [...new Set(paths)];
   for (let i = 0; i < unique.length; i += 50) await writeTx(f.db, unique.slice(i, i + 50).map((path, j) => ({ path, value: valueOf(path, j) })));
@@ -382,18 +378,18 @@ test('property: two databases given the same final data through different histor
         const writers = plan(keys, final, h);
         const all: IndexRecord[] = [];
         if (label === 'a') {
-          // The active node's way: the sequencer runs while writers write and feeds every batch
+          // The active node's way: the follower runs while writers write and feeds every batch
           // at once (small batches: applied on the event loop); flushes and checkpoints meanwhile.
           let writing = true;
           const applies: Promise<void>[] = [];
-          const sequencer = (async () => {
+          const follower = (async () => {
             let i = 0;
             while (writing) {
-              const r = await sequenceWal(f.db);
-              if (r.assigned > 0) applies.push(node.index.apply(toRecords(r.records)));
+              const r = await follow(f);
+              if (r.records.length > 0) applies.push(node.index.apply(r.records));
               if (++i % 3 === 0) applies.push(node.index.flush());
               if (i % 7 === 0) applies.push(node.index.checkpoint());
-              await new Promise((res) => setTimeout(res, r.assigned > 0 ? 0 : 2));
+              await new Promise((res) => setTimeout(res, r.records.length > 0 ? 0 : 2));
             }
           })();
           await Promise.all(writers.map(async (txs) => {
@@ -403,7 +399,7 @@ test('property: two databases given the same final data through different histor
             }
           }));
           writing = false;
-          await sequencer;
+          await follower;
           await sequenceAll(f, (r) => applies.push(node.index.apply(r)));
           await Promise.all(applies);
         } else {
@@ -586,9 +582,9 @@ test('a torn flush (first 128 images written with newer pageLSNs, the rest stale
 // ------------------------------------------------------------------ f. the crash model
 
 /**
- * Seeded: cycles of { new node → recover (with the new node's sequencer ordering what the dead
- * one left, meanwhile) → check against the truth → a random stream of overlapping operations:
- * writes by concurrent transactions (some rolled back), sequencing with applies not awaited (as
+ * Seeded: cycles of { new node → recover (with the follower reading what the dead one left,
+ * meanwhile) → check against the truth → a random stream of overlapping operations:
+ * writes by concurrent transactions (some rolled back), following the WAL with applies not awaited (as
  * the active node feeds the index), partial and full flushes, checkpoints (sometimes right
  * after a full flush, when nothing may be dirty), WAL collection at a small bound (keeping the
  * index's redo point) → a crash: at an armed fault point (its k-th hit), or at a random moment
@@ -629,8 +625,8 @@ test('crash model: at fault points and random moments under load, every recovery
         writes.push(writeTx(f.db, ops, rng.next() < 0.1));
         if (writes.length >= 3) await Promise.all(writes.splice(0));
       } else if (r < 0.5) {
-        const q = await sequenceWal(f.db);
-        if (q.assigned > 0) pending.push(node.index.apply(toRecords(q.records)));
+        const q = await follow(f);
+        if (q.records.length > 0) pending.push(node.index.apply(q.records));
       } else if (r < 0.65) {
         pending.push(node.index.flush(rng.next() < 0.3));
       } else if (r < 0.7) {
@@ -690,20 +686,19 @@ test('crash model: at fault points and random moments under load, every recovery
   expect(modes.slice(1).filter((m) => m !== 'redo')).toEqual([]);
 }, 180_000);
 
-// ------------------------------------------------------------------ g. merkle-check and unordered writes
+// ------------------------------------------------------------------ g. merkle-check while writes commit
 
 /**
  * merkle-check (`MerkleIndex.check`, sys/replication/merkle-check) rebuilds from one REPEATABLE
- * READ snapshot of coffer_entries. A write whose transaction committed and whose WAL row is not
- * ordered yet is in that snapshot but not at or below its WAL head: the rebuild is ahead of its
- * own LSN. Under any write load some write is in that window (the sequencer runs after commits
- * and waits for the xmin horizon). Found by this test: check() compared at once and reported the
- * (correct) index as corrupted; since aca554c it waits until those writes are ordered.
- *
- * Here the window is held open for a while by a slow writer (an open transaction with an xid,
- * older than the write: the horizon), while the active node's sequencer runs as usual.
+ * READ snapshot of coffer_entries and compares with the live index brought to the snapshot's
+ * WAL head. Under the former design (a sequencer numbered rows after commit, behind the xmin
+ * horizon) a committed write could be in the snapshot but not under its head, and check()
+ * reported the correct index as corrupted (found by this test, fixed in aca554c). Writers now
+ * number their rows before COMMIT, so the head in a snapshot covers every entry in it; this
+ * test keeps the old scenario: a slow writer holds a transaction with an xid open while another
+ * write commits and the follower feeds the index, and the check must find nothing wrong.
  */
-test('merkle-check does not report a correct index as corrupted while a committed write waits to be ordered', async () => {
+test('merkle-check does not report a correct index as corrupted while a slow writer holds a transaction open', async () => {
   const f = await fresh('mk_check');
   const node = openNode(f.tdb.url);
   await node.index.recover();
@@ -711,31 +706,32 @@ test('merkle-check does not report a correct index as corrupted while a committe
   const head = await orderAndApply(f, node);
   await expectIndexIsTruth(node.index, f, 'before');
 
-  // The active node's sequencer, running all along and feeding the index.
+  // The active node's follower, running all along and feeding the index.
   let running = true;
-  const sequencer = (async () => {
+  const follower = (async () => {
     while (running) {
-      const r = await sequenceWal(f.db);
-      if (r.assigned > 0) void node.index.apply(toRecords(r.records));
+      const r = await follow(f);
+      if (r.records.length > 0) void node.index.apply(r.records);
       await new Promise((res) => setTimeout(res, 5));
     }
   })();
   const slow = await f.db.startTransaction().execute();
   try {
-    await putEntry(slow, 'logical/kv/slow-writer', valueOf('slow', 1), TERM); // takes an xid
+    await putEntry(slow, 'logical/kv/slow-writer', valueOf('slow', 1), TERM); // takes an xid, holds the horizon
     await writeTx(f.db, [{ path: 'logical/kv/just-committed', value: valueOf('x', 1) }]);
-    expect((await sequenceWal(f.db)).assigned).toBe(0); // held behind the slow writer
+    // Numbered at commit, whatever the slow writer does.
+    expect(await walHead(f.db)).toBe(head + 1);
     const checking = node.index.check();
     // The slow writer gives up a little later (its own write never happens).
     const giveUp = setTimeout(() => void rollbackQuietly(slow), 300);
     const check = await checking;
     clearTimeout(giveUp);
     expect(check.corrupted).toEqual([]);
-    expect(check.lsn).toBe(head + 1); // the committed write, ordered and in the index
+    expect(check.lsn).toBe(head + 1); // the committed write, in the index
   } finally {
     await rollbackQuietly(slow);
     running = false;
-    await sequencer;
+    await follower;
   }
   await expectIndexIsTruth(node.index, f, 'after');
 });

@@ -85,7 +85,7 @@ describe('policy CRUD', () => {
     const out = await putPolicy('App-RW', APP_RW);
     expect(out.status).toBe(204);
     expect(out.data ?? null).toBeNull();
-    expect(out.walSeq).toBeGreaterThan(0);
+    expect(out.walLsn).toBeGreaterThan(0);
     const read = await call('read', 'sys/policies/acl/app-rw');
     expect(read.data).toEqual({ name: 'app-rw', policy: APP_RW });
     // Stored as replicated data in the shape Core.aclFor reads.
@@ -208,7 +208,7 @@ describe('enforcement on KV v2', () => {
     expect((await readKv('drop/existing', t)).data).toBeTruthy();
     const del = await call('delete', 'sys/policies/acl/creator');
     expect(del.status).toBe(204);
-    expect(del.walSeq).toBeGreaterThan(0);
+    expect(del.walLsn).toBeGreaterThan(0);
     await denied(readKv('drop/existing', t));
     expect((await failure(call('read', 'sys/policies/acl/creator'))).status).toBe(404);
     // Deleting what is not there is still 204.

@@ -1,30 +1,31 @@
 /**
- * Storage-level WAL tests, in this process, on real Postgres (a fresh database per test):
+ * Storage-level WAL tests, in this process, on real Postgres (a fresh database per test). WAL
+ * rows get their positions from the transaction that writes them, as its last statement, under
+ * the head row's lock held to commit (src/storage/entries.ts; DESIGN.md invariant 2):
  *
- *  a. the xid-horizon trap of DESIGN.md invariant 2, built deterministically with three
- *     transactions whose interleaving the test controls, and (regression) the same trap at the
- *     scale of a whole sequencer batch;
+ *  a. commit order is position order whatever the xids (the xid trap's interleaving, built
+ *     deterministically with three transactions), a slow transaction delays nobody, a writer
+ *     waiting for the head gets a dense position when the one before it rolls back, and a
+ *     transaction that would commit unnumbered rows is refused;
  *  b. invariant 1 (atomic WAL) after a seeded random mix of puts, deletes, multi-key
  *     transactions and rollbacks from 8 concurrent writers;
- *  c. two sequencers (two "nodes", two pools) racing while writers write: positions stay dense
- *     and unique and a tailer never sees a gap.
+ *  c. both numbering paths at once (one-statement batched writes, multi-statement
+ *     transactions) from two pools: positions dense and unique, a tailer never sees a gap;
+ *  d. rows left unnumbered by the previous version (its sequencer numbered them after commit)
+ *     are numbered by coffer_order_stragglers in per-key version order; a WAL reset restarts at 1.
  *
  * Interleaving control (a): kysely's `startTransaction()` returns a ControlledTransaction — a
  * `Transaction<DB>` pinned to one pooled connection that stays open until we commit it — so the
- * real `putEntry` runs inside each transaction and the test decides when each statement runs and
- * when each transaction commits. No SQL of the code under test is copied here.
- *
- * The xmin horizon is server-wide: other test files running at the same time on the same
- * Postgres can hold it back for a while, so wherever ordering must *eventually* happen the test
- * waits for it (bounded) instead of expecting one sequencer call to do it.
+ * real `putEntry` and `stampWal` run inside each transaction and the test decides when each
+ * statement runs and when each transaction commits. No SQL of the code under test is copied here.
  */
 import { createHash, randomBytes } from 'node:crypto';
 import { sql, type ControlledTransaction, type Kysely, type Transaction } from 'kysely';
 import { openPostgres, type Database } from '../../src/storage/db';
-import { deleteEntry, getEntry, putEntry, type WrittenRow } from '../../src/storage/entries';
+import { casWriteBatch, deleteEntry, getEntry, putEntry, stampWal, walTransaction, type WrittenRow } from '../../src/storage/entries';
 import { migrateToLatest } from '../../src/storage/migrate';
 import type { DB } from '../../src/storage/schema';
-import { lsnOfSeq, planSequence, readWal, sequenceWal, walHead, writeSequence } from '../../src/storage/wal';
+import { orderStragglers, readNewWal, readWal, walHead } from '../../src/storage/wal';
 import { wipeReplicated } from '../../src/storage/replication';
 import { createTestDatabase, sqlClient, type TestDatabase } from '../helpers/pg';
 import { seededRng } from '../helpers/rng';
@@ -32,8 +33,8 @@ import { waitFor } from '../helpers/wait';
 import { atomicWalViolations, closeBounded, rollbackQuietly, TERM, unorderedCount, walOrderViolations, WalTailer, type Queryable } from '../helpers/wal-invariants';
 
 // Cleanup order: plain clients, then the databases (DROP ... WITH (FORCE) ends this file's own
-// sessions on them, so nothing a failed test left open keeps holding the xmin horizon), then
-// the pools — bounded, as a pool waits for connections still checked out.
+// sessions on them, so nothing a failed test left open keeps a transaction open), then the
+// pools — bounded, as a pool waits for connections still checked out.
 const clients: { end(): Promise<void> }[] = [];
 const dbs: TestDatabase[] = [];
 const pools: Database[] = [];
@@ -55,18 +56,6 @@ async function fresh(label: string, poolSize = 12): Promise<{ tdb: TestDatabase;
   return { tdb, database, q };
 }
 
-/** Runs the sequencer until every committed WAL row has a position (bounded). */
-async function sequenceUntilAllOrdered(db: Kysely<DB>, q: Queryable, timeoutMs = 20_000): Promise<void> {
-  await waitFor(
-    'every WAL row to get a position',
-    async () => {
-      while ((await sequenceWal(db)).assigned > 0);
-      return (await unorderedCount(q)) === 0;
-    },
-    { timeoutMs, intervalMs: 20 },
-  );
-}
-
 /** `p`, or a rejection after `ms` naming what did not happen. */
 async function within<T>(p: Promise<T>, ms: number, what: string): Promise<T> {
   let timer: NodeJS.Timeout | undefined;
@@ -83,10 +72,16 @@ async function within<T>(p: Promise<T>, ms: number, what: string): Promise<T> {
 const xidOf = async (tx: Transaction<DB>) =>
   BigInt((await sql<{ xid: string }>`SELECT pg_current_xact_id()::text AS xid`.execute(tx)).rows[0].xid);
 const pidOf = async (tx: Transaction<DB>) => (await sql<{ pid: number }>`SELECT pg_backend_pid() AS pid`.execute(tx)).rows[0].pid;
+const waitsOnLock = (db: Kysely<DB>, pid: number) =>
+  waitFor(`backend ${pid} to wait on a lock`, async () => {
+    const { rows } = await sql<{ w: string | null }>`SELECT wait_event_type AS w FROM pg_stat_activity WHERE pid = ${pid}`.execute(db);
+    return rows[0]?.w === 'Lock';
+  });
+const log = async (db: Kysely<DB>) => (await readWal(db, 0, 1000)).map((r) => `${r.lsn}:${r.path}@${r.keyVersion}`);
 
 // ------------------------------------------------------------------------------------------ a
 
-test('xid-horizon trap: a later write to K that took its xid first is not ordered before K v1', async () => {
+test('the xid trap: a later write to K that took its xid first gets a later position; a slow transaction delays nobody', async () => {
   const { database, q } = await fresh('wal_trap');
   const { db } = database;
   const open: ControlledTransaction<DB>[] = [];
@@ -94,12 +89,11 @@ test('xid-horizon trap: a later write to K that took its xid first is not ordere
     // T2 begins and takes an xid first by writing Z.
     const t2 = await db.startTransaction().execute();
     open.push(t2);
-    const z = await putEntry(t2, 'trap/z', Buffer.from('z1'), TERM);
+    await putEntry(t2, 'trap/z', Buffer.from('z1'), TERM);
     const t2Xid = await xidOf(t2);
     const t2Pid = await pidOf(t2);
 
-    // T3 begins and takes an xid, then stays open (a slow writer of an unrelated key): it holds
-    // the horizon between T2 and T1.
+    // T3 begins, takes an xid and stays open: a slow writer of an unrelated key.
     const t3 = await db.startTransaction().execute();
     open.push(t3);
     await putEntry(t3, 'trap/u', Buffer.from('u1'), TERM);
@@ -118,51 +112,29 @@ test('xid-horizon trap: a later write to K that took its xid first is not ordere
     const k2Promise = putEntry(t2, 'trap/k', Buffer.from('k2'), TERM);
     let k2Done = false;
     void k2Promise.then(() => (k2Done = true), () => undefined);
-    await waitFor('T2 to block on T1', async () => {
-      const { rows } = await sql<{ w: string | null }>`SELECT wait_event_type AS w FROM pg_stat_activity WHERE pid = ${t2Pid}`.execute(db);
-      return rows[0]?.w === 'Lock';
-    });
+    await waitsOnLock(db, t2Pid);
     expect(k2Done).toBe(false);
 
+    // T1 numbers its row and commits, with T2 and T3 still open: K v1 is position 1 at once.
+    expect(await stampWal(t1)).toBe(1);
     await t1.commit().execute();
+    expect(await log(db)).toEqual(['1:trap/k@1']);
+
     const k2 = await k2Promise;
     expect(k2.keyVersion).toBe(2);
+    // T2's rows, in the order it wrote them (Z, then K v2), after T1's.
+    expect(await stampWal(t2)).toBe(3);
     await t2.commit().execute();
+    expect(await log(db)).toEqual(['1:trap/k@1', '2:trap/z@1', '3:trap/k@2']);
+    expect(await walHead(db)).toBe(3);
 
-    // T3 still open: the horizon lets T2's rows (Z v1, K v2) through but not T1's (K v1).
-    // Wait until Z is ordered: from then on K v2 has been eligible by xid (same transaction as
-    // Z) in at least one sequencer run — and must still have been held back.
-    const zLsn = await waitFor('Z (T2, below the horizon) to be ordered', async () => {
-      await sequenceWal(db);
-      return lsnOfSeq(db, z.seq);
-    });
-    expect(zLsn).toBe(1);
-    // A few more runs change nothing while T3 holds the horizon.
-    for (let i = 0; i < 5; i++) expect((await sequenceWal(db)).assigned).toBe(0);
-    // The invariant: K v2 never has a position unless K v1 has a smaller one.
-    const early1 = await lsnOfSeq(db, k1.seq);
-    const early2 = await lsnOfSeq(db, k2.seq);
-    if (early2 !== null) expect(early1 !== null && early1 < early2).toBe(true);
-    // The design's mechanism (DESIGN.md, wal.ts): K v1 is above the horizon (T1's xid > T3's),
-    // and K v2 — below it — is held back behind K v1 rather than ordered first.
-    expect(early1).toBeNull();
-    expect(early2).toBeNull();
-    expect(await walHead(db)).toBe(1);
-    expect((await readWal(db, 0, 100)).map((r) => `${r.lsn}:${r.path}@${r.keyVersion}`)).toEqual(['1:trap/z@1']);
-
-    // T3 commits: everything can be ordered now, K v1 before K v2.
+    // T3, the oldest running transaction all along, held nobody back; it comes last.
+    expect(await stampWal(t3)).toBe(4);
     await t3.commit().execute();
     open.length = 0;
-    await sequenceUntilAllOrdered(db, q);
-    const l1 = (await lsnOfSeq(db, k1.seq))!;
-    const l2 = (await lsnOfSeq(db, k2.seq))!;
-    expect(l1).toBeLessThan(l2);
     const shape = await walOrderViolations(q);
     expect(shape.violations).toEqual([]);
     expect(shape).toMatchObject({ rows: 4, ordered: 4, head: 4 });
-    const log = (await readWal(db, 0, 100)).map((r) => `${r.path}@${r.keyVersion}`);
-    expect(log[0]).toBe('trap/z@1');
-    expect(log.indexOf('trap/k@1')).toBeLessThan(log.indexOf('trap/k@2'));
     expect(await atomicWalViolations(q)).toEqual([]);
   } finally {
     // Concurrently: rolling back T2 while its K write waits on T1 would wait for T1's rollback.
@@ -170,67 +142,51 @@ test('xid-horizon trap: a later write to K that took its xid first is not ordere
   }
 });
 
-/**
- * Regression (livelock found by this file, fixed in ac470b8). sequenceWal's batch is the first
- * `maxRows` eligible rows by (xid, seq), and a row whose older version is still unordered is
- * held back. Before the fix the older versions lying *beyond the LIMIT* only counted as blockers:
- * when every row of the batch was held back by them, a run assigned nothing and so did every
- * later run (the same batch each time). The WAL stalled for good although every row was
- * committed and below the horizon. Observed then: assigned per run 4, 0, 0, 0, … with 10000 rows
- * never ordered at the default maxRows (5000), and 0, 0, 0, … for the two-row trap with
- * maxRows = 1. Now a key's older versions beyond the LIMIT join the batch.
- *
- * The xid trap at scale: T2 takes its xid first; T1 (later xid) creates M keys and commits; T2
- * then updates the same M keys (version 2) and commits — a bulk job that began before the keys
- * were created. By (xid, seq) T2's rows come first and fill the batch; each key's version 1 sits
- * in T1, beyond the LIMIT.
- *
- * Run with maxRows = M = 200 (sequenceWal's own parameter; same code path as the default) to
- * keep T2 open only briefly: an open transaction holds the server-wide horizon for every other
- * test on this Postgres.
- */
-test('regression (sequencer livelock): a batch full of rows held back by older versions beyond the LIMIT still progresses', async () => {
-  const { database, q } = await fresh('wal_livelock', 4);
+test('a writer numbering its rows waits for the one before it to commit, and a rollback leaves no gap', async () => {
+  const { database, q } = await fresh('wal_head_lock', 4);
   const { db } = database;
+  const open: ControlledTransaction<DB>[] = [];
+  try {
+    const t1 = await db.startTransaction().execute();
+    open.push(t1);
+    await putEntry(t1, 'hl/a', Buffer.from('a'), TERM);
+    expect(await stampWal(t1)).toBe(1); // holds the head until it ends
 
-  /** Runs the trap at scale M and sequences with maxRows; returns rows still unordered. */
-  const trapAtScale = async (prefix: string, M: number, maxRows: number) => {
-    const paths = Array.from({ length: M }, (_, i) => `${prefix}/k${String(i).padStart(4, '0')}`);
     const t2 = await db.startTransaction().execute();
-    try {
-      await putEntry(t2, `${prefix}/first`, Buffer.from('a'), TERM); // T2 takes its xid first
-      await db.transaction().execute(async (t1) => {
-        for (const p of paths) await putEntry(t1, p, Buffer.from('v1'), TERM);
-      });
-      for (const p of paths) expect((await putEntry(t2, p, Buffer.from('v2'), TERM)).keyVersion).toBe(2);
-      await t2.commit().execute();
-    } catch (err) {
-      await rollbackQuietly(t2);
-      throw err;
-    }
-    // Wait (bounded) until every row's transaction is below the horizon: from here on no run
-    // has a reason to assign nothing while rows remain.
-    await waitFor('all WAL rows below the xmin horizon', async () => {
-      const { rows } = await q.query(`SELECT count(*)::int AS n FROM coffer_wal WHERE lsn IS NULL AND xid >= pg_snapshot_xmin(pg_current_snapshot())`);
-      return rows[0].n === 0;
-    });
-    const assigned: number[] = [];
-    // Enough runs for any correct batching (each run must assign at least one row).
-    for (let run = 0; run < 2 * M + 2 && (await unorderedCount(q)) > 0; run++) {
-      const r = (await sequenceWal(db, maxRows)).assigned;
-      assigned.push(r);
-      if (r === 0) break; // nothing assigned with every row eligible: stalled
-    }
-    const left = await unorderedCount(q);
-    // eslint-disable-next-line no-console
-    console.log(`[wal livelock] M=${M} maxRows=${maxRows} assigned per run: ${assigned.slice(0, 10).join(', ')}${assigned.length > 10 ? ', …' : ''}; still unordered: ${left}`);
-    return left;
-  };
+    open.push(t2);
+    await putEntry(t2, 'hl/b', Buffer.from('b'), TERM);
+    const t2Pid = await pidOf(t2);
+    const stamped = stampWal(t2);
+    let got: number | null = null;
+    void stamped.then((n) => (got = n), () => undefined);
+    await waitsOnLock(db, t2Pid);
+    expect(got).toBeNull();
 
-  expect(await trapAtScale('pair', 1, 1)).toBe(0); // the plain two-row trap, batch of one
-  expect(await trapAtScale('bulk', 200, 200)).toBe(0);
-  expect((await walOrderViolations(q)).violations).toEqual([]);
-  expect(await atomicWalViolations(q)).toEqual([]);
+    // T1 gives up: its position 1 was never committed, so T2 takes it (dense).
+    await t1.rollback().execute();
+    expect(await within(stamped, 10_000, "T2's numbering")).toBe(1);
+    await t2.commit().execute();
+    open.length = 0;
+    expect(await log(db)).toEqual(['1:hl/b@1']);
+    expect(await walOrderViolations(q)).toMatchObject({ violations: [], rows: 1, ordered: 1, head: 1 });
+  } finally {
+    await Promise.all(open.map(rollbackQuietly));
+  }
+});
+
+test('a transaction that wrote WAL rows cannot commit them without positions (and nothing of it commits)', async () => {
+  const { database, q } = await fresh('wal_unstamped', 4);
+  const { db } = database;
+  // The bare kysely transaction, without stampWal: the deferred trigger refuses the COMMIT.
+  await expect(db.transaction().execute((tx) => putEntry(tx, 'un/a', Buffer.from('a'), TERM))).rejects.toThrow(/would commit without a WAL position/);
+  expect(await getEntry(db, 'un/a')).toBeNull();
+  expect(await unorderedCount(q)).toBe(0);
+  expect(await walHead(db)).toBe(0);
+  // A transaction that wrote no WAL row numbers nothing and locks nothing.
+  expect((await walTransaction(db, async () => 'nothing')).lastLsn).toBe(0);
+  // The same write through walTransaction commits, numbered.
+  expect((await walTransaction(db, (tx) => putEntry(tx, 'un/a', Buffer.from('a'), TERM))).lastLsn).toBe(1);
+  expect(await walOrderViolations(q)).toMatchObject({ violations: [], rows: 1, ordered: 1, head: 1 });
 });
 
 // ------------------------------------------------------------------------------------------ b
@@ -244,7 +200,7 @@ test('invariant 1: after a random mix from 8 concurrent writers, each entry has 
   const TXS_PER_WRITER = 40;
 
   // Deleting what was never written writes nothing and creates nothing.
-  await db.transaction().execute(async (tx) => expect(await deleteEntry(tx, 'mix/never')).toBeNull());
+  await walTransaction(db, async (tx) => expect(await deleteEntry(tx, 'mix/never')).toBeNull());
 
   // The client's log: every row returned by a transaction that committed.
   const committed: { path: string; op: 'put' | 'delete'; value: Buffer | null; row: WrittenRow }[] = [];
@@ -276,7 +232,7 @@ test('invariant 1: after a random mix from 8 concurrent writers, each entry has 
       for (const { ops, rollback } of plan) {
         const mine: typeof committed = [];
         try {
-          await db.transaction().execute(async (tx) => {
+          await walTransaction(db, async (tx) => {
             for (const op of ops) {
               if (op.kind === 'put') {
                 mine.push({ path: op.path, op: 'put', value: op.value, row: await putEntry(tx, op.path, op.value, TERM) });
@@ -331,81 +287,76 @@ test('invariant 1: after a random mix from 8 concurrent writers, each entry has 
 
   // Deleting a tombstone (or a missing key) neither bumps the version nor writes a WAL row.
   const tomb = entries.find((e) => e.value === null) ?? (await (async () => {
-    await db.transaction().execute(async (tx) => deleteEntry(tx, PATHS[0]));
+    await walTransaction(db, async (tx) => deleteEntry(tx, PATHS[0]));
     return db.selectFrom('coffer_entries').select(['path', 'version', 'value']).where('path', '=', PATHS[0]).executeTakeFirstOrThrow();
   })());
   const walBefore = (await q.query('SELECT count(*)::int AS n FROM coffer_wal')).rows[0].n;
-  await db.transaction().execute(async (tx) => expect(await deleteEntry(tx, tomb.path)).toBeNull());
+  await walTransaction(db, async (tx) => expect(await deleteEntry(tx, tomb.path)).toBeNull());
   expect((await q.query('SELECT count(*)::int AS n FROM coffer_wal')).rows[0].n).toBe(walBefore);
   const after = await db.selectFrom('coffer_entries').select(['version', 'value']).where('path', '=', tomb.path).executeTakeFirstOrThrow();
   expect(after).toEqual({ version: tomb.version, value: null });
   expect(await db.selectFrom('coffer_entries').select('path').where('path', '=', 'mix/never').executeTakeFirst()).toBeUndefined();
   // Re-creating a tombstoned key continues its version line (never goes backwards).
-  const recreated = await db.transaction().execute((tx) => putEntry(tx, tomb.path, Buffer.from('again'), TERM));
+  const { result: recreated } = await walTransaction(db, (tx) => putEntry(tx, tomb.path, Buffer.from('again'), TERM));
   const tombVersion = (await db.selectFrom('coffer_wal').select(({ fn }) => fn.max('key_version').as('m')).where('path', '=', tomb.path).where('seq', '<>', recreated.seq).executeTakeFirstOrThrow()).m;
   expect(recreated.keyVersion).toBe(Number(tombVersion) + 1);
   expect(await atomicWalViolations(q)).toEqual([]);
 
-  // And once sequenced, per key LSN order is version order.
-  await sequenceUntilAllOrdered(db, q);
+  // And every committed row has its position: dense, per key in version order.
   expect((await walOrderViolations(q)).violations).toEqual([]);
 });
 
 // ------------------------------------------------------------------------------------------ c
 
-test('two sequencers racing while 8 writers write: positions dense and unique, head = count, tailer sees no gap', async () => {
+test('both numbering paths at once from two pools: positions dense and unique, head = count, tailer sees no gap', async () => {
   const { tdb, database, q } = await fresh('wal_race', 12);
   const { db } = database;
   // A second "node": its own pool on the same database.
-  const other = openPostgres(tdb.url, 3);
+  const other = openPostgres(tdb.url, 4);
   pools.push(other);
-  const rng = seededRng('wal sequencer race');
+  const rng = seededRng('wal numbering race');
   const HOT = ['race/hot0', 'race/hot1', 'race/hot2'];
   const WRITERS = 8;
-  const WRITES_PER_WRITER = 75;
+  const WRITES_PER_WRITER = 60;
 
-  // Both sequencers loop until the writers are done AND every row has a position, so they race
-  // over the backlog even when another test's open transaction holds the (server-wide) horizon
-  // for the whole writing phase.
-  let writing = true;
-  const runs = { a: 0, b: 0 };
-  const assigned = { a: 0, b: 0 };
-  const sequencer = (node: Kysely<DB>, name: 'a' | 'b') =>
-    (async () => {
-      for (;;) {
-        const r = await sequenceWal(node, 50);
-        runs[name]++;
-        assigned[name] += r.assigned;
-        if (r.assigned > 0) continue;
-        if (!writing && (await unorderedCount(q)) === 0) return;
-        await new Promise((res) => setTimeout(res, 1));
-      }
-    })();
   const tailer = new WalTailer(db, 37);
   tailer.start(1);
-  const seqA = sequencer(db, 'a');
-  const seqB = sequencer(other.db, 'b');
-
+  // Even writers: multi-statement transactions (stampWal as their last statement), some on hot
+  // keys. Odd writers: one-statement batches of optimistic writes (numbered in the statement),
+  // each write a new anchor and one more entry.
+  let casRows = 0;
   const plans = Array.from({ length: WRITERS }, (_, w) =>
     Array.from({ length: WRITES_PER_WRITER }, (_, i) => (rng.next() < 0.4 ? HOT[rng.int(0, HOT.length - 1)] : `race/w${w}/k${i}`)),
   );
-  await Promise.all(
-    plans.map(async (paths) => {
-      for (const p of paths) await db.transaction().execute((tx) => putEntry(tx, p, randomBytes(16), TERM));
-    }),
+  await within(
+    Promise.all(
+      plans.map(async (paths, w) => {
+        const pool = w % 4 < 2 ? db : other.db;
+        if (w % 2 === 0) {
+          for (const p of paths) await walTransaction(pool, (tx) => putEntry(tx, p, randomBytes(16), TERM));
+          return;
+        }
+        for (let i = 0; i < paths.length; i += 3) {
+          const batch = paths.slice(i, i + 3).map((_, j) => ({
+            anchor: { path: `race/cas/w${w}/a${i + j}`, version: 0, value: randomBytes(16) },
+            puts: [[`race/cas/w${w}/b${i + j}`, randomBytes(16)] as [string, Buffer]],
+            deletes: [],
+          }));
+          const out = await casWriteBatch(pool, batch, TERM);
+          expect(out.every((lsn) => lsn !== null && lsn > 0)).toBe(true);
+          casRows += 2 * batch.length;
+        }
+      }),
+    ),
+    60_000,
+    'the writers',
   );
-  writing = false;
-  // Bounded; rejects at once if a sequencer run threw (e.g. on a duplicate position).
-  await within(Promise.all([seqA, seqB]), 30_000, 'both sequencers to finish the backlog');
-  // eslint-disable-next-line no-console
-  console.log(`[wal sequencer race] runs a=${runs.a} b=${runs.b}; rows assigned by a=${assigned.a} b=${assigned.b}`);
-  expect(runs.a).toBeGreaterThan(0);
-  expect(runs.b).toBeGreaterThan(0);
 
-  await waitFor('the tailer to reach the head', async () => tailer.last === (await walHead(db)));
+  const head = await walHead(db);
+  await waitFor('the tailer to reach the head', async () => tailer.last === head, { timeoutMs: 10_000 });
   await tailer.stop();
 
-  const total = WRITERS * WRITES_PER_WRITER;
+  const total = (WRITERS / 2) * WRITES_PER_WRITER + casRows;
   const shape = await walOrderViolations(q);
   expect(shape.violations).toEqual([]);
   expect(shape).toMatchObject({ rows: total, ordered: total, head: total });
@@ -414,31 +365,52 @@ test('two sequencers racing while 8 writers write: positions dense and unique, h
   expect(await atomicWalViolations(q)).toEqual([]);
 });
 
-test('optimistic sequencer: a plan overtaken by another sequencer, or by a WAL reset, writes nothing', async () => {
-  const { database, q } = await fresh('wal_overtaken', 4);
+// ------------------------------------------------------------------------------------------ d
+
+test('rows the previous version left without positions are numbered in per-key version order; a WAL reset restarts at 1', async () => {
+  const { database, q } = await fresh('wal_stragglers', 6);
   const { db } = database;
-  for (let i = 0; i < 6; i++) await db.transaction().execute((tx) => putEntry(tx, `ov/k${i}`, randomBytes(8), TERM));
-  await waitFor('the six rows below the horizon', async () => (await planSequence(db)).ordered.length === 6);
+  await walTransaction(db, (tx) => putEntry(tx, 'old/before', Buffer.from('x'), TERM)); // position 1
+  // The previous version committed rows without positions and numbered them afterwards. Write
+  // such rows (the trigger off, as that version had none) in the xid trap's shape at scale: T2
+  // takes its xid first, T1 (later xid) creates M keys and commits, T2 then writes version 2 of
+  // the same keys and commits. By (xid, seq) T2's rows come first.
+  const M = 50;
+  const paths = Array.from({ length: M }, (_, i) => `old/k${String(i).padStart(3, '0')}`);
+  await sql`ALTER TABLE coffer_wal DISABLE TRIGGER coffer_wal_positioned`.execute(db);
+  try {
+    const t2 = await db.startTransaction().execute();
+    try {
+      await putEntry(t2, 'old/first', Buffer.from('a'), TERM);
+      await db.transaction().execute(async (t1) => {
+        for (const p of paths) await putEntry(t1, p, Buffer.from('v1'), TERM);
+      });
+      for (const p of paths) expect((await putEntry(t2, p, Buffer.from('v2'), TERM)).keyVersion).toBe(2);
+      await t2.commit().execute();
+    } catch (err) {
+      await rollbackQuietly(t2);
+      throw err;
+    }
+  } finally {
+    await sql`ALTER TABLE coffer_wal ENABLE TRIGGER coffer_wal_positioned`.execute(db);
+  }
+  expect(await unorderedCount(q)).toBe(2 * M + 1);
+  expect(await orderStragglers(db)).toBe(2 * M + 1);
+  expect(await orderStragglers(db)).toBe(0); // idempotent: nothing left
+  const shape = await walOrderViolations(q);
+  expect(shape.violations).toEqual([]); // dense, and per key version 1 before version 2
+  expect(shape).toMatchObject({ rows: 2 * M + 2, ordered: 2 * M + 2, head: 2 * M + 2 });
+  expect(await atomicWalViolations(q)).toEqual([]);
+  // New writes continue after them.
+  expect((await walTransaction(db, (tx) => putEntry(tx, 'old/after', Buffer.from('y'), TERM))).lastLsn).toBe(2 * M + 3);
 
-  // Overtaken: another sequencer orders the same rows between this plan's read and its write.
-  const stale = await planSequence(db);
-  expect((await sequenceWal(db)).assigned).toBe(6);
-  expect(await writeSequence(db, stale)).toEqual({ assigned: 0, headLsn: stale.headLsn });
-  expect(await walOrderViolations(q)).toMatchObject({ violations: [], rows: 6, ordered: 6, head: 6 });
-
-  // A WAL reset (secondary enable) between read and write, and new rows reusing the seqs the
-  // plan holds, at the same head (0): the plan must not give them positions, and must leave
-  // the head alone (it aborts itself rather than commit a head no row backs).
+  // A WAL reset (secondary enable wipes the replicated data): positions start again at 1, and
+  // the reset is counted so a follower of the WAL notices it.
+  const before = await readNewWal(db, 0, 1);
   await wipeReplicated(db);
-  for (let i = 0; i < 3; i++) await db.transaction().execute((tx) => putEntry(tx, `ov/before${i}`, randomBytes(8), TERM));
-  await waitFor('three rows below the horizon', async () => (await planSequence(db)).ordered.length === 3);
-  const beforeReset = await planSequence(db);
-  await wipeReplicated(db);
-  for (let i = 0; i < 3; i++) await db.transaction().execute((tx) => putEntry(tx, `ov/after${i}`, randomBytes(8), TERM));
-  await expect(writeSequence(db, beforeReset)).rejects.toThrow(/planned rows were still unordered/);
-  expect(await walHead(db)).toBe(0);
-  expect(await unorderedCount(q)).toBe(3);
-  // The next step orders the new rows normally.
-  await sequenceUntilAllOrdered(db, q);
-  expect(await walOrderViolations(q)).toMatchObject({ violations: [], rows: 3, ordered: 3, head: 3 });
+  expect((await walTransaction(db, (tx) => putEntry(tx, 'new/a', Buffer.from('a'), TERM))).lastLsn).toBe(1);
+  const after = await readNewWal(db, 0, 10);
+  expect(after.resets).toBe(before.resets + 1);
+  expect(after).toMatchObject({ headLsn: 1 });
+  expect(after.records.map((r) => `${r.lsn}:${r.path}`)).toEqual(['1:new/a']);
 });

@@ -208,7 +208,7 @@ export class AppRoleBackend extends PerMountBackend {
   // ------------------------------------------------------------------------------- roles
 
   private async writeRole(b: Paths, name: string, f: Record<string, any>, o: { mustExist?: boolean } = {}): Promise<LogicalResponse> {
-    const { lastSeq } = await this.barrier.transaction(async (tx) => {
+    const { lastLsn } = await this.barrier.transaction(async (tx) => {
       await tx.lock(b.role(name));
       const cur = await tx.get<RoleEntry>(b.role(name));
       if (!cur && o.mustExist) throw new InvalidRequest(`role "${name}" does not exist`);
@@ -253,7 +253,7 @@ export class AppRoleBackend extends PerMountBackend {
       if (!owner) await tx.put(idx, { name });
       await tx.put(b.role(name), next);
     });
-    return { status: 204, walSeq: lastSeq };
+    return { status: 204, walLsn: lastLsn };
   }
 
   /** The mount's HMAC key for role IDs, created with the first role. */
@@ -267,7 +267,7 @@ export class AppRoleBackend extends PerMountBackend {
   }
 
   private async deleteRole(b: Paths, name: string): Promise<LogicalResponse> {
-    const { lastSeq } = await this.barrier.transaction(async (tx) => {
+    const { lastLsn } = await this.barrier.transaction(async (tx) => {
       await tx.lock(b.role(name));
       const role = await tx.get<RoleEntry>(b.role(name));
       if (!role) return;
@@ -282,7 +282,7 @@ export class AppRoleBackend extends PerMountBackend {
       if (salt) await tx.delete(b.roleId(salt.key, role.role_id));
       await tx.delete(b.role(name));
     });
-    return { status: 204, walSeq: lastSeq };
+    return { status: 204, walLsn: lastLsn };
   }
 
   // ------------------------------------------------------------------------ secret IDs
@@ -290,7 +290,7 @@ export class AppRoleBackend extends PerMountBackend {
   private async createSecretId(mount: MountEntry, b: Paths, name: string, secretId: string, f: Record<string, any>): Promise<LogicalResponse> {
     const metadata = parseMetadata(f.metadata);
     const mountMax = this.current(mount).config.max_lease_ttl || SYSTEM_MAX_TTL_SECONDS;
-    const { result, lastSeq } = await this.barrier.transaction(async (tx) => {
+    const { result, lastLsn } = await this.barrier.transaction(async (tx) => {
       await tx.lock(b.role(name));
       const role = await this.mustRole(b, name, () => new InvalidRequest(`role "${name}" does not exist`), tx);
       if (!role.bind_secret_id) throw new InvalidRequest('bind_secret_id is not set on the role');
@@ -335,7 +335,7 @@ export class AppRoleBackend extends PerMountBackend {
     });
     return {
       data: { secret_id: secretId, secret_id_accessor: result.secret_id_accessor, secret_id_ttl: result.secret_id_ttl, secret_id_num_uses: result.secret_id_num_uses },
-      walSeq: lastSeq,
+      walLsn: lastLsn,
     };
   }
 
@@ -369,7 +369,7 @@ export class AppRoleBackend extends PerMountBackend {
   }
 
   private async destroySecretId(b: Paths, name: string, by: { secretId?: string; accessor?: string }): Promise<LogicalResponse> {
-    const { lastSeq } = await this.barrier.transaction(async (tx) => {
+    const { lastLsn } = await this.barrier.transaction(async (tx) => {
       const role = await this.mustRole(b, name, () => new InvalidRequest(`role "${name}" does not exist`), tx);
       const s = sidStore(tx, role);
       const h = await this.resolveHmac(s, b, role, by);
@@ -380,7 +380,7 @@ export class AppRoleBackend extends PerMountBackend {
       await s.delete(b.accessor(name, e.secret_id_accessor));
       await s.delete(b.secretId(name, h));
     });
-    return { status: 204, walSeq: lastSeq };
+    return { status: 204, walLsn: lastLsn };
   }
 
   private expired(e: SecretIdEntry): boolean {
@@ -401,7 +401,7 @@ export class AppRoleBackend extends PerMountBackend {
     if (!addrAllowed(addr, role.secret_id_bound_cidrs)) throw new InvalidRequest(`source address "${addr ?? ''}" unauthorized by CIDR restrictions on the role`);
 
     let metadata: Record<string, string> = {};
-    let walSeq: number | undefined;
+    let walLsn: number | undefined;
     if (role.bind_secret_id) {
       const secretId = String(ctx.fields.secret_id ?? '').trim();
       if (!secretId) throw new InvalidRequest('missing secret_id');
@@ -410,7 +410,7 @@ export class AppRoleBackend extends PerMountBackend {
       // One transaction under the secret ID's lock: check, then consume one use (deleting the
       // entry on its last). Failures are returned, not thrown, so an expired entry's deletion
       // commits.
-      const { result, lastSeq } = await this.barrier.transaction(async (tx): Promise<{ ok: true; entry: SecretIdEntry } | { ok: false; error: string }> => {
+      const { result, lastLsn } = await this.barrier.transaction(async (tx): Promise<{ ok: true; entry: SecretIdEntry } | { ok: false; error: string }> => {
         const s = sidStore(tx, role);
         await tx.lock(path);
         const e = await s.get<SecretIdEntry>(path);
@@ -431,7 +431,7 @@ export class AppRoleBackend extends PerMountBackend {
       });
       if (!result.ok) throw new InvalidRequest(result.error);
       metadata = { ...result.entry.metadata };
-      walSeq = lastSeq || undefined;
+      walLsn = lastLsn || undefined;
     }
 
     const m = this.current(mount);
@@ -444,7 +444,7 @@ export class AppRoleBackend extends PerMountBackend {
       meta: { ...metadata, role_name: role.name },
       leasePath: path,
     });
-    return { auth, walSeq };
+    return { auth, walLsn };
   }
 }
 

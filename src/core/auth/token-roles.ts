@@ -123,19 +123,19 @@ export class TokenRoles {
   }
 
   async delete(name: string): Promise<number> {
-    const { lastSeq } = await this.barrier.transaction((tx) => tx.delete(this.prefix() + name));
-    return lastSeq;
+    const { lastLsn } = await this.barrier.transaction((tx) => tx.delete(this.prefix() + name));
+    return lastLsn;
   }
 
   /**
    * Creates or updates a role from request fields: on update only the fields given change.
    * Runs under a per-role lock so two concurrent partial updates cannot lose each other's fields.
    */
-  async write(name: string, f: Record<string, any>): Promise<{ warnings: string[]; walSeq: number }> {
+  async write(name: string, f: Record<string, any>): Promise<{ warnings: string[]; walLsn: number }> {
     if (!ROLE_NAME.test(name)) throw new InvalidRequest('role name cannot be empty or contain invalid characters');
     const key = this.prefix() + name;
     const mountMax = this.mount().config.max_lease_ttl || SYSTEM_MAX_TTL_SECONDS;
-    const { result: warnings, lastSeq } = await this.barrier.transaction(async (tx) => {
+    const { result: warnings, lastLsn } = await this.barrier.transaction(async (tx) => {
       await tx.lock(key);
       const existing = await tx.get<TokenRole>(key);
       const role = existing ? { ...newRole(name), ...existing } : newRole(name);
@@ -143,7 +143,7 @@ export class TokenRoles {
       await tx.put(key, role);
       return warnings;
     });
-    return { warnings, walSeq: lastSeq };
+    return { warnings, walLsn: lastLsn };
   }
 }
 

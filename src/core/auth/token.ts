@@ -209,10 +209,10 @@ export class TokenBackend {
             return { data: roleView(role) };
           },
           update: async (ctx) => {
-            const { warnings, walSeq } = await this.roles.write(ctx.params.role_name, ctx.fields);
-            return { status: 204, warnings, walSeq };
+            const { warnings, walLsn } = await this.roles.write(ctx.params.role_name, ctx.fields);
+            return { status: 204, warnings, walLsn };
           },
-          delete: async (ctx) => ({ status: 204, walSeq: await this.roles.delete(ctx.params.role_name) }),
+          delete: async (ctx) => ({ status: 204, walLsn: await this.roles.delete(ctx.params.role_name) }),
         },
       },
       {

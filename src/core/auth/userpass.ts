@@ -93,8 +93,8 @@ export class UserpassBackend extends PerMountBackend {
           },
           update: (ctx) => this.writeUser(userPath(ctx), ctx.fields, { create: true }),
           delete: async (ctx) => {
-            const { lastSeq } = await this.core.barrier.transaction((tx) => tx.delete(userPath(ctx)));
-            return { status: 204, walSeq: lastSeq };
+            const { lastLsn } = await this.core.barrier.transaction((tx) => tx.delete(userPath(ctx)));
+            return { status: 204, walLsn: lastLsn };
           },
         },
       },
@@ -131,7 +131,7 @@ export class UserpassBackend extends PerMountBackend {
     if (f.password !== undefined && f.password === '') throw new InvalidRequest('missing password');
     // Hash outside the transaction: scrypt is slow and must not hold a connection or a lock.
     const hash = f.password !== undefined ? await hashPassword(String(f.password)) : undefined;
-    const { lastSeq } = await this.core.barrier.transaction(async (tx) => {
+    const { lastLsn } = await this.core.barrier.transaction(async (tx) => {
       await tx.lock(path);
       const cur = await tx.get<UserEntry>(path);
       if (!cur && !o.create) throw new InvalidRequest('username does not exist');
@@ -142,7 +142,7 @@ export class UserpassBackend extends PerMountBackend {
       next.legacy = [...new Set([...next.legacy.filter((k) => !setModern.has(k)), ...usedLegacy])];
       await tx.put(path, next);
     });
-    return { status: 204, walSeq: lastSeq };
+    return { status: 204, walLsn: lastLsn };
   }
 
   private async login(mount: MountEntry, ctx: RouteContext): Promise<LogicalResponse> {

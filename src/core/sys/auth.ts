@@ -111,7 +111,7 @@ class SysAuth {
     const ttls = checkTtls(parseTtl(cfg.default_lease_ttl, 'default_lease_ttl') ?? 0, parseTtl(cfg.max_lease_ttl, 'max_lease_ttl') ?? 0);
     const options: Record<string, string> = {};
     for (const [k, v] of Object.entries((f.options ?? {}) as Record<string, unknown>)) options[k] = String(v);
-    const { lastSeq } = await this.core.barrier.transaction((tx) =>
+    const { lastLsn } = await this.core.barrier.transaction((tx) =>
       this.core.mounts.add(tx, {
         path,
         type,
@@ -131,7 +131,7 @@ class SysAuth {
       }),
     );
     await this.core.reloadMounts();
-    return { status: 204, walSeq: lastSeq };
+    return { status: 204, walLsn: lastLsn };
   }
 
   /**
@@ -150,12 +150,12 @@ class SysAuth {
       if (lease?.tokenHmac && (await this.core.tokens.repo.byHmac(lease.tokenHmac))) await this.core.tokens.revoke(lease.tokenHmac);
     }
     await this.core.leases.revokePrefix(prefix);
-    const { lastSeq } = await this.core.barrier.transaction(async (tx) => {
+    const { lastLsn } = await this.core.barrier.transaction(async (tx) => {
       await this.core.mounts.remove(tx, m);
       await clearPrefix(tx, mountStoragePrefix(m));
     });
     await this.core.reloadMounts();
-    return { status: 204, walSeq: lastSeq };
+    return { status: 204, walLsn: lastLsn };
   }
 
   async tune(m: MountEntry, f: Record<string, any>): Promise<LogicalResponse> {
@@ -178,9 +178,9 @@ class SysAuth {
     if (f.options && typeof f.options === 'object') {
       for (const [k, v] of Object.entries(f.options as Record<string, unknown>)) next.options[k] = String(v);
     }
-    const { lastSeq } = await this.core.barrier.transaction((tx) => this.core.mounts.update(tx, next));
+    const { lastLsn } = await this.core.barrier.transaction((tx) => this.core.mounts.update(tx, next));
     await this.core.reloadMounts();
-    return { status: 204, walSeq: lastSeq };
+    return { status: 204, walLsn: lastLsn };
   }
 }
 

@@ -125,7 +125,7 @@ export class SysBackend {
       if (!['1', '2'].includes(options.version)) throw new InvalidRequest('kv version must be "1" or "2"');
     }
     const cfg = (d.config ?? {}) as Record<string, unknown>;
-    const { lastSeq } = await this.core.barrier.transaction((tx) =>
+    const { lastLsn } = await this.core.barrier.transaction((tx) =>
       this.core.mounts.add(tx, {
         path,
         type: engine,
@@ -139,15 +139,15 @@ export class SysBackend {
       }),
     );
     await this.core.reloadMounts();
-    return { status: 204, walSeq: lastSeq };
+    return { status: 204, walLsn: lastLsn };
   }
 
   private async disable(path: string, existing: MountEntry | undefined): Promise<LogicalResponse> {
     if (PROTECTED_MOUNTS.has(path)) throw new InvalidRequest(`cannot unmount "${path}"`);
     if (!existing) return { status: 204 };
-    const { lastSeq } = await this.core.barrier.transaction((tx) => this.core.mounts.remove(tx, existing));
+    const { lastLsn } = await this.core.barrier.transaction((tx) => this.core.mounts.remove(tx, existing));
     await this.core.reloadMounts();
-    return { status: 204, walSeq: lastSeq };
+    return { status: 204, walLsn: lastLsn };
   }
 
   private async tuneMount(m: MountEntry, d: Record<string, unknown>): Promise<LogicalResponse> {
@@ -161,9 +161,9 @@ export class SysBackend {
         throw new InvalidRequest('cannot downgrade a versioned K/V mount');
       }
     }
-    const { lastSeq } = await this.core.barrier.transaction((tx) => this.core.mounts.update(tx, next));
+    const { lastLsn } = await this.core.barrier.transaction((tx) => this.core.mounts.update(tx, next));
     await this.core.reloadMounts();
-    return { status: 204, walSeq: lastSeq };
+    return { status: 204, walLsn: lastLsn };
   }
 
   private async rotate(): Promise<LogicalResponse> {

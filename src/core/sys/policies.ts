@@ -178,16 +178,16 @@ class PolicyStore {
       );
     }
     const entry: StoredPolicy = { name, raw, rules: parsed.rules };
-    const { lastSeq } = await this.core.barrier.transaction((tx) => tx.put(storagePath(name), entry));
-    return { status: 204, walSeq: lastSeq, ...(warnings.length ? { warnings } : {}) };
+    const { lastLsn } = await this.core.barrier.transaction((tx) => tx.put(storagePath(name), entry));
+    return { status: 204, walLsn: lastLsn, ...(warnings.length ? { warnings } : {}) };
   }
 
   async remove(rawName: string): Promise<LogicalResponse> {
     const name = validName(rawName);
     if (IMMUTABLE.has(name)) throw new InvalidRequest(`cannot delete ${JSON.stringify(name)} policy`);
     if (name === 'default') throw new InvalidRequest('cannot delete default policy');
-    const { lastSeq } = await this.core.barrier.transaction((tx) => tx.delete(storagePath(name)));
-    return { status: 204, ...(lastSeq ? { walSeq: lastSeq } : {}) };
+    const { lastLsn } = await this.core.barrier.transaction((tx) => tx.delete(storagePath(name)));
+    return { status: 204, ...(lastLsn ? { walLsn: lastLsn } : {}) };
   }
 
   /** Every stored policy name; names may contain `/`, which storage lists as folders. */
