@@ -5,7 +5,7 @@
  */
 import { Conflict, KeyringStale, MustForward, Sealed } from './errors';
 import { Keyring } from './keyring';
-import type { RawRead, Store, StoreTx } from './ports';
+import type { RawRead, Store, StoreTx, VersionedRead } from './ports';
 
 export interface BarrierTx {
   get<T = unknown>(path: string): Promise<T | null>;
@@ -37,7 +37,7 @@ export interface StorageView {
    * replicated storage it is optimistic (see Barrier.modify), so `compute` may run more than
    * once and must not have effects of its own.
    */
-  modify<R>(anchor: string, extra: string[], compute: (values: unknown[]) => Promise<Modification<R>>): Promise<{ result: R; lastLsn: number }>;
+  modify<R>(anchor: string, extra: string[], compute: (values: unknown[]) => Promise<Modification<R>>, prefetched?: VersionedRead | null): Promise<{ result: R; lastLsn: number }>;
 }
 
 /** What a `modify` writes: nothing unless `anchor` is set (a value, or null to delete it). */
@@ -190,13 +190,16 @@ export class Barrier implements StorageView {
    * written, and it reads and computes again. No lock or transaction is held across round
    * trips, and concurrent writes share one statement and one commit.
    */
-  async modify<R>(anchor: string, extra: string[], compute: (values: unknown[]) => Promise<Modification<R>>): Promise<{ result: R; lastLsn: number }> {
+  async modify<R>(anchor: string, extra: string[], compute: (values: unknown[]) => Promise<Modification<R>>, prefetched?: VersionedRead | null): Promise<{ result: R; lastLsn: number }> {
     const paths = [anchor, ...extra];
+    // The first attempt can use what was read with the token (the guard below still decides).
+    let first = prefetched && prefetched.paths.length === paths.length && prefetched.paths.every((p, i) => p === paths[i]) ? prefetched.entries : null;
     for (let attempt = 1; attempt <= MODIFY_ATTEMPTS; attempt++) {
       this.currentKeyring;
       // A secondary writes replicated data only through apply: the primary does this one.
       if (this.replicatedReadOnly) throw new MustForward();
-      const read = await this.store.getVersioned(paths);
+      const read = first ?? (await this.store.getVersioned(paths));
+      first = null;
       const values = await Promise.all(read.map((r, i) => this.decrypt(paths[i], r.value)));
       const m = await compute(values);
       if (m.anchor === undefined || (m.anchor === null && values[0] === null)) {

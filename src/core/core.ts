@@ -11,7 +11,7 @@ import { KvEngine } from './kv';
 import { MountTable, type MountEntry } from './mounts';
 import { openApiPaths, RouteTable } from './framework';
 import { Acl, DEFAULT_POLICY, requiresSudo, RESPONSE_WRAPPING_POLICY, type Capability, type Policy } from './policy';
-import type { AuthRead, ReadPlan, Store, TokenRecord } from './ports';
+import type { AuthRead, ReadPlan, Store, TokenRecord, WritePlan } from './ports';
 import type { LogicalRequest, LogicalResponse, RequestContext } from './request';
 import { SealState, type StaticSealKey } from './seal';
 import { SysBackend } from './sys/index';
@@ -315,6 +315,7 @@ export class Core implements ExpiryTarget {
       if (token.numUses > 0) ctx.token = { ...token, numUses: token.numUses - 1 };
       // Only now, authorised, does the handler see what was read with the token.
       ctx.prefetched = auth!.read;
+      ctx.prefetchedVersions = auth!.versioned;
     }
     const wrapTtl = req.headers['x-vault-wrap-ttl'];
     // A bad wrap TTL is refused before the request runs, so a write is never done unwrapped.
@@ -353,7 +354,7 @@ export class Core implements ExpiryTarget {
    * planned read: what `authenticate` + `aclFor` + the handler's first read would fetch in
    * 2 + (number of policies) round trips.
    */
-  private async authRead(token: string | null, read: ReadPlan | null): Promise<AuthRead> {
+  private async authRead(token: string | null, read: ReadPlan | WritePlan | null): Promise<AuthRead> {
     if (!token || token.length > MAX_TOKEN_LENGTH) throw new PermissionDenied();
     const r = await this.opts.store.authRead(this.tokens.digest(token), read ?? undefined);
     if (!r || !this.tokens.isLive(r.token)) throw new PermissionDenied();

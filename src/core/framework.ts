@@ -9,7 +9,7 @@
  */
 import { z } from 'zod';
 import { InvalidRequest, UnsupportedOperation, UnsupportedPath } from './errors';
-import type { ReadPlan } from './ports';
+import type { ReadPlan, WritePlan } from './ports';
 import type { LogicalResponse, Operation, RequestContext } from './request';
 import { parseDurationSeconds } from './units';
 
@@ -42,12 +42,12 @@ export interface RouteDef {
   exists?: (ctx: RouteContext) => Promise<boolean>;
   /**
    * For a read: the entries its handler reads first (`getWithLast`, or `get` for a plan without
-   * a prefix), or null. Core fetches
-   * them in the statement that looks up the caller's token (one round trip instead of two) and
-   * hands them, still encrypted, to the handler as `ctx.prefetched` once the request is
-   * authorised.
+   * a prefix); for a write: the entries its `modify` reads first, with their row versions; or
+   * null. Core fetches them in the statement that looks up the caller's token (one round trip
+   * instead of two) and hands them, still encrypted, to the handler as `ctx.prefetched` (read)
+   * or `ctx.prefetchedVersions` (write) once the request is authorised.
    */
-  prefetch?: (ctx: RouteContext) => ReadPlan | null;
+  prefetch?: (ctx: RouteContext) => ReadPlan | WritePlan | null;
 }
 
 interface Compiled {

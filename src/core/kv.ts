@@ -17,6 +17,7 @@ import type { MountEntry } from './mounts';
 import { mountStoragePrefix } from './mounts';
 import type { LogicalResponse, RequestContext } from './request';
 import { RouteTable, type RouteContext, type RouteDef } from './framework';
+import type { VersionedRead } from './ports';
 
 interface VersionMeta {
   created_time: string;
@@ -92,7 +93,12 @@ class KvMount {
         pattern: ':path*',
         summary: 'Pass-through secret storage (KV version 1).',
         exists: async (ctx) => (await this.store.get(at(ctx))) !== null,
-        prefetch: (ctx) => (this.local || ctx.req.operation !== 'read' || !ctx.params.path || ctx.params.path.endsWith('/') ? null : { path: at(ctx), prefix: null }),
+        prefetch: (ctx) => {
+          const op = ctx.req.operation;
+          if (this.local || !ctx.params.path || ctx.params.path.endsWith('/')) return null;
+          if (op === 'read') return { path: at(ctx), prefix: null };
+          return op === 'update' || op === 'delete' ? { versioned: [at(ctx)] } : null;
+        },
         operations: {
           read: async (ctx) => {
             if (!ctx.params.path || ctx.params.path.endsWith('/')) throw new UnsupportedOperation();
@@ -111,11 +117,11 @@ class KvMount {
             // A blind write, through the optimistic path: batched with concurrent writes into
             // one statement (and one commit); a concurrent writer of the key only means another try.
             const data = ctx.req.data;
-            const { lastLsn } = await this.store.modify(at(ctx), [], async () => ({ result: undefined, anchor: data }));
+            const { lastLsn } = await this.store.modify(at(ctx), [], async () => ({ result: undefined, anchor: data }), ctx.prefetchedVersions);
             return { status: 204, walLsn: lastLsn };
           },
           delete: async (ctx) => {
-            const { lastLsn } = await this.store.modify(at(ctx), [], async () => ({ result: undefined, anchor: null }));
+            const { lastLsn } = await this.store.modify(at(ctx), [], async () => ({ result: undefined, anchor: null }), ctx.prefetchedVersions);
             return { status: 204, walLsn: lastLsn };
           },
         },
@@ -155,8 +161,11 @@ class KvMount {
         exists: keyMetaExists,
         prefetch: (ctx) => {
           const key = ctx.params.path;
-          if (this.local || ctx.req.operation !== 'read' || !key || key.endsWith('/')) return null;
-          return { path: this.metaPath(base, key), prefix: this.versionsPrefix(base, key) };
+          const op = ctx.req.operation;
+          if (this.local || !key || key.endsWith('/')) return null;
+          if (op === 'read') return { path: this.metaPath(base, key), prefix: this.versionsPrefix(base, key) };
+          // What modifyKey reads first: the key's metadata and the engine config.
+          return op === 'update' || op === 'patch' || op === 'delete' ? { versioned: [this.metaPath(base, key), base + 'config'] } : null;
         },
         operations: {
           read: (ctx) => this.data(ctx, base, requireKey(ctx.params.path)),
@@ -257,7 +266,7 @@ class KvMount {
         const body = req.data.data;
         if (!isObject(body)) throw new InvalidRequest('no data provided');
         const cas = isObject(req.data.options) && req.data.options.cas !== undefined ? nonNegInt(req.data.options.cas, 'cas') : undefined;
-        return this.writeVersion(base, key, () => body, cas);
+        return this.writeVersion(base, key, () => body, cas, false, ctx.prefetchedVersions);
       }
       case 'patch': {
         if (!String(req.headers['content-type'] ?? '').startsWith('application/merge-patch+json')) {
@@ -269,7 +278,7 @@ class KvMount {
         return this.writeVersion(base, key, (current) => {
           if (!current) throw new NotFound();
           return mergePatch(current, patch) as Record<string, unknown>;
-        }, cas, true);
+        }, cas, true, ctx.prefetchedVersions);
       }
       case 'delete': {
         const { lastLsn } = await this.modifyKey(base, key, async (meta) => {
@@ -278,7 +287,7 @@ class KvMount {
           vm.deletion_time = this.now();
           meta.updated_time = vm.deletion_time;
           return { result: undefined, anchor: meta };
-        });
+        }, ctx.prefetchedVersions);
         return { status: 204, walLsn: lastLsn };
       }
       default:
@@ -295,9 +304,13 @@ class KvMount {
     base: string,
     key: string,
     compute: (meta: KeyMetadata | null, cfg: EngineConfig) => Promise<Modification<R>>,
+    prefetched?: VersionedRead | null,
   ): Promise<{ result: R; lastLsn: number }> {
-    return this.store.modify(this.metaPath(base, key), [base + 'config'], ([meta, cfg]) =>
-      compute(meta as KeyMetadata | null, { ...DEFAULT_CONFIG, ...((cfg as EngineConfig | null) ?? {}) }),
+    return this.store.modify(
+      this.metaPath(base, key),
+      [base + 'config'],
+      ([meta, cfg]) => compute(meta as KeyMetadata | null, { ...DEFAULT_CONFIG, ...((cfg as EngineConfig | null) ?? {}) }),
+      prefetched,
     );
   }
 
@@ -308,6 +321,7 @@ class KvMount {
     next: (current: Record<string, unknown> | null) => Record<string, unknown>,
     cas: number | undefined,
     needsCurrent = false,
+    prefetched?: VersionedRead | null,
   ): Promise<LogicalResponse> {
     const { result, lastLsn } = await this.modifyKey(base, key, async (storedMeta, cfg) => {
       const now = this.now();
@@ -347,7 +361,7 @@ class KvMount {
       }
       // The new version, the pruned ones and the metadata in one statement (each with its WAL row).
       return { result: versionResponse(meta, n, meta.versions[String(n)]), anchor: meta, puts: [[this.versionPath(base, key, n), data]], deletes };
-    });
+    }, prefetched);
     return { data: result, walLsn: lastLsn };
   }
 

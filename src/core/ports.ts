@@ -57,10 +57,11 @@ export interface Store {
   /**
    * A request's authentication data in ONE round trip: the token with this HMAC, the stored ACL
    * policies its policy names point to and — when `read` is given — what `getWithLast` would
-   * return for it, all from one snapshot. Null when no token has this HMAC (then nothing else
+   * return for it, or for a write plan the entries with their row versions (what `getVersioned`
+   * would return), all from one snapshot. Null when no token has this HMAC (then nothing else
    * is read).
    */
-  authRead(hmac: Buffer, read?: ReadPlan): Promise<AuthRead | null>;
+  authRead(hmac: Buffer, read?: ReadPlan | WritePlan): Promise<AuthRead | null>;
 
   /** Entries with their row versions (for `casWrite`), in the order asked; batched with concurrent callers. */
   getVersioned(paths: string[]): Promise<Versioned[]>;
@@ -97,6 +98,21 @@ export interface ReadPlan {
   prefix: string | null;
 }
 
+/**
+ * The entries a write reads first, with their row versions: a `StorageView.modify`'s anchor and
+ * extra paths, in that order. Fetched with the token like a read plan, so the write's first
+ * attempt needs no read of its own (its version guard still decides).
+ */
+export interface WritePlan {
+  versioned: string[];
+}
+
+/** A write plan's answer: the entries with their versions, still encrypted, in the plan's order. */
+export interface VersionedRead {
+  paths: string[];
+  entries: Versioned[];
+}
+
 /** `getWithLast`'s answer for a plan, still encrypted. */
 export interface RawRead extends ReadPlan {
   value: Buffer | null;
@@ -119,6 +135,8 @@ export interface AuthRead {
   /** Those of them that exist. */
   policies: PolicyEntry[];
   read: RawRead | null;
+  /** The write plan's entries, when one was given. */
+  versioned: VersionedRead | null;
 }
 
 export interface TokenRecord {

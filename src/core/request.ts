@@ -1,5 +1,5 @@
 /** The logical request and response that flow between http/ and core. */
-import type { RawRead, TokenRecord } from './ports';
+import type { RawRead, TokenRecord, VersionedRead } from './ports';
 
 export type Operation = 'read' | 'create' | 'update' | 'delete' | 'list' | 'patch';
 
@@ -59,4 +59,6 @@ export interface RequestContext {
   subpath: string;
   /** What the route's `prefetch` plan asked for, read with the token (still encrypted). */
   prefetched?: RawRead | null;
+  /** What the route's write plan asked for, read with the token (still encrypted). */
+  prefetchedVersions?: VersionedRead | null;
 }

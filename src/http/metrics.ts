@@ -60,7 +60,7 @@ export class Metrics {
     gauge('coffer_replication_secondary_lag_wal', 'Primary: the largest number of WAL positions a secondary is behind', (s) => s.maxSecondaryLagWal);
     gauge('coffer_replication_known_secondaries', 'Primary: secondaries not revoked', (s) => s.knownSecondaries);
     gauge('coffer_wal_unordered_rows', 'WAL rows written but not yet given a position', (s) => s.walUnorderedRows);
-    gauge('coffer_wal_oldest_unordered_age_seconds', 'Age of the oldest WAL row still waiting for a position (the xid horizon lag)', (s) => s.walOldestUnorderedAgeSeconds);
+    gauge('coffer_wal_oldest_unordered_age_seconds', 'Age of the oldest committed WAL row without a position (only rows an older version left; numbered at takeover)', (s) => s.walOldestUnorderedAgeSeconds);
     gauge('vault_logshipper_buffer_length', 'Ordered WAL rows retained for shipping (bounded by logshipper_buffer_length)', (s) => s.walRetainedRows);
     gauge('vault_logshipper_buffer_size', 'Bytes of retained WAL as the bound counts them (bounded by logshipper_buffer_size)', (s) => s.walRetainedBytes);
 

@@ -100,7 +100,7 @@ export class ActiveNode {
 
   /**
    * ARIES recovery of the merkle index, then its background flushes and checkpoints, and WAL
-   * collection. The sequencer starts at once: what it orders meanwhile queues behind recovery.
+   * collection. The WAL follower starts at once: what it reads meanwhile queues behind recovery.
    */
   private startMerkle(): void {
     const merkle = this.o.merkle;

@@ -1,7 +1,7 @@
 /** Store (src/core/ports.ts) on Postgres through kysely. */
 import { sql, type Kysely, type Transaction } from 'kysely';
 import pg from 'pg';
-import type { AuthRead, CasWrite, LeaseRecord, LeaseRepo, ReadPlan, SealRecord, Store, StoreTx, TokenRecord, TokenRepo, Versioned, WrapRepo, WrappedRecord } from '../core/ports';
+import type { AuthRead, CasWrite, LeaseRecord, LeaseRepo, ReadPlan, SealRecord, Store, StoreTx, TokenRecord, TokenRepo, Versioned, WrapRepo, WrappedRecord, WritePlan } from '../core/ports';
 import { casWriteBatch, deleteEntry, getEntries, getVersionedMany, getEntry, getWithLast, listChildren, prefixEnd, putEntries, putEntry, stampWal, StaleKeyTerm } from './entries';
 import { KeyringStale } from '../core/errors';
 import { termOf } from '../core/keyring';
@@ -195,7 +195,8 @@ function tokenRepo(db: Kysely<DB>): TokenRepo {
  * columns a migration adds.
  *
  * It serves a batch of requests at once: $1..$4 are arrays (token HMAC; path, prefix and end of
- * the prefix range, null for no read), and each answer row carries its request's position `i`
+ * the prefix range, null for no read); $5, $6 list the write plans' paths (request position,
+ * path), whose entries come back with their row versions; each answer row carries its request's position `i`
  * (1-based; no row: no such token). It runs with a generic plan (see preparedQuery), so every
  * lookup is written as a lateral, parameterised one (the token's `LIMIT 1` keeps it an index
  * probe however many tokens the planner's statistics count).
@@ -203,7 +204,8 @@ function tokenRepo(db: Kysely<DB>): TokenRepo {
 const AUTH_READ = `
   SELECT q.i, to_json(t) AS token,
          p.wanted AS policy_wanted, p.paths AS policy_paths, p.vals AS policy_values,
-         e.value AS read_value, l.path AS last_path, l.value AS last_value
+         e.value AS read_value, l.path AS last_path, l.value AS last_value,
+         vr.vals AS versioned_values, vr.vers AS versioned_versions
     FROM unnest($1::bytea[], $2::text[], $3::text[], $4::text[]) WITH ORDINALITY AS q(hmac, path, prefix, prefix_end, i)
    CROSS JOIN LATERAL (SELECT * FROM coffer_tokens WHERE token_hmac = q.hmac LIMIT 1) AS t
    CROSS JOIN LATERAL (
@@ -219,7 +221,12 @@ const AUTH_READ = `
     LEFT JOIN LATERAL (
          SELECT path, value FROM coffer_entries
           WHERE path >= q.prefix COLLATE "C" AND path < q.prefix_end COLLATE "C" AND value IS NOT NULL
-          ORDER BY path DESC LIMIT 1) AS l ON true`;
+          ORDER BY path DESC LIMIT 1) AS l ON true
+    LEFT JOIN LATERAL (
+         SELECT array_agg(c.value ORDER BY v.n) AS vals, array_agg(coalesce(c.version, 0) ORDER BY v.n) AS vers
+           FROM unnest($5::int[], $6::text[]) WITH ORDINALITY AS v(i, path, n)
+           LEFT JOIN coffer_entries c ON c.path = v.path COLLATE "C"
+          WHERE v.i = q.i) AS vr ON true`;
 
 interface Pending<I, O> {
   item: I;
@@ -310,27 +317,39 @@ class Batcher<I, O> {
 interface PendingAuthRead {
   hmac: Buffer;
   read: ReadPlan | undefined;
+  write: WritePlan | undefined;
 }
 
 async function runAuthReads(db: Kysely<DB>, batch: PendingAuthRead[]): Promise<(AuthRead | null)[]> {
   const prefixes = batch.map((p) => p.read?.prefix ?? null);
+  const planOf: number[] = [];
+  const planPaths: string[] = [];
+  batch.forEach((p, i) => {
+    for (const path of p.write?.versioned ?? []) {
+      planOf.push(i + 1);
+      planPaths.push(path);
+    }
+  });
   const rows = await preparedQuery<any>(
     db,
     'coffer_auth_read',
     AUTH_READ,
-    [batch.map((p) => p.hmac), batch.map((p) => p.read?.path ?? null), prefixes, prefixes.map((prefix) => (prefix === null ? null : prefixEnd(prefix)))],
+    [batch.map((p) => p.hmac), batch.map((p) => p.read?.path ?? null), prefixes, prefixes.map((prefix) => (prefix === null ? null : prefixEnd(prefix))), planOf, planPaths],
     { hot: true },
   );
   const answers: (AuthRead | null)[] = batch.map(() => null);
   for (const r of rows) {
-    const { read } = batch[Number(r.i) - 1];
+    const { read, write } = batch[Number(r.i) - 1];
     const paths: string[] = r.policy_paths ?? [];
     const values: Buffer[] = r.policy_values ?? [];
+    const vvalues: (Buffer | null)[] = r.versioned_values ?? [];
+    const vversions: (string | number)[] = r.versioned_versions ?? [];
     answers[Number(r.i) - 1] = {
       token: tokenFromJson(r.token),
       policyPaths: r.policy_wanted ?? [],
       policies: paths.map((path, i) => ({ path, value: values[i] })),
       read: read ? { ...read, value: r.read_value ?? null, last: r.last_path !== null ? { path: r.last_path, value: r.last_value } : null } : null,
+      versioned: write ? { paths: write.versioned, entries: write.versioned.map((_, i) => ({ value: vvalues[i] ?? null, version: Number(vversions[i] ?? 0) })) } : null,
     };
   }
   return answers;
@@ -358,7 +377,7 @@ export function pgStore(db: Kysely<DB>): Store {
     (w) => [w.anchor.path, ...w.puts.map(([p]) => p), ...w.deletes],
   );
   return {
-    authRead: (hmac, read) => authReads.submit({ hmac, read }),
+    authRead: (hmac, plan) => authReads.submit({ hmac, read: plan && 'path' in plan ? plan : undefined, write: plan && 'versioned' in plan ? plan : undefined }),
     getVersioned: (paths) => versionedReads.submit(paths),
     casWrite: (w) =>
       casWrites.submit(w).catch((err) => {

@@ -10,8 +10,8 @@
  * Each iteration starts `coffer server` on that database, either with COFFER_FAULTS arming one
  * of the merkle fault points (it SIGKILLs itself there) or without faults (the test SIGKILLs it
  * at a seeded random delay into the write load). The new process takes the active lease and
- * recovers (ARIES redo from the last checkpoint, or a rebuild); once it is active, its
- * sequencer has ordered what the dead one left, and merkle-check answers, the test asserts:
+ * recovers (ARIES redo from the last checkpoint, or a rebuild); once it is active and
+ * merkle-check answers, the test asserts:
  *
  *  - sys/replication/merkle-check: corrupted_root === false, no corrupted page, and
  *  - independently of the server: the root it reports equals the root the test computes from
@@ -235,9 +235,8 @@ test(`kill -9 at merkle fault points and at random moments, ${ITERATIONS} times 
     // ---- recovered, active, everything ordered: check.
     try {
       await whileAlive(p, 'active and unsealed', async () => (await fetch(`${p.addr}/v1/sys/health`, { method: 'HEAD' })).status === 200);
-      // The dead process's committed writes get ordered by this one's sequencer; once none is
-      // left, the root computed from SQL here is the root at the WAL head. (merkle-check itself
-      // waits for such writes since aca554c: test/integration/merkle-index.test.ts, g.)
+      // Every committed write has its WAL position (numbered before its commit), so the root
+      // computed from SQL here is the root at the WAL head; the check stays as a guard.
       await whileAlive(p, 'the WAL fully ordered', async () => (await truthFromSql()).unordered === 0);
       let ok = false;
       for (let attempt = 0; attempt < 3 && !ok; attempt++) {

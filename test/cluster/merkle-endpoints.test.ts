@@ -193,14 +193,16 @@ test('a flushed subpage corrupted in SQL and recovered after kill -9 is reported
 
 test('recover on a secondary runs merkle-diff and merkle-sync, repairs a divergence and returns to stream-wals', async () => {
   await converged('before recover');
-  // The secondary loses a key (a DBA's accident, with its WAL row so its index sees it).
+  // The secondary loses a key (a DBA's accident, with its WAL row — numbered at the head, as
+  // every WAL row must be before it commits — so its index sees it).
   const lost = await withSql(sec.db.url, async (c) => {
     const { rows } = await c.query(
       `WITH e AS (
          UPDATE coffer_entries SET version = version + 1, value = NULL, value_hash = NULL, updated_at = clock_timestamp()
           WHERE path = (SELECT path FROM coffer_entries WHERE path LIKE '%/data/ep/7' AND value IS NOT NULL)
-         RETURNING path, version)
-       INSERT INTO coffer_wal (path, op, key_version) SELECT path, 'delete', version FROM e RETURNING path`,
+         RETURNING path, version),
+       hd AS (UPDATE coffer_wal_head SET last_lsn = last_lsn + 1 WHERE id = 1 AND EXISTS (SELECT 1 FROM e) RETURNING last_lsn)
+       INSERT INTO coffer_wal (path, op, key_version, lsn, ordered_at) SELECT path, 'delete', version, (SELECT last_lsn FROM hd), clock_timestamp() FROM e RETURNING path`,
     );
     expect(rows).toHaveLength(1);
     return rows[0].path as string;

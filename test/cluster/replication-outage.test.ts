@@ -62,7 +62,7 @@ async function diagnostics(): Promise<string> {
       secondary: await safe(() => perfStatus(sec.addr)),
       primaryUnorderedWal: await safe(() => unorderedWal(pri.db.url)),
       primaryQueueKeys: await safe(() => scanKeys(redis!, `${PRI_PREFIX}:*`)),
-      // The sequencer's horizon is server-wide: an old transaction in ANY database holds it back.
+      // Long transactions on the server (they hold locks and the vacuum horizon).
       oldestTransactions: await safe(() =>
         withSql(pri.db.url, async (c) => (await c.query(`SELECT datname, state, now() - xact_start AS age, left(query, 80) AS query FROM pg_stat_activity WHERE backend_xid IS NOT NULL OR backend_xmin IS NOT NULL ORDER BY xact_start LIMIT 5`)).rows),
       ),

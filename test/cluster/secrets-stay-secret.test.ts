@@ -177,8 +177,7 @@ describe('secrets stay secret (invariant 8)', () => {
   test('WAL rows show path, op, key_version, a 32-byte hash of the ciphertext, a size and a time — not the value', async () => {
     const c = await sqlClient(db.url);
     try {
-      // Insertion order (seq): ordering into LSNs waits on the server-wide xid horizon, which other
-      // databases' transactions on a shared Postgres can hold back, and nothing here needs it.
+      // Insertion order (seq): nothing here needs the positions.
       const { rows } = await c.query<{ path: string; op: string; key_version: number; value_hash: Buffer | null; value_size: number; written_at: Date }>(
         'SELECT path, op, key_version, value_hash, value_size, written_at FROM coffer_wal ORDER BY seq',
       );
@@ -224,7 +223,7 @@ describe('secrets stay secret (invariant 8)', () => {
       for (const h of plaintextHashes) expect(hashes.has(h)).toBe(false);
 
       // The DBA views show the same, with the hash as hex text; read in one statement (one snapshot)
-      // so the sequencer running meanwhile cannot skew the counts.
+      // so writes committing meanwhile cannot skew the counts.
       const { rows: views } = await c.query<{ total: string; ordered: string; logged: string; bad_hash: string; per_minute: string; head_lsn: string; unordered_rows: string }>(`
         SELECT (SELECT count(*) FROM coffer_wal)                                      AS total,
                (SELECT count(*) FROM coffer_wal WHERE lsn IS NOT NULL)                AS ordered,

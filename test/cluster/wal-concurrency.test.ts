@@ -125,11 +125,13 @@ test('16 writers on 2 processes + a transaction held open 3 s: the tailer sees e
   expect(tailer.seen.has('test/held@1')).toBe(false);
   // Its rows are numbered as its last statement, then it commits (as Store.transaction does).
   const heldLast = await stampWal(held);
-  await held.commit().execute();
+  // Visible to others from the moment Postgres commits, which can be before this client hears
+  // back: "after it committed" means not before the COMMIT was sent.
   const heldCommittedAt = Date.now();
+  await held.commit().execute();
   held = undefined;
   // eslint-disable-next-line no-console
-  console.log(`[wal-concurrency] held ${heldCommittedAt - heldSince} ms; acked during hold ${acked - ackedAtHold}; rows of later transactions positioned meanwhile ${during.rows[0].positioned}, waiting ${during.rows[0].waiting}; held rows at ${heldLast - 1}..${heldLast}`);
+  console.log(`[wal-concurrency] held ${Date.now() - heldSince} ms; acked during hold ${acked - ackedAtHold}; rows of later transactions positioned meanwhile ${during.rows[0].positioned}, waiting ${during.rows[0].waiting}; held rows at ${heldLast - 1}..${heldLast}`);
   expect(during.rows[0].positioned).toBeGreaterThan(0); // the hold overlapped committing writers
   expect(during.rows[0].waiting).toBe(0);
 

@@ -148,8 +148,8 @@ export class WalTailer {
 }
 
 /**
- * Rolls back a controlled transaction a failing test may have left open (an open transaction
- * holds the server-wide xmin horizon, stalling WAL ordering for every test on this Postgres).
+ * Rolls back a controlled transaction a failing test may have left open (it would hold its
+ * locks — the WAL head's, once it numbered its rows — until the database is dropped).
  * kysely's rollback() throws synchronously on a finished transaction, hence the checks.
  */
 export async function rollbackQuietly(t: ControlledTransaction<DB> | undefined): Promise<void> {

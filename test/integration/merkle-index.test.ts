@@ -717,7 +717,7 @@ test('merkle-check does not report a correct index as corrupted while a slow wri
   })();
   const slow = await f.db.startTransaction().execute();
   try {
-    await putEntry(slow, 'logical/kv/slow-writer', valueOf('slow', 1), TERM); // takes an xid, holds the horizon
+    await putEntry(slow, 'logical/kv/slow-writer', valueOf('slow', 1), TERM); // takes an xid and stays open
     await writeTx(f.db, [{ path: 'logical/kv/just-committed', value: valueOf('x', 1) }]);
     // Numbered at commit, whatever the slow writer does.
     expect(await walHead(f.db)).toBe(head + 1);

@@ -1,7 +1,7 @@
 /**
  * The request path's one-statement authentication (token + its policies + the read a KV
- * route plans, in one round trip): what it fetches, and that it changes nothing a caller
- * can observe. Two Cores share one database, as two server processes of a cluster do: a
+ * route plans, or the versioned entries a KV write reads first, in one round trip): what it
+ * fetches, and that it changes nothing a caller can observe. Two Cores share one database, as two server processes of a cluster do: a
  * change made through one (policy, revocation, write) must apply on the other's very next
  * request — nothing is cached but decoded policy text, keyed by its ciphertext.
  */
@@ -123,6 +123,52 @@ describe('one round trip per KV read', () => {
   test('a write through another process is read at once', async () => {
     await call(b, 'update', 'secret/data/app/db', root, { data: { password: 'from-b' } });
     expect((await call(a, 'read', 'secret/data/app/db', root)).data).toMatchObject({ data: { password: 'from-b' }, metadata: { version: 4 } });
+  });
+});
+
+describe('two store calls per KV write', () => {
+  test('a KV v2 or v1 write is the token read (with the entries it modifies) and the guarded write', async () => {
+    calls.length = 0;
+    const before = (await call(b, 'read', 'secret/data/app/db', root)).data as { metadata: { version: number } };
+    calls.length = 0;
+    const w = await call(a, 'update', 'secret/data/app/db', root, { data: { password: 'p4' } });
+    expect(w.data).toMatchObject({ version: before.metadata.version + 1 });
+    expect(calls).toEqual(['authRead', 'casWrite']);
+    calls.length = 0;
+    await call(a, 'update', 'v1/k', root, { one: 2 });
+    await call(a, 'delete', 'v1/k', root);
+    expect(calls).toEqual(['authRead', 'casWrite', 'authRead', 'casWrite']);
+    calls.length = 0;
+    await call(a, 'delete', 'secret/data/app/db', root);
+    expect(calls).toEqual(['authRead', 'casWrite']);
+    expect((await call(a, 'read', 'secret/data/app/db', root)).status).toBe(404);
+    await call(a, 'update', 'secret/data/app/db', root, { data: { password: 'p3' } });
+    await call(a, 'update', 'v1/k', root, { one: 1 });
+  });
+
+  test('a write whose prefetched versions went stale meanwhile reads again and still writes once', async () => {
+    // b changes the key between a's token read and a's write: a's first guarded write finds the
+    // metadata moved, reads it again (getVersioned) and writes the next version.
+    const origCas = (a as unknown as { opts: { store: Store } }).opts.store.casWrite;
+    let raced = false;
+    (a as unknown as { opts: { store: Store } }).opts.store.casWrite = async (w) => {
+      if (!raced) {
+        raced = true;
+        await call(b, 'update', 'secret/data/race', root, { data: { by: 'b' } });
+      }
+      return origCas(w);
+    };
+    try {
+      await call(a, 'update', 'secret/data/race', root, { data: { by: 'a0' } });
+      raced = false;
+      calls.length = 0;
+      const w = await call(a, 'update', 'secret/data/race', root, { data: { by: 'a' } });
+      expect(calls).toEqual(['authRead', 'casWrite', 'getVersioned', 'casWrite']);
+      expect(w.data).toMatchObject({ version: 4 });
+      expect((await call(b, 'read', 'secret/data/race', root)).data).toMatchObject({ data: { by: 'a' }, metadata: { version: 4 } });
+    } finally {
+      (a as unknown as { opts: { store: Store } }).opts.store.casWrite = origCas;
+    }
   });
 });
 
