@@ -10,8 +10,8 @@ export interface TestDatabase {
   drop(): Promise<void>;
 }
 
-async function admin<T>(fn: (c: pg.Client) => Promise<T>): Promise<T> {
-  const c = new pg.Client({ connectionString: PG_ADMIN_URL });
+async function admin<T>(fn: (c: pg.Client) => Promise<T>, adminUrl = PG_ADMIN_URL): Promise<T> {
+  const c = new pg.Client({ connectionString: adminUrl });
   await c.connect();
   try {
     return await fn(c);
@@ -20,15 +20,16 @@ async function admin<T>(fn: (c: pg.Client) => Promise<T>): Promise<T> {
   }
 }
 
-export async function createTestDatabase(label = 't'): Promise<TestDatabase> {
+/** A new database on the server of `adminUrl` (default: the machine's, PG_ADMIN_URL). */
+export async function createTestDatabase(label = 't', adminUrl = PG_ADMIN_URL): Promise<TestDatabase> {
   const name = `coffer_${label.replace(/[^a-z0-9_]/gi, '_').toLowerCase()}_${randomBytes(4).toString('hex')}`;
-  await admin((c) => c.query(`CREATE DATABASE ${name}`));
-  const base = new URL(PG_ADMIN_URL);
+  await admin((c) => c.query(`CREATE DATABASE ${name}`), adminUrl);
+  const base = new URL(adminUrl);
   base.pathname = `/${name}`;
   return {
     name,
     url: base.toString(),
-    drop: () => admin((c) => c.query(`DROP DATABASE IF EXISTS ${name} WITH (FORCE)`)).then(() => undefined),
+    drop: () => admin((c) => c.query(`DROP DATABASE IF EXISTS ${name} WITH (FORCE)`), adminUrl).then(() => undefined),
   };
 }
 
