@@ -17,7 +17,7 @@ import { clusterApp, listenCluster, type ClusterListener } from './http/cluster-
 import { ActiveNode } from './replication/active-node';
 import { openEmbedded, openPostgres, type Database } from './storage/db';
 import { migrateToLatest } from './storage/migrate';
-import { pgStore } from './storage/pg-store';
+import { pgStore, type PgStoreOptions } from './storage/pg-store';
 import type { ExpiryScheduler } from './core/expiry';
 import { VERSION } from './version';
 import { replicationInternalRouter } from './http/replication-internal';
@@ -64,10 +64,11 @@ function splitAddress(address: string): { host: string; port: number } {
   return { host, port: Number(address.slice(i + 1)) };
 }
 
-function buildCore(config: CofferConfig, database: Database, scheduler: ExpiryScheduler): Core {
+/** `onWalWritten`: told of the WAL rows this process's writes committed (see pgStore). */
+function buildCore(config: CofferConfig, database: Database, scheduler: ExpiryScheduler, onWalWritten?: PgStoreOptions['onWalWritten']): Core {
   return new Core({
     scheduler,
-    store: pgStore(database.db),
+    store: pgStore(database.db, { onWalWritten }),
     clock: systemClock,
     staticSeal: config.seal
       ? { keyId: config.seal.currentKeyId, key: config.seal.currentKey, previous: config.seal.previousKey ? { keyId: config.seal.previousKeyId ?? '', key: config.seal.previousKey } : undefined }
@@ -96,7 +97,14 @@ export async function startServer(config: CofferConfig, dev?: DevOptions): Promi
     const queue: JobQueue = config.queue
       ? new BullQueue(redisConnection(config.queue.url), config.queue.prefix, (err) => log.warn({ err: err.message }, 'queue error'))
       : new MemoryQueue();
-    const core = buildCore(config, database, queueScheduler(queue, (err) => log.warn({ err: err.message }, 'could not schedule an expiry job; the sweep will catch it')));
+    // Late-bound like the node below: writes tell the active node of their WAL rows.
+    let node: ActiveNode | null = null;
+    const core = buildCore(
+      config,
+      database,
+      queueScheduler(queue, (err) => log.warn({ err: err.message }, 'could not schedule an expiry job; the sweep will catch it')),
+      (c) => node?.offer(c),
+    );
 
     const first = config.listeners[0];
     const scheme = first.tlsDisable ? 'http' : 'https';
@@ -105,9 +113,8 @@ export async function startServer(config: CofferConfig, dev?: DevOptions): Promi
     // The api_addr is only known once the first listener has its port (port 0 in tests).
     let apiAddr = config.apiAddr ?? '';
 
-    // Late-bound: the node needs the api_addr, which is known once the first listener has its
-    // port (port 0 in tests); the app needs the node for sys/health.
-    let node: ActiveNode | null = null;
+    // The node is late-bound: it needs the api_addr, which is known once the first listener has
+    // its port (port 0 in tests); the app needs the node for sys/health.
     const replicationOpts: ReplicationOptions = {
       db: database.db,
       core,
@@ -130,6 +137,7 @@ export async function startServer(config: CofferConfig, dev?: DevOptions): Promi
       : null;
     replicationOpts.merkle = () => (merkle && node?.merkleReady ? merkle : null);
     replicationOpts.onSynced = (n) => metrics.merkle.synced(n);
+    replicationOpts.onWalWritten = (c) => node?.offer(c);
     const replication = new Replication(replicationOpts);
     core.sys.addRoutes(replicationRoutes(replication));
     const app = createApp({

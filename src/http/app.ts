@@ -294,11 +294,8 @@ async function logical(o: AppOptions, req: HttpCall, res: http.ServerResponse): 
     // X-Vault-Inconsistent: "fail" (default) answers 412 at once; "await-state" waits first.
     await o.replication.assertIndex(Number(required), header(req, 'x-vault-inconsistent') === 'await-state');
   }
-  const out = await o.core.handle(lreq);
-  // The write's WAL position is its X-Vault-Index; the active node feeds it to the merkle
-  // index and shipping now rather than at its next poll.
-  if (out.walLsn) o.node.poke();
-  render(res, lreq, out);
+  // A write's WAL position is its X-Vault-Index (the store tells the active node of the rows).
+  render(res, lreq, await o.core.handle(lreq));
 }
 
 function render(res: http.ServerResponse, req: LogicalRequest, out: LogicalResponse): void {

@@ -12,6 +12,7 @@ import type { MerkleIndex } from '../merkle/index';
 import { ActiveLease } from '../storage/active-lease';
 import { collectWal, type WalRetention } from '../storage/merkle';
 import type { DB } from '../storage/schema';
+import type { CommittedRows } from '../storage/entries';
 import { orderStragglers, readNewWal, type OrderedRecord } from '../storage/wal';
 
 export interface ActiveNodeOptions {
@@ -171,6 +172,29 @@ export class ActiveNode {
   }
 
   /**
+   * WAL rows a writer in this process just committed, in position order (null: a transaction
+   * committed some; read them). When they follow on from what this node has followed, they go
+   * to the merkle index and shipping at once, with no read of the WAL; otherwise (a write of
+   * another process or batch came between, or this node is not the active one) the follower
+   * reads the WAL as usual.
+   */
+  offer(committed: CommittedRows | null): void {
+    if (!this.active) return;
+    const records = committed?.records ?? [];
+    if (records.length === 0 || this.followedLsn < 0 || committed!.resets !== this.followedResets || records[0].lsn !== this.followedLsn + 1) {
+      this.poke();
+      return;
+    }
+    const last = records[records.length - 1].lsn;
+    this.feedMerkle(records);
+    this.followedLsn = last;
+    if (last > this.headLsn) {
+      this.headLsn = last;
+      this.o.onSequenced?.(last);
+    }
+  }
+
+  /**
    * The WAL follower: reads what was committed since the last step (writers number their rows
    * at commit, in commit order, so resuming after the last position misses nothing) and hands it
    * to the merkle index and to shipping. Local writes poke it; writes by other processes of the
@@ -194,14 +218,17 @@ export class ActiveNode {
           else this.resetMerkle();
           this.followedLsn = r.headLsn;
           this.followedResets = r.resets;
+          this.headLsn = -1; // told below
         } else if (r.records.length > 0) {
+          // Records offered meanwhile may already be fed: the index skips what it has.
           this.feedMerkle(r.records);
-          this.followedLsn = r.records[r.records.length - 1].lsn;
+          this.followedLsn = Math.max(this.followedLsn, r.records[r.records.length - 1].lsn);
           more = r.records.length === FOLLOW_BATCH;
         }
-        const moved = r.headLsn !== this.headLsn;
-        this.headLsn = r.headLsn;
-        if (moved) this.o.onSequenced?.(r.headLsn);
+        if (r.headLsn > this.headLsn) {
+          this.headLsn = r.headLsn;
+          this.o.onSequenced?.(r.headLsn);
+        }
       } catch (err) {
         this.o.log.warn({ err: (err as Error).message }, 'reading new WAL failed; retrying');
         idleMs = 500;

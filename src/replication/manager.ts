@@ -36,6 +36,7 @@ import {
   type ReplicationRow,
   type ShippedEntry,
 } from '../storage/replication';
+import type { CommittedRows } from '../storage/entries';
 import type { DB } from '../storage/schema';
 import { walHead } from '../storage/wal';
 import type { Mode, SecondaryState } from './states';
@@ -80,6 +81,8 @@ export interface ReplicationOptions {
   merkle?: () => MerkleIndex | null;
   /** Told how many keys a merkle-sync moved (metrics). */
   onSynced?: (keys: number) => void;
+  /** Told of WAL rows apply committed here (the active node feeds them to its index at once). */
+  onWalWritten?: (committed: CommittedRows | null) => void;
 }
 
 /** A merkle-sync answer stops adding subpages once its entries pass this many bytes. */
@@ -121,6 +124,10 @@ const EPOCH_GUARD_CACHE_MS = 1000;
 const SHIPPABLE = new Set(['bootstrapping', 'streaming']);
 /** How long poke() trusts its list of shippable secondaries before listing them again. */
 const SHIPPABLE_LIST_MS = 1000;
+/** The primary's periodic shipping wake-up (pokes do the real work). */
+const SAFETY_WAKE_MS = 1000;
+/** A streaming secondary in contact heartbeats its primary this often. */
+const HEARTBEAT_MS = 1000;
 const secondarySecretPath = (id: string) => `core/replication/secondaries/${id}`;
 
 export class Replication {
@@ -163,9 +170,16 @@ export class Replication {
     const row = await readReplication(this.o.db);
     const superseded = await this.followRole(row);
     if (!this.o.isActive() || this.o.core.sealed) return;
-    if (row.mode === 'primary' && !superseded) await this.wakeShipping();
+    // Shipping is woken by the active node whenever the WAL moves (poke); this is the safety
+    // net (a job that failed, a poke lost to a restart), so once a second is enough.
+    if (row.mode === 'primary' && !superseded && Date.now() - this.lastSafetyWake >= SAFETY_WAKE_MS) {
+      this.lastSafetyWake = Date.now();
+      await this.wakeShipping();
+    }
     if (row.mode === 'secondary') await this.secondaryDuties(row);
   }
+  private lastSafetyWake = 0;
+  private lastHeartbeatSent = 0;
 
   /** Makes core follow the cluster's role: who may write replicated data, where writes go. */
   private async followRole(row: ReplicationRow): Promise<boolean> {
@@ -805,6 +819,7 @@ export class Replication {
     const epoch = Number((body as { epoch?: number }).epoch ?? 0);
     const out = await applyBatch(this.o.db, batch, Number.isSafeInteger(epoch) && epoch > 0 ? epoch : 0);
     if (!out.applied) this.guardCache.forget();
+    else if (out.committed) this.o.onWalWritten?.(out.committed);
     if (out.applied && batch.entries.some((e) => e.path.startsWith('core/mounts') || e.path.startsWith('core/auth'))) {
       await this.o.core.reloadMounts().catch(() => undefined);
     }
@@ -872,6 +887,10 @@ export class Replication {
       return;
     }
     if (row.state !== 'stream-wals' && row.state !== 'idle') return;
+    // Streaming and in contact: a heartbeat a second (batches also count as contact). Otherwise
+    // every tick, so a secondary that lost its primary is back as soon as it answers.
+    if (row.state === 'stream-wals' && this.connection === 'connected' && Date.now() - this.lastHeartbeatSent < HEARTBEAT_MS) return;
+    this.lastHeartbeatSent = Date.now();
     try {
       if (!row.primaryApiAddr) return; // demoted: follows nobody until update-primary
       const p = await this.toPrimary(row);

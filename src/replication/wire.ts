@@ -4,6 +4,7 @@
  * here ever holds a plaintext secret.
  */
 import { createHash, randomBytes, timingSafeEqual } from 'node:crypto';
+import * as http from 'node:http';
 import * as https from 'node:https';
 import type { PeerCertificate } from 'node:tls';
 import { InvalidRequest, UpstreamUnavailable } from '../core/errors';
@@ -112,19 +113,27 @@ function agentFor(tls: TlsContext): https.Agent {
   return agent;
 }
 
-/** One request over node:https (global fetch takes no client certificate or CA). */
-function httpsRequest(
+/**
+ * Plain-HTTP replication calls share one keep-alive agent. node:http rather than fetch: a
+ * shipping step is one call, and fetch (undici's WHATWG machinery) cost 4-5× the CPU of
+ * node:http for the same small JSON POST here (~0.5 ms against ~0.1 ms, client and server).
+ */
+const plainAgent = new http.Agent({ keepAlive: true });
+
+/** One request over node:http, or node:https with a replication TLS context (fetch takes no client certificate or CA). */
+function nodeRequest(
   url: string,
   method: string,
   headers: Record<string, string>,
   body: string | undefined,
   timeoutMs: number,
-  tls: TlsContext,
+  tls: TlsContext | null,
 ): Promise<{ status: number; text: string; headers: Headers }> {
   return new Promise((resolve, reject) => {
-    const req = https.request(
+    const request = tls ? https.request : http.request;
+    const req = request(
       url,
-      { method, headers: body === undefined ? headers : { ...headers, 'content-length': String(Buffer.byteLength(body)) }, agent: agentFor(tls), signal: AbortSignal.timeout(timeoutMs) },
+      { method, headers: body === undefined ? headers : { ...headers, 'content-length': String(Buffer.byteLength(body)) }, agent: tls ? agentFor(tls) : plainAgent, signal: AbortSignal.timeout(timeoutMs) },
       (res) => {
         const chunks: Buffer[] = [];
         res.on('data', (c: Buffer) => chunks.push(c));
@@ -146,8 +155,8 @@ function httpsRequest(
 
 /**
  * POST/GET JSON to another cluster, with a timeout; network (and TLS) failures become
- * UpstreamUnavailable. With `tls` and an https: URL it goes through node:https with that
- * context; otherwise through fetch, as before.
+ * UpstreamUnavailable. An http: URL goes through node:http; with `tls` and an https: URL,
+ * node:https with that context; an https: URL without one (the system's CAs), through fetch.
  */
 export async function call<T>(
   url: string,
@@ -157,10 +166,11 @@ export async function call<T>(
   const headers = { 'content-type': 'application/json', ...(opts.headers ?? {}) };
   const payload = opts.body === undefined ? undefined : JSON.stringify(opts.body);
   const timeoutMs = opts.timeoutMs ?? 10_000;
-  if (opts.tls && url.startsWith('https:')) {
+  const plain = url.startsWith('http:');
+  if (plain || (opts.tls && url.startsWith('https:'))) {
     let r: { status: number; text: string; headers: Headers };
     try {
-      r = await httpsRequest(url, method, headers, payload, timeoutMs, opts.tls);
+      r = await nodeRequest(url, method, headers, payload, timeoutMs, plain ? null : opts.tls!);
     } catch (err) {
       throw new UpstreamUnavailable(`cannot reach ${new URL(url).origin}: ${(err as Error).message}`);
     }

@@ -35,7 +35,8 @@ export interface WrittenRow {
 
 /**
  * The CTE `hd` that takes `n` positions for the rows of CTE `rows`: it moves the head past them
- * (taking the head row's lock, held to commit) and yields `base`, the position before the first.
+ * (taking the head row's lock, held to commit) and yields `base`, the position before the first,
+ * and `resets` (which WAL generation the positions belong to; see readNewWal).
  * Its inputs are the changed rows, so Postgres has locked every entry row before it reaches the
  * head; and a statement that changed nothing leaves the head alone (no lock, no position).
  * Under READ COMMITTED a writer that waited for the lock re-reads the head its predecessor
@@ -44,7 +45,7 @@ export interface WrittenRow {
 export const WAL_POSITIONS = (rows: string) => `hd AS (
     UPDATE coffer_wal_head SET last_lsn = last_lsn + (SELECT count(*) FROM ${rows})
      WHERE id = 1 AND EXISTS (SELECT 1 FROM ${rows})
-    RETURNING last_lsn - (SELECT count(*) FROM ${rows}) AS base)`;
+    RETURNING last_lsn - (SELECT count(*) FROM ${rows}) AS base, resets)`;
 
 /**
  * Numbers the WAL rows this transaction wrote without a position (in the order written), as its
@@ -203,6 +204,22 @@ export async function listChildren(
 /** Per write of a batch: its highest WAL position, or null if its anchor had moved (nothing of it was written). */
 export type CasOutcome = number | null;
 
+/** A committed WAL row as the merkle index takes it (also what readNewWal returns). */
+export interface CommittedRecord {
+  lsn: number;
+  path: string;
+  op: 'put' | 'delete';
+  valueHash: Buffer | null;
+  /** The key's merkle subpage (coffer_key_subpage). */
+  sp: number;
+}
+
+/** WAL rows one statement committed, in position order, and the WAL generation they belong to. */
+export interface CommittedRows {
+  resets: number;
+  records: CommittedRecord[];
+}
+
 /**
  * Several optimistic read-modify-writes in ONE statement (so one commit): each write changes its
  * anchor entry only if the anchor's version is still the one its writer read, and writes its
@@ -262,20 +279,16 @@ const MODIFY_BATCH = `
   w AS (
     INSERT INTO coffer_wal (path, op, key_version, value_hash, value_size, lsn, ordered_at)
     SELECT path, op, version, value_hash, size, (SELECT base FROM hd) + row_number() OVER (ORDER BY path), clock_timestamp() FROM ch
-    RETURNING lsn, path)
-  SELECT t.ok AS term_ok, r.item, r.last_lsn
-    FROM t LEFT JOIN (
-      SELECT ok.item, max(w.lsn) AS last_lsn
-        FROM ok
-        JOIN (SELECT item, path FROM a UNION ALL SELECT item, path FROM o) p ON p.item = ok.item
-        JOIN w ON w.path = p.path
-       GROUP BY ok.item) r ON true`;
+    RETURNING lsn, path, op, value_hash)
+  SELECT t.ok AS term_ok, (SELECT resets FROM hd) AS resets, p.item, w.lsn, w.path, w.op, w.value_hash, coffer_key_subpage(w.path) AS sp
+    FROM t LEFT JOIN (w JOIN (SELECT item, path FROM a UNION ALL SELECT item, path FROM o) p ON p.path = w.path) ON true
+   ORDER BY w.lsn`;
 
 /**
  * Runs a batch of optimistic writes in one statement; see MODIFY_BATCH. Throws StaleKeyTerm
  * (nothing written) if the keyring term moved on.
  */
-export async function casWriteBatch(db: Kysely<DB>, writes: CasWrite[], term: number): Promise<CasOutcome[]> {
+export async function casWriteBatch(db: Kysely<DB>, writes: CasWrite[], term: number): Promise<{ outcomes: CasOutcome[]; committed: CommittedRows | null }> {
   const a = { item: [] as number[], path: [] as string[], ver: [] as number[], val: [] as (Buffer | null)[], hash: [] as (Buffer | null)[] };
   const o = { item: [] as number[], path: [] as string[], val: [] as (Buffer | null)[], hash: [] as (Buffer | null)[] };
   writes.forEach((w, i) => {
@@ -297,13 +310,22 @@ export async function casWriteBatch(db: Kysely<DB>, writes: CasWrite[], term: nu
       o.hash.push(null);
     }
   });
-  const rows = await preparedQuery<{ term_ok: boolean; item: number | null; last_lsn: number | null }>(db, 'coffer_modify_batch', MODIFY_BATCH, [
-    a.item, a.path, a.ver, a.val, a.hash, o.item, o.path, o.val, o.hash, term,
-  ]);
+  const rows = await preparedQuery<{ term_ok: boolean; resets: string | null; item: number | null; lsn: string | null; path: string; op: 'put' | 'delete'; value_hash: Buffer | null; sp: number }>(
+    db,
+    'coffer_modify_batch',
+    MODIFY_BATCH,
+    [a.item, a.path, a.ver, a.val, a.hash, o.item, o.path, o.val, o.hash, term],
+  );
   if (!rows[0]?.term_ok) throw new StaleKeyTerm();
-  const out: CasOutcome[] = writes.map(() => null);
-  for (const r of rows) if (r.item !== null) out[r.item] = Number(r.last_lsn ?? 0);
-  return out;
+  const outcomes: CasOutcome[] = writes.map(() => null);
+  const records: CommittedRecord[] = [];
+  for (const r of rows) {
+    if (r.item === null || r.lsn === null) continue;
+    const lsn = Number(r.lsn);
+    outcomes[r.item] = Math.max(outcomes[r.item] ?? 0, lsn);
+    records.push({ lsn, path: r.path, op: r.op, valueHash: r.value_hash, sp: r.sp });
+  }
+  return { outcomes, committed: records.length ? { resets: Number(rows[0].resets), records } : null };
 }
 
 const GET_VERSIONED = `

@@ -2,7 +2,7 @@
 import { sql, type Kysely, type Transaction } from 'kysely';
 import pg from 'pg';
 import type { AuthRead, CasWrite, LeaseRecord, LeaseRepo, ReadPlan, SealRecord, Store, StoreTx, TokenRecord, TokenRepo, Versioned, WrapRepo, WrappedRecord, WritePlan } from '../core/ports';
-import { casWriteBatch, deleteEntry, getEntries, getVersionedMany, getEntry, getWithLast, listChildren, prefixEnd, putEntries, putEntry, stampWal, StaleKeyTerm } from './entries';
+import { casWriteBatch, deleteEntry, getEntries, getVersionedMany, getEntry, getWithLast, listChildren, prefixEnd, putEntries, putEntry, stampWal, StaleKeyTerm, type CommittedRows } from './entries';
 import { KeyringStale } from '../core/errors';
 import { termOf } from '../core/keyring';
 import { deleteLocal, getLocal, putLocal } from './local';
@@ -358,7 +358,16 @@ async function runAuthReads(db: Kysely<DB>, batch: PendingAuthRead[]): Promise<(
 /** Concurrent optimistic writes in flight at once (each its own statement and commit). */
 const CAS_WRITES_IN_FLIGHT = 4;
 
-export function pgStore(db: Kysely<DB>): Store {
+export interface PgStoreOptions {
+  /**
+   * Told of WAL rows this process committed: the records of a batched write (in position
+   * order), or null after a transaction that wrote some (their records are in the WAL table).
+   * The active node feeds its merkle index and shipping from it without reading the WAL back.
+   */
+  onWalWritten?: (committed: CommittedRows | null) => void;
+}
+
+export function pgStore(db: Kysely<DB>, opts: PgStoreOptions = {}): Store {
   const authReads = new Batcher<PendingAuthRead, AuthRead | null>((batch) => runAuthReads(db, batch), HOT_CONNECTIONS);
   const versionedReads = new Batcher<string[], Versioned[]>(async (batch) => {
     const all = await getVersionedMany(db, batch.flat());
@@ -370,7 +379,9 @@ export function pgStore(db: Kysely<DB>): Store {
       // One keyring term per statement: the oldest in the batch (a newer one only passes more);
       // a batch of deletes encrypts nothing and passes any guard.
       const terms = batch.flatMap((w) => [...(w.anchor.value ? [w.anchor.value] : []), ...w.puts.map(([, v]) => v)]).map(termOf);
-      return casWriteBatch(db, batch, terms.length ? Math.min(...terms) : 2 ** 31 - 1);
+      const { outcomes, committed } = await casWriteBatch(db, batch, terms.length ? Math.min(...terms) : 2 ** 31 - 1);
+      if (committed) opts.onWalWritten?.(committed);
+      return outcomes;
     },
     CAS_WRITES_IN_FLIGHT,
     64,
@@ -390,12 +401,14 @@ export function pgStore(db: Kysely<DB>): Store {
     listLocal: (prefix) => listChildren(db, 'coffer_local_entries', prefix),
     transaction: async (fn) => {
       try {
-        return await db.transaction().execute(async (tx) => {
+        const out = await db.transaction().execute(async (tx) => {
           const wrote = { wal: false };
           const result = await fn(txStore(tx, wrote));
           // The WAL rows' positions, as the transaction's last statement (entries.ts header).
           return { result, lastLsn: wrote.wal ? await stampWal(tx) : 0 };
         });
+        if (out.lastLsn > 0) opts.onWalWritten?.(null);
+        return out;
       } catch (err) {
         if (err instanceof StaleKeyTerm) throw new KeyringStale();
         throw err;

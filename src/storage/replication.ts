@@ -8,7 +8,7 @@
  */
 import { sql, type Kysely, type RawBuilder } from 'kysely';
 import { preparedQuery } from './db';
-import { WAL_POSITIONS, walTransaction } from './entries';
+import { WAL_POSITIONS, walTransaction, type CommittedRows } from './entries';
 import type { DB } from './schema';
 
 export interface ShippedEntry {
@@ -150,7 +150,7 @@ function writeShipped(when: 'newer' | 'differs', positions: 'numbered' | 'in-tra
   return `${entries}, ${WAL_POSITIONS('e')}, w AS (
     INSERT INTO coffer_wal (path, op, key_version, value_hash, value_size, lsn, ordered_at)
     SELECT ${row}, (SELECT base FROM hd) + row_number() OVER (ORDER BY path), clock_timestamp() FROM e
-    RETURNING seq
+    RETURNING seq, lsn, path, op, value_hash
   )`;
 }
 
@@ -211,7 +211,7 @@ export async function syncEntries(db: Kysely<DB>, entries: ShippedEntry[], purge
   return result;
 }
 
-export type ApplyOutcome = { applied: true; appliedLsn: number; changed: number } | { applied: false; appliedLsn: number; reason: string };
+export type ApplyOutcome = { applied: true; appliedLsn: number; changed: number; committed: CommittedRows | null } | { applied: false; appliedLsn: number; reason: string };
 
 /**
  * Applies a shipped batch exactly once, in order (invariant 3), in ONE statement (so one
@@ -235,14 +235,25 @@ const APPLY_BATCH = `
     SELECT p, v, val, sha256(val) AS h FROM unnest($4::text[], $5::bigint[], $6::bytea[]) AS t(p, v, val)
      WHERE EXISTS (SELECT 1 FROM adv)),
   ${writeShipped('newer', 'numbered')}
-  SELECT (SELECT count(*) FROM adv)::int AS applied, (SELECT count(*) FROM w)::int AS changed, r.applied_lsn, r.mode, r.state, r.epoch
+  SELECT (SELECT count(*) FROM adv)::int AS applied, (SELECT count(*) FROM w)::int AS changed, r.applied_lsn, r.mode, r.state, r.epoch,
+         (SELECT resets FROM hd) AS resets,
+         (SELECT json_agg(json_build_object('lsn', lsn, 'path', path, 'op', op, 'sp', coffer_key_subpage(path), 'h', encode(value_hash, 'base64')) ORDER BY lsn) FROM w) AS wal
     FROM coffer_replication r WHERE r.id = 1`;
 
 export async function applyBatch(db: Kysely<DB>, batch: Batch, epoch = 0): Promise<ApplyOutcome> {
   const newest = new Map<string, ShippedEntry>();
   for (const e of batch.entries) if ((newest.get(e.path)?.version ?? -1) < e.version) newest.set(e.path, e);
   const list = [...newest.values()];
-  const [r] = await preparedQuery<{ applied: number; changed: number; applied_lsn: number; mode: string; state: string; epoch: number }>(db, 'coffer_apply_batch', APPLY_BATCH, [
+  const [r] = await preparedQuery<{
+    applied: number;
+    changed: number;
+    applied_lsn: number;
+    mode: string;
+    state: string;
+    epoch: number;
+    resets: string | null;
+    wal: { lsn: number; path: string; op: 'put' | 'delete'; sp: number; h: string | null }[] | null;
+  }>(db, 'coffer_apply_batch', APPLY_BATCH, [
     batch.fromLsn,
     batch.toLsn,
     epoch,
@@ -250,7 +261,10 @@ export async function applyBatch(db: Kysely<DB>, batch: Batch, epoch = 0): Promi
     list.map((e) => e.version),
     list.map((e) => e.value),
   ]);
-  if (r.applied === 1) return { applied: true, appliedLsn: batch.toLsn, changed: r.changed };
+  if (r.applied === 1) {
+    const records = (r.wal ?? []).map((w) => ({ lsn: Number(w.lsn), path: w.path, op: w.op, sp: w.sp, valueHash: w.h === null ? null : Buffer.from(w.h, 'base64') }));
+    return { applied: true, appliedLsn: batch.toLsn, changed: r.changed, committed: records.length ? { resets: Number(r.resets), records } : null };
+  }
   if (epoch > 0) await sql`UPDATE coffer_replication SET epoch = ${epoch} WHERE id = 1 AND epoch < ${epoch}`.execute(db);
   // What the statement's snapshot saw (a concurrent delivery of this batch may have moved it since).
   const applied = Number(r.applied_lsn);

@@ -5,17 +5,11 @@
  */
 import { sql, type Kysely } from 'kysely';
 import type { DB } from './schema';
+import type { CommittedRecord } from './entries';
 import { WAL_ROW_OVERHEAD_BYTES } from './merkle';
 
 /** A WAL record as the merkle index sees it. */
-export interface OrderedRecord {
-  lsn: number;
-  path: string;
-  op: 'put' | 'delete';
-  valueHash: Buffer | null;
-  /** The key's merkle subpage (coffer_key_subpage). */
-  sp: number;
-}
+export type OrderedRecord = CommittedRecord;
 
 /**
  * The head (and how many times the WAL was reset) and the WAL records after `afterLsn` (at most

@@ -143,10 +143,15 @@ describe('the batched statement itself', () => {
 
   test('a write whose anchor moved writes nothing (no entry, no WAL row); the others of its batch commit', async () => {
     const v = Buffer.from([0, 0, 0, TERM, 1, 2, 3]);
-    const [fresh] = await casWriteBatch(databaseOf(), [{ anchor: { path: 'cas/anchor', version: 0, value: v }, puts: [], deletes: [] }], TERM);
-    expect(fresh).not.toBeNull();
+    const first = await casWriteBatch(databaseOf(), [{ anchor: { path: 'cas/anchor', version: 0, value: v }, puts: [], deletes: [] }], TERM);
+    expect(first.outcomes[0]).not.toBeNull();
+    // The statement reports what it committed, as the WAL table holds it (the active node feeds
+    // its merkle index from this without reading the WAL back).
+    const wal1 = (await q.query(`SELECT lsn::int AS lsn, path, op, value_hash FROM coffer_wal WHERE path = 'cas/anchor'`)).rows[0];
+    expect(first.committed!.records).toEqual([{ lsn: wal1.lsn, path: 'cas/anchor', op: 'put', valueHash: wal1.value_hash, sp: expect.any(Number) }]);
+    expect(first.outcomes[0]).toBe(wal1.lsn);
     const walBefore = (await q.query(`SELECT count(*)::int AS n FROM coffer_wal`)).rows[0].n;
-    const out = await casWriteBatch(
+    const { outcomes: out, committed } = await casWriteBatch(
       databaseOf(),
       [
         // Stale: the anchor is at version 1 now.
@@ -157,17 +162,20 @@ describe('the batched statement itself', () => {
     );
     expect(out[0]).toBeNull();
     expect(out[1]).toBeGreaterThan(0);
+    // Only the winner's rows, in position order, ending at its outcome.
+    expect(committed!.records.map((r) => r.path).sort()).toEqual(['cas/other', 'cas/side-b']);
+    expect(committed!.records.map((r) => r.lsn)).toEqual([out[1]! - 1, out[1]]);
     const [anchor, sideA, sideB] = await getVersionedMany(databaseOf(), ['cas/anchor', 'cas/side-a', 'cas/side-b']);
     expect(anchor.version).toBe(1);
     expect(sideA).toEqual({ value: null, version: 0 });
     expect(sideB.version).toBe(1);
     expect((await q.query(`SELECT count(*)::int AS n FROM coffer_wal`)).rows[0].n).toBe(walBefore + 2);
     // A delete of the anchor is guarded the same way, and keeps a tombstone (version bumped).
-    expect((await casWriteBatch(databaseOf(), [{ anchor: { path: 'cas/anchor', version: 0, value: null }, puts: [], deletes: [] }], TERM))[0]).toBeNull();
-    expect((await casWriteBatch(databaseOf(), [{ anchor: { path: 'cas/anchor', version: 1, value: null }, puts: [], deletes: [] }], TERM))[0]).toBeGreaterThan(0);
+    expect((await casWriteBatch(databaseOf(), [{ anchor: { path: 'cas/anchor', version: 0, value: null }, puts: [], deletes: [] }], TERM)).committed).toBeNull();
+    expect((await casWriteBatch(databaseOf(), [{ anchor: { path: 'cas/anchor', version: 1, value: null }, puts: [], deletes: [] }], TERM)).outcomes[0]).toBeGreaterThan(0);
     expect((await getVersionedMany(databaseOf(), ['cas/anchor']))[0]).toEqual({ value: null, version: 2 });
     // "Absent" (0) does not match a tombstone.
-    expect((await casWriteBatch(databaseOf(), [{ anchor: { path: 'cas/anchor', version: 0, value: v }, puts: [], deletes: [] }], TERM))[0]).toBeNull();
+    expect((await casWriteBatch(databaseOf(), [{ anchor: { path: 'cas/anchor', version: 0, value: v }, puts: [], deletes: [] }], TERM)).outcomes[0]).toBeNull();
     expect(await atomicWalViolations(q)).toEqual([]);
   });
 
@@ -178,7 +186,7 @@ describe('the batched statement itself', () => {
       const out = await Promise.all(
         [databases[1].db, databases[2].db].map((db) => casWriteBatch(db, [{ anchor: { path, version: 0, value: v }, puts: [[`${path}/data`, v]], deletes: [] }], TERM)),
       );
-      expect(out.filter(([o]) => o !== null)).toHaveLength(1);
+      expect(out.filter((r) => r.outcomes[0] !== null)).toHaveLength(1);
       expect((await getVersionedMany(databaseOf(), [path, `${path}/data`])).map((r) => r.version)).toEqual([1, 1]);
     }
   });
@@ -193,7 +201,7 @@ describe('the batched statement itself', () => {
       const writes = (order: string[]) => order.map((path, i) => ({ anchor: { path, version: 1, value: i % 3 === 2 ? null : v }, puts: [], deletes: [] }));
       const out = await Promise.all([casWriteBatch(databases[1].db, writes(paths), TERM), casWriteBatch(databases[2].db, writes([...paths].reverse()), TERM)]);
       // Each anchor was changed by exactly one of them.
-      expect(out.flat().filter((o) => o !== null)).toHaveLength(paths.length);
+      expect(out.flatMap((r) => r.outcomes).filter((o) => o !== null)).toHaveLength(paths.length);
     }
     expect(await atomicWalViolations(q)).toEqual([]);
   });

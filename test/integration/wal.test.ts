@@ -342,8 +342,8 @@ test('both numbering paths at once from two pools: positions dense and unique, h
             puts: [[`race/cas/w${w}/b${i + j}`, randomBytes(16)] as [string, Buffer]],
             deletes: [],
           }));
-          const out = await casWriteBatch(pool, batch, TERM);
-          expect(out.every((lsn) => lsn !== null && lsn > 0)).toBe(true);
+          const { outcomes } = await casWriteBatch(pool, batch, TERM);
+          expect(outcomes.every((lsn) => lsn !== null && lsn > 0)).toBe(true);
           casRows += 2 * batch.length;
         }
       }),
