@@ -69,6 +69,28 @@ const LAG_TARGET_P99_MS = 100;
  * Postgres from the system it was measuring.
  */
 const POLL_GAP_MS = 1;
+/** BENCH_PG_STATS=1: pg_stat_statements in the instances, and the top statements of each sustainable-rate burst on stderr. */
+const PG_STATS = process.env.BENCH_PG_STATS === '1';
+
+/** The instance's busiest statements since the last reset (BENCH_PG_STATS), per database, on stderr. */
+async function pgStats(inst: Instance, label: string, reset = false): Promise<void> {
+  if (!PG_STATS) return;
+  const c = await client(inst.url('postgres'));
+  try {
+    await c.query('CREATE EXTENSION IF NOT EXISTS pg_stat_statements');
+    if (!reset) {
+      const { rows } = await c.query(`
+        SELECT d.datname, s.calls, round((s.total_exec_time + s.total_plan_time)::numeric, 0) AS ms,
+               round(((s.total_exec_time + s.total_plan_time) / s.calls)::numeric, 3) AS mean_ms, s.rows, left(regexp_replace(s.query, '[[:space:]]+', ' ', 'g'), 90) AS query
+          FROM pg_stat_statements s JOIN pg_database d ON d.oid = s.dbid
+         ORDER BY s.total_exec_time + s.total_plan_time DESC LIMIT 20`);
+      process.stderr.write(`-- pg_stat_statements, ${label}\n` + rows.map((r) => `${String(r.ms).padStart(7)} ms ${String(r.calls).padStart(7)} calls ${String(r.mean_ms).padStart(8)} ms/call  ${r.datname.slice(0, 22).padEnd(22)} ${r.query}`).join('\n') + '\n');
+    }
+    await c.query('SELECT pg_stat_statements_reset()');
+  } finally {
+    await c.end();
+  }
+}
 
 // ------------------------------------------------------------------ cleanup on every exit path
 
@@ -163,6 +185,7 @@ async function startInstance(): Promise<Instance> {
         `max_replication_slots = 10`,
         `fsync = on`,
         `synchronous_commit = on`,
+        ...(PG_STATS ? [`shared_preload_libraries = 'pg_stat_statements'`, `pg_stat_statements.track = all`, `pg_stat_statements.track_planning = on`] : []),
         '',
       ].join('\n'),
     );
@@ -526,6 +549,7 @@ async function cofferMeasure(seconds: number, full: boolean): Promise<CofferSust
     const secPosition = async () => Number((await poller.query(POSITION)).rows[0].applied_lsn);
     try {
       // (1) closed-loop burst on the primary, then drain until the secondary has it all.
+      await pgStats(inst, '', true);
       const walBefore = (await perfStatus(pri.addr)).last_wal as number;
       const r = await closedLoop(pri.addr, CONCURRENCY, seconds, (i) => ({
         method: 'POST',
@@ -553,6 +577,7 @@ async function cofferMeasure(seconds: number, full: boolean): Promise<CofferSust
       const finalSec = (await perfStatus(sec.addr)).last_remote_wal as number;
       const sustainable = r.requests / (r.seconds + drainSeconds);
       const first: CofferSustainable = { sustainable, ack: r, drainSeconds, caughtUp, walRows: target - walBefore, drainPolls: polls, inSync: finalSec === finalPri };
+      await pgStats(inst, `Coffer primary → secondary, ${r.requests} writes`);
       if (!full) return first;
 
       // (2) open loop at half the sustainable rate; lag from ack to the secondary's apply.
@@ -687,6 +712,7 @@ async function nativeSameWorkload(seconds: number) {
     await waitFor('the probe write on the subscriber', async () => (await maxLsn(sub)) >= probe, { timeoutMs: 30_000, intervalMs: 10 });
 
     const body = JSON.stringify({ data: { password: PAYLOAD } });
+    await pgStats(inst, '', true);
     const r = await closedLoop(p.addr, CONCURRENCY, seconds, (i) => ({
       method: 'POST',
       path: `/v1/secret/data/bench/${i % KEYS}`,
@@ -707,6 +733,7 @@ async function nativeSameWorkload(seconds: number) {
     const drainSeconds = (performance.now() - loadEnd) / 1000;
     const rows = async (c: pg.Client) => String((await c.query(`SELECT count(*) AS n, sum(version) AS v FROM coffer_entries`)).rows.map((x) => `${x.n}/${x.v}`)[0]);
     const consistent = caughtUp && (await rows(pub)) === (await rows(sub));
+    await pgStats(inst, `standalone Coffer + native logical replication of its tables, ${r.requests} writes`);
     return { sustainable: r.requests / (r.seconds + drainSeconds), ack: r, drainSeconds, caughtUp, consistent, walRows: target };
   } finally {
     await stopAllCoffers();
