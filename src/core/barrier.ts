@@ -44,6 +44,12 @@ export interface StorageView {
 export interface Modification<R> {
   result: R;
   anchor?: unknown;
+  /**
+   * Write the anchor whatever another writer did to it since it was read (last writer wins, as
+   * KV v1 does), instead of trying again when it moved. Only for changes that do not depend on
+   * what was read.
+   */
+  blind?: boolean;
   puts?: [string, unknown][];
   deletes?: string[];
 }
@@ -208,7 +214,7 @@ export class Barrier implements StorageView {
       }
       try {
         const seq = await this.store.casWrite({
-          anchor: { path: anchor, version: read[0].version, value: m.anchor === null ? null : this.encrypt(anchor, m.anchor) },
+          anchor: { path: anchor, version: m.blind ? -1 : read[0].version, value: m.anchor === null ? null : this.encrypt(anchor, m.anchor) },
           puts: (m.puts ?? []).map(([p, v]) => [p, this.encrypt(p, v)]),
           deletes: m.deletes ?? [],
         });

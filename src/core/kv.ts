@@ -114,14 +114,15 @@ class KvMount {
           update: async (ctx) => {
             if (!ctx.params.path || ctx.params.path.endsWith('/')) throw new InvalidRequest('missing key');
             if (Object.keys(ctx.req.data).length === 0) throw new InvalidRequest('no data provided');
-            // A blind write, through the optimistic path: batched with concurrent writes into
-            // one statement (and one commit); a concurrent writer of the key only means another try.
+            // A blind write (last writer wins, as in Vault), through the batched path: one
+            // statement and one commit shared with concurrent writes, and no retry when
+            // another writer got to the key first.
             const data = ctx.req.data;
-            const { lastLsn } = await this.store.modify(at(ctx), [], async () => ({ result: undefined, anchor: data }), ctx.prefetchedVersions);
+            const { lastLsn } = await this.store.modify(at(ctx), [], async () => ({ result: undefined, anchor: data, blind: true }), ctx.prefetchedVersions);
             return { status: 204, walLsn: lastLsn };
           },
           delete: async (ctx) => {
-            const { lastLsn } = await this.store.modify(at(ctx), [], async () => ({ result: undefined, anchor: null }), ctx.prefetchedVersions);
+            const { lastLsn } = await this.store.modify(at(ctx), [], async () => ({ result: undefined, anchor: null, blind: true }), ctx.prefetchedVersions);
             return { status: 204, walLsn: lastLsn };
           },
         },

@@ -86,7 +86,7 @@ export interface Versioned {
 
 /** See Store.casWrite. Values are already barrier-encrypted; each path appears once. */
 export interface CasWrite {
-  /** The anchor's new value (null: delete it) and the version its writer read. */
+  /** The anchor's new value (null: delete it) and the version its writer read (-1: write it whatever its version). */
   anchor: { path: string; version: number; value: Buffer | null };
   puts: [string, Buffer][];
   deletes: string[];

@@ -103,20 +103,79 @@ export function createApp(o: AppOptions): express.Express {
   // would serve it, and anything else is handed to Express. Should its answer ever need
   // Express after all (see sendJson), the request and response are given Express's
   // prototypes then, as handle() would have.
+  //
+  // Writes (POST/PUT of a logical path with a JSON body of known length) take the same way:
+  // the body is read and parsed as express.json() would (see hotWrite), then served by
+  // logical(). A body that does not parse is answered as Express's error handler answers it.
   const internals = app as unknown as { handle(req: http.IncomingMessage, res: http.ServerResponse, done?: NextFunction): void };
   const expressHandle = internals.handle;
   internals.handle = function handle(this: unknown, req, res, done) {
-    const call = hotCall(req);
+    const call = hotCall(req) ?? hotWrite(req, o.maxRequestSizeBytes);
     if (!call) return expressHandle.call(this, req, res, done);
     (res as HotResponse)[TO_EXPRESS] = () => {
       Object.setPrototypeOf(req, app.request);
       Object.setPrototypeOf(res, app.response);
       (req as Request).res = res as Response;
     };
-    observe('GET', () => call.path, res);
-    logical(o, call, res).catch((err) => sendCaught(res, err, o.log));
+    observe(call.method, () => call.path, res);
+    if (call.method === 'GET') {
+      logical(o, call, res).catch((err) => sendCaught(res, err, o.log));
+      return;
+    }
+    readJsonBody(req).then(
+      (parsed) => {
+        if (!parsed.ok) return sendError(res, 400, [`failed to parse JSON input: ${parsed.message}`]);
+        call.body = () => bodyFrom(parsed.value);
+        logical(o, call, res).catch((err) => sendCaught(res, err, o.log));
+      },
+      () => undefined, // the client went away mid-body: nobody to answer
+    );
   };
   return app;
+}
+
+/**
+ * The hot write path's requests: a POST or PUT of a path under /v1/ but not under /v1/sys
+ * (the URL rules of hotCall), with a Content-Length within the size limit, no transfer or
+ * content encoding, and no charset other than UTF-8 — exactly the bodies express.json() would
+ * read as plain UTF-8 text. Null for anything else (Express reads it, and answers 413/415/400).
+ */
+function hotWrite(req: http.IncomingMessage, limit: number): HttpCall | null {
+  if (req.method !== 'POST' && req.method !== 'PUT') return null;
+  const h = req.headers;
+  if (h['transfer-encoding'] !== undefined || h['if-none-match'] !== undefined || h['if-modified-since'] !== undefined) return null;
+  const length = h['content-length'];
+  if (length === undefined || !/^\d{1,10}$/.test(length) || Number(length) > limit) return null;
+  const encoding = h['content-encoding'];
+  if (encoding !== undefined && encoding.toLowerCase() !== 'identity') return null;
+  const type = h['content-type'];
+  if (type !== undefined && /charset/i.test(type) && !/;\s*charset\s*=\s*"?utf-8"?\s*(;|$)/i.test(type)) return null;
+  const target = parseTarget(req.url ?? '');
+  if (!target) return null;
+  return { method: req.method, path: target.path, query: target.query, headers: h, remoteAddress: req.socket.remoteAddress, body: () => ({}) };
+}
+
+/**
+ * The body as express.json({ strict: false }) parses it: UTF-8 without a byte-order mark,
+ * empty → {}, otherwise JSON.parse (its error message is what Express's handler reports).
+ */
+function readJsonBody(req: http.IncomingMessage): Promise<{ ok: true; value: unknown } | { ok: false; message: string }> {
+  return new Promise((resolve, reject) => {
+    const chunks: Buffer[] = [];
+    req.on('data', (c: Buffer) => chunks.push(c));
+    req.on('error', reject);
+    req.on('aborted', () => reject(new Error('aborted')));
+    req.on('end', () => {
+      let text = chunks.length === 1 ? chunks[0].toString('utf8') : Buffer.concat(chunks).toString('utf8');
+      if (text.charCodeAt(0) === 0xfeff) text = text.slice(1);
+      if (text.length === 0) return resolve({ ok: true, value: {} });
+      try {
+        resolve({ ok: true, value: JSON.parse(text) });
+      } catch (err) {
+        resolve({ ok: false, message: (err as Error).message });
+      }
+    });
+  });
 }
 
 /** What `logical` reads of an HTTP request: Express's req, or a plain one on the hot path. */
@@ -158,7 +217,18 @@ function hotCall(req: http.IncomingMessage): HttpCall | null {
   const h = req.headers;
   if (req.method !== 'GET' || h['content-length'] !== undefined || h['transfer-encoding'] !== undefined) return null;
   if (h['if-none-match'] !== undefined || h['if-modified-since'] !== undefined) return null;
-  const url = req.url ?? '';
+  const target = parseTarget(req.url ?? '');
+  if (!target) return null;
+  return { method: 'GET', path: target.path, query: target.query, headers: h, remoteAddress: req.socket.remoteAddress, body: () => ({}) };
+}
+
+/**
+ * A request target's path and query as Express would see them, for the hot paths: the path is
+ * under /v1/ and not under /v1/sys (case-insensitively, as Express matches the raw sys/ routes
+ * and the replication router), parseurl would split the URL at its first `?` (its fast case:
+ * no `#` or white space), and the path decodes. Null otherwise.
+ */
+function parseTarget(url: string): { path: string; query: Record<string, unknown> } | null {
   if (url.charCodeAt(0) !== 0x2f) return null;
   let q = -1;
   for (let i = 1; i < url.length; i++) {
@@ -178,7 +248,7 @@ function hotCall(req: http.IncomingMessage): HttpCall | null {
       return null;
     }
   }
-  return { method: 'GET', path, query: parseQuery(q === -1 ? '' : url.slice(q + 1)), headers: h, remoteAddress: req.socket.remoteAddress, body: () => ({}) };
+  return { path, query: parseQuery(q === -1 ? '' : url.slice(q + 1)) };
 }
 
 const TO_EXPRESS = Symbol('toExpress');
@@ -187,15 +257,16 @@ type HotResponse = http.ServerResponse & { [TO_EXPRESS]?: () => void };
 
 /**
  * `res.status(status).json(body)`, writing exactly what Express would (same status, headers in
- * the same order, same bytes) without its general machinery, in the one case that needs
- * none of it: a GET without conditional headers, no Content-Type set yet, a status with a
- * body. Anything else goes through Express (HEAD, `If-None-Match`/`If-Modified-Since`
- * freshness, 204/205/304 header stripping).
+ * the same order, same bytes) without its general machinery, in the cases that need none of
+ * it: a GET, POST or PUT without conditional headers, no Content-Type set yet, a status with
+ * a body (res.json only differs by method for HEAD, and for GET/HEAD freshness). Anything else
+ * goes through Express (HEAD, `If-None-Match`/`If-Modified-Since`, 204/205/304 header stripping).
  */
 function sendJson(res: http.ServerResponse, status: number, body: unknown): void {
   const h = res.req.headers;
+  const m = res.req.method;
   if (
-    res.req.method !== 'GET' || h['if-none-match'] !== undefined || h['if-modified-since'] !== undefined ||
+    (m !== 'GET' && m !== 'POST' && m !== 'PUT') || h['if-none-match'] !== undefined || h['if-modified-since'] !== undefined ||
     res.hasHeader('Content-Type') || status === 204 || status === 205 || status === 304
   ) {
     (res as HotResponse)[TO_EXPRESS]?.();
@@ -265,7 +336,11 @@ function tooDeep(v: unknown): boolean {
 }
 
 function bodyOf(req: Request): Record<string, unknown> {
-  const b = req.body as unknown;
+  return bodyFrom(req.body as unknown);
+}
+
+/** A parsed JSON body as a request's data: an object ({} for none); anything else is refused. */
+function bodyFrom(b: unknown): Record<string, unknown> {
   if (tooDeep(b)) throw new InvalidRequest(`failed to parse JSON input: nesting deeper than ${MAX_JSON_DEPTH} levels`);
   if (b === undefined || b === null || (typeof b === 'object' && Object.keys(b as object).length === 0 && !Array.isArray(b))) return {};
   if (typeof b !== 'object' || Array.isArray(b)) throw new InvalidRequest('failed to parse JSON input: request body must be a JSON object');

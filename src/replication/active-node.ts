@@ -213,11 +213,16 @@ export class ActiveNode {
         const r = await readNewWal(this.o.db, this.followedLsn < 0 ? Number.MAX_SAFE_INTEGER : this.followedLsn, FOLLOW_BATCH);
         if (this.followedLsn < 0 || r.resets !== this.followedResets) {
           // A new term (the index catches up to the head once recovered), or the WAL was reset
-          // (a secondary enable wiped the replicated data): the index starts over.
-          if (this.followedLsn < 0) this.o.merkle?.catchUp(r.headLsn).catch(() => undefined);
-          else this.resetMerkle();
+          // (a secondary enable wiped the replicated data): the index starts over, and this
+          // branch runs again at every step until a rebuild has succeeded (offers are refused
+          // meanwhile: their generation is not the followed one).
+          if (this.followedLsn < 0) {
+            this.o.merkle?.catchUp(r.headLsn).catch(() => undefined);
+            this.followedResets = r.resets;
+          } else {
+            this.resetMerkle(r.resets);
+          }
           this.followedLsn = r.headLsn;
-          this.followedResets = r.resets;
           this.headLsn = -1; // told below
         } else if (r.records.length > 0) {
           // Records offered meanwhile may already be fed: the index skips what it has.
@@ -261,9 +266,25 @@ export class ActiveNode {
     });
   }
 
-  private resetMerkle(): void {
-    void this.o.merkle?.rebuild('the WAL was reset').catch((err) => this.o.log.warn({ err: (err as Error).message }, 'merkle rebuild failed'));
+  /** Rebuilds the index for WAL generation `resets` (once at a time); the generation is followed once it succeeded. */
+  private resetMerkle(resets: number): void {
+    const merkle = this.o.merkle;
+    if (!merkle) {
+      this.followedResets = resets;
+      return;
+    }
+    if (this.rebuilding) return;
+    this.rebuilding = merkle
+      .rebuild('the WAL was reset')
+      .then(async () => {
+        this.followedResets = resets;
+        // Anything committed while it rebuilt is read from the WAL.
+        await merkle.catchUp(this.followedLsn);
+      })
+      .catch((err) => this.o.log.warn({ err: (err as Error).message }, 'merkle rebuild after a WAL reset failed; retrying'))
+      .finally(() => (this.rebuilding = null));
   }
+  private rebuilding: Promise<void> | null = null;
 
   async leader() {
     const row = await this.o.db

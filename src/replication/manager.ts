@@ -1018,6 +1018,7 @@ export class Replication {
     await this.o.core.reloadMounts().catch(() => undefined);
     this.o.log.info({ keys: moved, lsn }, 'merkle sync complete; streaming WAL');
     // Tell the primary at once where to stream from (the heartbeat carries our position).
+    this.lastHeartbeatSent = 0;
     await this.secondaryDuties(await readReplication(this.o.db));
   }
 

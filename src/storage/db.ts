@@ -44,8 +44,15 @@ export async function preparedQuery<R>(db: Kysely<DB>, name: string, text: strin
   return (await (o.hot ? p.hot : p.main).query<R & pg.QueryResultRow>({ name, text, values })).rows;
 }
 
+/**
+ * Every session runs READ COMMITTED whatever the server's default: a writer that waited for the
+ * WAL head re-reads it (EvalPlanQual) and numbers its rows after its predecessor's; under
+ * REPEATABLE READ or SERIALIZABLE it would fail with a serialization error instead.
+ */
+const SESSION = '-c default_transaction_isolation=read\\ committed';
+
 export function openPostgres(connectionString: string, maxConnections = 10): Database {
-  const pool = new pg.Pool({ connectionString, max: maxConnections, application_name: 'coffer' });
+  const pool = new pg.Pool({ connectionString, max: maxConnections, application_name: 'coffer', options: SESSION });
   // An idle client losing its connection (Postgres restart) must not crash the process.
   pool.on('error', () => undefined);
   // Nor a checked-out one: the pool removes its own 'error' listener while a client is lent
@@ -54,7 +61,7 @@ export function openPostgres(connectionString: string, maxConnections = 10): Dat
   // still fails with the error; the pool discards the broken client on release.
   pool.on('connect', (client) => client.on('error', () => undefined));
   const db = new Kysely<DB>({ dialect: new PostgresDialect({ pool }) });
-  const hot = new pg.Pool({ connectionString, max: HOT_CONNECTIONS, application_name: 'coffer', options: '-c plan_cache_mode=force_generic_plan' });
+  const hot = new pg.Pool({ connectionString, max: HOT_CONNECTIONS, application_name: 'coffer', options: `${SESSION} -c plan_cache_mode=force_generic_plan` });
   hot.on('error', () => undefined);
   hot.on('connect', (client) => client.on('error', () => undefined));
   pools.set(db, { main: pool, hot });

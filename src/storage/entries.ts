@@ -13,9 +13,9 @@
  *
  *  - a write that is one statement (the batched KV writes, a secondary's apply) numbers its rows
  *    in that statement (`WAL_POSITIONS`), after its entry rows are locked;
- *  - a transaction of several statements writes its rows without a position and numbers them all
- *    in its last statement before COMMIT (`stampWal`). Migration 0008's deferred trigger refuses
- *    a COMMIT that would leave one unnumbered.
+ *  - a transaction of several statements writes its rows without a position; migration 0008's
+ *    deferred trigger numbers them all inside its COMMIT (`coffer_wal_stamp()`), so the head is
+ *    never held across a round trip to a client.
  *
  * Nothing ever waits on an entry row while holding the head, so the two cannot deadlock; and
  * within one transaction a key's rows are numbered in the order they were written, which is its
@@ -28,7 +28,7 @@ import type { CasWrite, Versioned } from '../core/ports';
 import type { DB } from './schema';
 
 export interface WrittenRow {
-  /** The WAL row's insertion number (its position comes from stampWal before COMMIT). */
+  /** The WAL row's insertion number (its position is given at COMMIT). */
   seq: number;
   keyVersion: number;
 }
@@ -48,32 +48,43 @@ export const WAL_POSITIONS = (rows: string) => `hd AS (
     RETURNING last_lsn - (SELECT count(*) FROM ${rows}) AS base, resets)`;
 
 /**
- * Numbers the WAL rows this transaction wrote without a position (in the order written), as its
- * last statement before COMMIT; returns the highest position (0: it wrote none, and then the head
- * is not locked). See the header: the head's lock must be the last one the transaction takes.
+ * Numbers the WAL rows this transaction wrote without a position (in the order written) now,
+ * instead of at its COMMIT; returns the highest position (0: it wrote none, and then the head is
+ * not locked). Only for callers that must control when the head is taken (tests of
+ * interleavings): the head's lock is then held across the round trip to COMMIT.
  */
-const STAMP_WAL = sql<{ last_lsn: number | null }>`
-  WITH mine AS (
-    SELECT seq, row_number() OVER (ORDER BY seq) AS n FROM coffer_wal
-     WHERE xid = pg_current_xact_id_if_assigned() AND lsn IS NULL),
-  ${sql.raw(WAL_POSITIONS('mine'))},
-  u AS (
-    UPDATE coffer_wal w SET lsn = hd.base + mine.n, ordered_at = clock_timestamp()
-      FROM mine, hd WHERE w.seq = mine.seq
-    RETURNING w.lsn)
-  SELECT max(lsn) AS last_lsn FROM u`;
-
 export async function stampWal(tx: Transaction<DB>): Promise<number> {
-  const { rows } = await STAMP_WAL.execute(tx);
-  return Number(rows[0]?.last_lsn ?? 0);
+  const { rows } = await sql<{ last_lsn: string }>`SELECT coffer_wal_stamp() AS last_lsn`.execute(tx);
+  return Number(rows[0].last_lsn);
 }
 
-/** A transaction whose WAL rows are numbered as its last statement; `lastLsn` 0 if it wrote none. */
+/**
+ * The highest position among the WAL rows `seqs` (numbered at their transaction's COMMIT), read
+ * after that commit; the head if they were collected meanwhile (an upper bound is what
+ * X-Vault-Index needs).
+ */
+export async function positionOf(db: Kysely<DB>, seqs: number[]): Promise<number> {
+  const { rows } = await sql<{ lsn: string }>`
+    SELECT coalesce((SELECT max(lsn) FROM coffer_wal WHERE seq = ANY(${seqs}::bigint[])),
+                    (SELECT last_lsn FROM coffer_wal_head WHERE id = 1)) AS lsn`.execute(db);
+  return Number(rows[0].lsn);
+}
+
+/**
+ * A transaction whose WAL rows are numbered at its COMMIT (migration 0008's trigger); `lastLsn`
+ * is the highest of them (0 if it wrote none), read back after the commit.
+ */
 export async function walTransaction<T>(db: Kysely<DB>, fn: (tx: Transaction<DB>) => Promise<T>): Promise<{ result: T; lastLsn: number }> {
-  return db.transaction().execute(async (tx) => {
-    const result = await fn(tx);
-    return { result, lastLsn: await stampWal(tx) };
+  let seqs: number[] = [];
+  const result = await db.transaction().execute(async (tx) => {
+    const r = await fn(tx);
+    // Its unnumbered rows (the partial index on unnumbered rows finds them at once).
+    const { rows } = await sql<{ seq: string }>`
+      SELECT seq FROM coffer_wal WHERE xid = pg_current_xact_id_if_assigned() AND lsn IS NULL`.execute(tx);
+    seqs = rows.map((x) => Number(x.seq));
+    return r;
   });
+  return { result, lastLsn: seqs.length ? await positionOf(db, seqs) : 0 };
 }
 
 const DELETE_WITH_WAL = (path: string) => sql<{ seq: number; key_version: number }>`
@@ -123,7 +134,7 @@ export async function putEntry(tx: Transaction<DB>, path: string, value: Buffer,
 }
 
 /** Several puts in one statement (one round trip); every entry still gets its own WAL row. */
-export async function putEntries(tx: Transaction<DB>, entries: [string, Buffer][], term: number): Promise<void> {
+export async function putEntries(tx: Transaction<DB>, entries: [string, Buffer][], term: number): Promise<number[]> {
   if (new Set(entries.map(([p]) => p)).size !== entries.length) throw new Error('putEntries: duplicate path');
   const { rows } = await PUT_WITH_WAL(
     entries.map(([p]) => p),
@@ -132,6 +143,7 @@ export async function putEntries(tx: Transaction<DB>, entries: [string, Buffer][
     term,
   ).execute(tx);
   if (rows.length !== entries.length) throw new StaleKeyTerm();
+  return rows.map((r) => Number(r.seq));
 }
 
 export async function getEntries(db: Kysely<DB> | Transaction<DB>, paths: string[]): Promise<(Buffer | null)[]> {
@@ -229,7 +241,9 @@ export interface CommittedRows {
  * that committed after this statement's snapshot is seen, and the loser writes nothing. The new
  * anchor version is `version + 1`, which is what the guard compares against (`EXCLUDED.version
  * - 1`). A write whose anchor is absent expects version 0; an anchor row deleted since keeps its
- * row (value NULL, version bumped), so "absent" and "deleted" never look alike.
+ * row (value NULL, version bumped), so "absent" and "deleted" never look alike. A *blind* write
+ * (version -1: KV v1's last-writer-wins put and delete) has no guard: it writes whatever the
+ * anchor's version (a delete of nothing writes nothing, and counts as not written).
  *
  * Before any row is touched, the statement takes a transaction advisory lock per anchor, in
  * the order of the lock keys: two batches from two processes that share anchors (each batch
@@ -246,7 +260,7 @@ const MODIFY_BATCH = `
   ap AS (
     INSERT INTO coffer_entries AS cur (path, version, value, value_hash, updated_at)
     SELECT a.path, a.ver + 1, a.val, a.hash, clock_timestamp() FROM a, t
-     WHERE t.ok AND a.val IS NOT NULL
+     WHERE t.ok AND a.ver >= 0 AND a.val IS NOT NULL
        AND (a.ver = 0 OR EXISTS (SELECT 1 FROM coffer_entries e WHERE e.path = a.path))
     ON CONFLICT (path) DO UPDATE
        SET version = EXCLUDED.version, value = EXCLUDED.value, value_hash = EXCLUDED.value_hash, updated_at = EXCLUDED.updated_at
@@ -255,9 +269,21 @@ const MODIFY_BATCH = `
   ad AS (
     UPDATE coffer_entries cur SET version = cur.version + 1, value = NULL, value_hash = NULL, updated_at = clock_timestamp()
       FROM a, t
-     WHERE t.ok AND a.val IS NULL AND cur.path = a.path AND cur.version = a.ver AND cur.value IS NOT NULL
+     WHERE t.ok AND a.ver >= 0 AND a.val IS NULL AND cur.path = a.path AND cur.version = a.ver AND cur.value IS NOT NULL
     RETURNING cur.path, cur.version),
-  ok AS (SELECT a.item FROM a WHERE a.path IN (SELECT path FROM ap UNION ALL SELECT path FROM ad)),
+  bp AS (
+    INSERT INTO coffer_entries AS cur (path, version, value, value_hash, updated_at)
+    SELECT a.path, 1, a.val, a.hash, clock_timestamp() FROM a, t
+     WHERE t.ok AND a.ver < 0 AND a.val IS NOT NULL
+    ON CONFLICT (path) DO UPDATE
+       SET version = cur.version + 1, value = EXCLUDED.value, value_hash = EXCLUDED.value_hash, updated_at = EXCLUDED.updated_at
+    RETURNING path, version, value_hash, octet_length(value) AS size),
+  bd AS (
+    UPDATE coffer_entries cur SET version = cur.version + 1, value = NULL, value_hash = NULL, updated_at = clock_timestamp()
+      FROM a, t
+     WHERE t.ok AND a.ver < 0 AND a.val IS NULL AND cur.path = a.path AND cur.value IS NOT NULL
+    RETURNING cur.path, cur.version),
+  ok AS (SELECT a.item FROM a WHERE a.path IN (SELECT path FROM ap UNION ALL SELECT path FROM ad UNION ALL SELECT path FROM bp UNION ALL SELECT path FROM bd)),
   op AS (
     INSERT INTO coffer_entries AS cur (path, version, value, value_hash, updated_at)
     SELECT o.path, 1, o.val, o.hash, clock_timestamp() FROM o
@@ -272,8 +298,10 @@ const MODIFY_BATCH = `
     RETURNING cur.path, cur.version),
   ch AS (
     SELECT path, 'put' AS op, version, value_hash, size FROM ap
+    UNION ALL SELECT path, 'put', version, value_hash, size FROM bp
     UNION ALL SELECT path, 'put', version, value_hash, size FROM op
     UNION ALL SELECT path, 'delete', version, NULL, 0 FROM ad
+    UNION ALL SELECT path, 'delete', version, NULL, 0 FROM bd
     UNION ALL SELECT path, 'delete', version, NULL, 0 FROM od),
   ${WAL_POSITIONS('ch')},
   w AS (

@@ -2,15 +2,15 @@
 import { sql, type Kysely, type Transaction } from 'kysely';
 import pg from 'pg';
 import type { AuthRead, CasWrite, LeaseRecord, LeaseRepo, ReadPlan, SealRecord, Store, StoreTx, TokenRecord, TokenRepo, Versioned, WrapRepo, WrappedRecord, WritePlan } from '../core/ports';
-import { casWriteBatch, deleteEntry, getEntries, getVersionedMany, getEntry, getWithLast, listChildren, prefixEnd, putEntries, putEntry, stampWal, StaleKeyTerm, type CommittedRows } from './entries';
+import { casWriteBatch, deleteEntry, getEntries, getVersionedMany, getEntry, getWithLast, listChildren, prefixEnd, putEntries, putEntry, positionOf, StaleKeyTerm, type CommittedRows } from './entries';
 import { KeyringStale } from '../core/errors';
 import { termOf } from '../core/keyring';
 import { deleteLocal, getLocal, putLocal } from './local';
 import { HOT_CONNECTIONS, preparedQuery } from './db';
 import type { DB } from './schema';
 
-/** A transaction's storage; `wrote` turns true once it wrote a WAL row (it then needs stampWal). */
-function txStore(tx: Transaction<DB>, wrote: { wal: boolean }): StoreTx {
+/** A transaction's storage; `seqs` collects the WAL rows it wrote (numbered at its COMMIT). */
+function txStore(tx: Transaction<DB>, seqs: number[]): StoreTx {
   return {
     get: async (path) => {
       const row = await tx.selectFrom('coffer_entries').select('value').where('path', '=', path).executeTakeFirst();
@@ -19,16 +19,14 @@ function txStore(tx: Transaction<DB>, wrote: { wal: boolean }): StoreTx {
     getMany: (paths) => getEntries(tx, paths),
     list: (prefix) => listChildren(tx, 'coffer_entries', prefix),
     put: async (path, value) => {
-      await putEntry(tx, path, value, termOf(value));
-      wrote.wal = true;
+      seqs.push((await putEntry(tx, path, value, termOf(value))).seq);
     },
     putMany: async (entries) => {
-      await putEntries(tx, entries, Math.min(...entries.map(([, v]) => termOf(v))));
-      wrote.wal = true;
+      seqs.push(...(await putEntries(tx, entries, Math.min(...entries.map(([, v]) => termOf(v))))));
     },
     delete: async (path) => {
       const row = await deleteEntry(tx, path);
-      if (row) wrote.wal = true;
+      if (row) seqs.push(row.seq);
       return row !== null;
     },
     lock: async (key) => {
@@ -401,14 +399,12 @@ export function pgStore(db: Kysely<DB>, opts: PgStoreOptions = {}): Store {
     listLocal: (prefix) => listChildren(db, 'coffer_local_entries', prefix),
     transaction: async (fn) => {
       try {
-        const out = await db.transaction().execute(async (tx) => {
-          const wrote = { wal: false };
-          const result = await fn(txStore(tx, wrote));
-          // The WAL rows' positions, as the transaction's last statement (entries.ts header).
-          return { result, lastLsn: wrote.wal ? await stampWal(tx) : 0 };
-        });
-        if (out.lastLsn > 0) opts.onWalWritten?.(null);
-        return out;
+        const seqs: number[] = [];
+        const result = await db.transaction().execute((tx) => fn(txStore(tx, seqs)));
+        if (seqs.length === 0) return { result, lastLsn: 0 };
+        // Numbered inside the COMMIT (entries.ts header): read the positions back.
+        opts.onWalWritten?.(null);
+        return { result, lastLsn: await positionOf(db, seqs) };
       } catch (err) {
         if (err instanceof StaleKeyTerm) throw new KeyringStale();
         throw err;

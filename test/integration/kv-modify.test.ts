@@ -138,6 +138,20 @@ test('a local mount (never replicated) runs the same read-modify-write under a l
   expect((await q.query(`SELECT count(*)::int AS n FROM coffer_wal`)).rows[0].n).toBe(before);
 });
 
+test('KV v1 puts and deletes are blind (last writer wins): 60 concurrent writes of one key from two processes all succeed, each a version', async () => {
+  await call(a, 'update', 'sys/mounts/v1', { type: 'kv', options: { version: '1' } });
+  const results = await Promise.all(
+    Array.from({ length: 60 }, (_, i) => (i % 10 === 9 ? call(i % 2 ? a : b, 'delete', 'v1/hot') : call(i % 2 ? a : b, 'update', 'v1/hot', { i }))),
+  );
+  expect(results.every((r) => r.status === 204)).toBe(true);
+  // Every put bumped the version (a delete of a live value too; of nothing, nothing).
+  const row = (await q.query(`SELECT version::int AS v FROM coffer_entries WHERE path LIKE '%/hot'`)).rows[0];
+  const walRows = (await q.query(`SELECT count(*)::int AS n FROM coffer_wal WHERE path LIKE '%/hot'`)).rows[0].n;
+  expect(row.v).toBe(walRows);
+  expect(walRows).toBeGreaterThanOrEqual(54);
+  expect(await atomicWalViolations(q)).toEqual([]);
+});
+
 describe('the batched statement itself', () => {
   const databaseOf = () => databases[1].db;
 
@@ -174,6 +188,13 @@ describe('the batched statement itself', () => {
     expect((await casWriteBatch(databaseOf(), [{ anchor: { path: 'cas/anchor', version: 0, value: null }, puts: [], deletes: [] }], TERM)).committed).toBeNull();
     expect((await casWriteBatch(databaseOf(), [{ anchor: { path: 'cas/anchor', version: 1, value: null }, puts: [], deletes: [] }], TERM)).outcomes[0]).toBeGreaterThan(0);
     expect((await getVersionedMany(databaseOf(), ['cas/anchor']))[0]).toEqual({ value: null, version: 2 });
+    // A blind write (-1) writes whatever the version; a blind delete of a tombstone writes nothing.
+    const blind = await casWriteBatch(databaseOf(), [{ anchor: { path: 'cas/anchor', version: -1, value: v }, puts: [], deletes: [] }], TERM);
+    expect(blind.outcomes[0]).toBeGreaterThan(0);
+    expect((await getVersionedMany(databaseOf(), ['cas/anchor']))[0]).toEqual({ value: v, version: 3 });
+    expect((await casWriteBatch(databaseOf(), [{ anchor: { path: 'cas/anchor', version: -1, value: null }, puts: [], deletes: [] }], TERM)).outcomes[0]).toBeGreaterThan(0);
+    expect((await casWriteBatch(databaseOf(), [{ anchor: { path: 'cas/anchor', version: -1, value: null }, puts: [], deletes: [] }], TERM)).outcomes[0]).toBeNull();
+    expect((await getVersionedMany(databaseOf(), ['cas/anchor']))[0]).toEqual({ value: null, version: 4 });
     // "Absent" (0) does not match a tombstone.
     expect((await casWriteBatch(databaseOf(), [{ anchor: { path: 'cas/anchor', version: 0, value: v }, puts: [], deletes: [] }], TERM)).outcomes[0]).toBeNull();
     expect(await atomicWalViolations(q)).toEqual([]);

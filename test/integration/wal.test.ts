@@ -5,8 +5,8 @@
  *
  *  a. commit order is position order whatever the xids (the xid trap's interleaving, built
  *     deterministically with three transactions), a slow transaction delays nobody, a writer
- *     waiting for the head gets a dense position when the one before it rolls back, and a
- *     transaction that would commit unnumbered rows is refused;
+ *     waiting for the head gets a dense position when the one before it rolls back, and rows a
+ *     transaction did not number are numbered inside its COMMIT (waiting for the head there);
  *  b. invariant 1 (atomic WAL) after a seeded random mix of puts, deletes, multi-key
  *     transactions and rollbacks from 8 concurrent writers;
  *  c. both numbering paths at once (one-statement batched writes, multi-statement
@@ -174,19 +174,60 @@ test('a writer numbering its rows waits for the one before it to commit, and a r
   }
 });
 
-test('a transaction that wrote WAL rows cannot commit them without positions (and nothing of it commits)', async () => {
-  const { database, q } = await fresh('wal_unstamped', 4);
+test('rows a transaction wrote without positions are numbered inside its COMMIT, in the order written', async () => {
+  const { database, q } = await fresh('wal_at_commit', 4);
   const { db } = database;
-  // The bare kysely transaction, without stampWal: the deferred trigger refuses the COMMIT.
-  await expect(db.transaction().execute((tx) => putEntry(tx, 'un/a', Buffer.from('a'), TERM))).rejects.toThrow(/would commit without a WAL position/);
-  expect(await getEntry(db, 'un/a')).toBeNull();
+  // A bare kysely transaction that never numbers its rows: the deferred trigger does, at COMMIT.
+  await db.transaction().execute(async (tx) => {
+    await putEntry(tx, 'ac/a', Buffer.from('a1'), TERM);
+    await putEntry(tx, 'ac/b', Buffer.from('b1'), TERM);
+    await putEntry(tx, 'ac/a', Buffer.from('a2'), TERM);
+    // Not yet: no position, and the head untouched (no lock on it while the transaction runs).
+    expect((await sql<{ n: number }>`SELECT count(*)::int AS n FROM coffer_wal WHERE lsn IS NOT NULL`.execute(tx)).rows[0].n).toBe(0);
+  });
+  expect(await log(db)).toEqual(['1:ac/a@1', '2:ac/b@1', '3:ac/a@2']);
   expect(await unorderedCount(q)).toBe(0);
-  expect(await walHead(db)).toBe(0);
   // A transaction that wrote no WAL row numbers nothing and locks nothing.
   expect((await walTransaction(db, async () => 'nothing')).lastLsn).toBe(0);
-  // The same write through walTransaction commits, numbered.
-  expect((await walTransaction(db, (tx) => putEntry(tx, 'un/a', Buffer.from('a'), TERM))).lastLsn).toBe(1);
-  expect(await walOrderViolations(q)).toMatchObject({ violations: [], rows: 1, ordered: 1, head: 1 });
+  // walTransaction reads its positions back after the commit.
+  expect((await walTransaction(db, (tx) => putEntry(tx, 'ac/c', Buffer.from('c'), TERM))).lastLsn).toBe(4);
+  // Numbering before COMMIT (stampWal) and at COMMIT do not number twice.
+  await db.transaction().execute(async (tx) => {
+    await putEntry(tx, 'ac/d', Buffer.from('d'), TERM);
+    expect(await stampWal(tx)).toBe(5);
+    await putEntry(tx, 'ac/e', Buffer.from('e'), TERM); // after the stamp: numbered at COMMIT
+  });
+  expect(await walOrderViolations(q)).toMatchObject({ violations: [], rows: 6, ordered: 6, head: 6 });
+  expect(await atomicWalViolations(q)).toEqual([]);
+});
+
+test('a transaction numbering at COMMIT waits for the head like any writer, and never holds it before', async () => {
+  const { database, q } = await fresh('wal_commit_wait', 4);
+  const { db } = database;
+  const open: ControlledTransaction<DB>[] = [];
+  try {
+    // T1 holds the head (numbered, not committed). T2 wrote a row and commits: its COMMIT (the
+    // trigger) waits for the head; T3, which wrote nothing yet, is not held up at all.
+    const t1 = await db.startTransaction().execute();
+    open.push(t1);
+    await putEntry(t1, 'cw/a', Buffer.from('a'), TERM);
+    expect(await stampWal(t1)).toBe(1);
+    const t2 = await db.startTransaction().execute();
+    open.push(t2);
+    await putEntry(t2, 'cw/b', Buffer.from('b'), TERM);
+    const t2Pid = await pidOf(t2);
+    let committed = false;
+    const commit2 = t2.commit().execute().then(() => (committed = true));
+    await waitsOnLock(db, t2Pid);
+    expect(committed).toBe(false);
+    await t1.commit().execute();
+    await within(commit2, 10_000, "T2's commit");
+    open.length = 0;
+    expect(await log(db)).toEqual(['1:cw/a@1', '2:cw/b@1']);
+    expect(await walOrderViolations(q)).toMatchObject({ violations: [], rows: 2, ordered: 2, head: 2 });
+  } finally {
+    await Promise.all(open.map(rollbackQuietly));
+  }
 });
 
 // ------------------------------------------------------------------------------------------ b
@@ -377,7 +418,7 @@ test('rows the previous version left without positions are numbered in per-key v
   // the same keys and commits. By (xid, seq) T2's rows come first.
   const M = 50;
   const paths = Array.from({ length: M }, (_, i) => `old/k${String(i).padStart(3, '0')}`);
-  await sql`ALTER TABLE coffer_wal DISABLE TRIGGER coffer_wal_positioned`.execute(db);
+  await sql`ALTER TABLE coffer_wal DISABLE TRIGGER coffer_wal_number_at_commit`.execute(db);
   try {
     const t2 = await db.startTransaction().execute();
     try {
@@ -392,7 +433,7 @@ test('rows the previous version left without positions are numbered in per-key v
       throw err;
     }
   } finally {
-    await sql`ALTER TABLE coffer_wal ENABLE TRIGGER coffer_wal_positioned`.execute(db);
+    await sql`ALTER TABLE coffer_wal ENABLE TRIGGER coffer_wal_number_at_commit`.execute(db);
   }
   expect(await unorderedCount(q)).toBe(2 * M + 1);
   expect(await orderStragglers(db)).toBe(2 * M + 1);

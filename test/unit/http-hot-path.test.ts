@@ -1,10 +1,11 @@
 /**
- * The HTTP layer's hot path (a GET of a logical path without a body, answered without walking
- * Express's middleware, and its JSON written without res.json) must answer byte for byte as
- * the general path does. Every request here is sent twice: as is (hot) and with
- * `Content-Length: 0` and an `If-Modified-Since` that changes nothing (which take it through
- * the body parser and the routes, and have Express's own res.json write the answer), and the
- * two answers are compared on the wire, minus what differs by nature (Date, request_id).
+ * The HTTP layer's hot paths (a GET of a logical path without a body, or a POST/PUT of one with
+ * a JSON body of known length, answered without walking Express's middleware, and their JSON
+ * written without res.json) must answer byte for byte as the general path does. Every request
+ * here is sent twice: as is (hot) and in a form that takes it through Express (a GET with
+ * `Content-Length: 0`, a write with its body chunked; both with an `If-Modified-Since` that
+ * changes nothing, so Express's own res.json writes the answer), and the two answers are
+ * compared on the wire, minus what differs by nature (Date, request_id).
  */
 import * as net from 'node:net';
 import pino from 'pino';
@@ -33,6 +34,8 @@ const core = {
         return { status: 404, data: null, warnings: ['a warning'] };
       case 'secret/data/empty':
         return {};
+      case 'secret/data/echo':
+        return { data: { got: req.data, operation: req.operation, query: req.query } };
       case 'secret/data/odd-status':
         // Statuses Express answers without a body: the hot path must hand these to Express.
         return { status: Number(req.query.status), data: { x: 1 } };
@@ -88,6 +91,68 @@ async function both(target: string, headers = ''): Promise<{ hot: string; genera
   const general = normalise(await raw(head('Content-Length: 0\r\nIf-Modified-Since: Thu, 01 Jan 2099 00:00:00 GMT\r\n')));
   return { hot, general };
 }
+
+/** A write sent hot (Content-Length) and general (chunked, If-Modified-Since); both answers. */
+async function bothWrites(method: string, target: string, body: string, headers = ''): Promise<{ hot: string; general: string }> {
+  const bytes = Buffer.from(body, 'utf8');
+  const start = `${method} ${target} HTTP/1.1\r\nHost: x\r\nX-Vault-Token: t\r\n${headers}Connection: close\r\n`;
+  const hot = normalise(await raw(`${start}Content-Length: ${bytes.length}\r\n\r\n${body}`));
+  const chunked = bytes.length ? `${bytes.length.toString(16)}\r\n${body}\r\n0\r\n\r\n` : '0\r\n\r\n';
+  const general = normalise(await raw(`${start}Transfer-Encoding: chunked\r\nIf-Modified-Since: Thu, 01 Jan 2099 00:00:00 GMT\r\n\r\n${chunked}`));
+  return { hot, general };
+}
+
+describe('the hot write path answers as the general path does', () => {
+  // Every row has its four values: with fewer, test.each would pass jest's `done` as the fourth.
+  const cases: [string, string, string, string][] = [
+    ['POST', '/v1/secret/data/echo', '{"data":{"password":"p","ünï":"çødé ✓"},"options":{"cas":1}}', ''],
+    ['PUT', '/v1/secret/data/echo?x=1', '{"a":[1,2,{"b":null}]}', ''],
+    ['POST', '/v1/secret/data/echo', '', ''],
+    ['POST', '/v1/secret/data/echo', '\ufeff{"bom":true}', ''],
+    ['POST', '/v1/secret/data/echo', '  {"spaced": true}  ', ''],
+    ['POST', '/v1/secret/data/echo', 'not json', ''],
+    ['POST', '/v1/secret/data/echo', '{"truncated":', ''],
+    ['POST', '/v1/secret/data/echo', '[1,2]', ''],
+    ['POST', '/v1/secret/data/echo', '"a string"', ''],
+    ['POST', '/v1/secret/data/echo', 'null', ''],
+    ['POST', '/v1/secret/data/echo', '['.repeat(600) + ']'.repeat(600), ''],
+    ['POST', '/v1/secret/data/echo', '{"x":1}', 'Content-Type: application/json; charset=UTF-8\r\n'],
+    ['POST', '/v1/secret/data/echo', '{"x":1}', 'Content-Type: text/plain\r\n'],
+    ['POST', '/v1/secret/data/empty', '{"x":1}', ''],
+    ['POST', '/v1/secret/data/forbidden', '{"x":1}', ''],
+    ['POST', '/v1/secret/data/boom', '{"x":1}', ''],
+    ['POST', '/v1/secret/data/x/../echo', '{"x":1}', ''],
+    ['POST', '/v1/secret/data/x/../echo', 'not json', ''],
+    ['POST', '/v1/secret/data/%zz', '{"x":1}', ''],
+    ['POST', '/v1/nowhere', '{"x":1}', ''],
+  ];
+  test.each(cases)('%s %s %j', async (method, target, body, headers) => {
+    const { hot, general } = await bothWrites(method, target, body, headers);
+    expect(hot).toBe(general);
+    expect(hot).toMatch(/^HTTP\/1\.1 \d{3} /);
+    expect(hot).not.toContain('internal detail');
+  });
+
+  test('the logical request is the same either way', async () => {
+    seen.length = 0;
+    await bothWrites('POST', '/v1/secret/data/echo?version=2', '{"data":{"k":"v"}}', 'X-Vault-Wrap-TTL: 60s\r\n');
+    expect(seen).toHaveLength(2);
+    expect(seen[0]).toEqual(seen[1]);
+    expect(seen[0]).toMatchObject({ operation: 'update', path: 'secret/data/echo', token: 't', query: { version: '2' }, data: { data: { k: 'v' } } });
+  });
+
+  test('a body over the size limit, an encoded or non-UTF-8 body take the general path (413, 415)', async () => {
+    const big = await bothWrites('POST', '/v1/secret/data/echo', JSON.stringify({ blob: 'x'.repeat(1024 * 1024) }));
+    expect(big.hot).toBe(big.general);
+    expect(big.hot).toMatch(/^HTTP\/1\.1 413 /);
+    const gz = await bothWrites('POST', '/v1/secret/data/echo', '{"x":1}', 'Content-Encoding: gzip\r\n');
+    expect(gz.hot).toBe(gz.general);
+    expect(gz.hot).toMatch(/^HTTP\/1\.1 4\d\d /);
+    const latin1 = await bothWrites('POST', '/v1/secret/data/echo', '{"x":1}', 'Content-Type: application/json; charset=latin1\r\n');
+    expect(latin1.hot).toBe(latin1.general);
+    expect(latin1.hot).toMatch(/^HTTP\/1\.1 415 /);
+  });
+});
 
 describe('the hot read path answers as the general path does', () => {
   const targets = [

@@ -361,7 +361,8 @@ describe('listen(): close()', () => {
       expect(Object.values(agent.freeSockets).flat()).toHaveLength(1);
       const started = Date.now();
       await listener.close();
-      expect(Date.now() - started).toBeLessThan(2_000);
+      // A bound (the connection would otherwise stay for its 60 s keep-alive), not a speed check.
+      expect(Date.now() - started).toBeLessThan(10_000);
     } finally {
       agent.destroy();
     }
@@ -373,7 +374,10 @@ describe('listen(): close()', () => {
     await sleep(20);
     const started = Date.now();
     await listener.close();
-    expect(Date.now() - started).toBeLessThan(2_000);
+    // A bound, not a speed check: without the drain's 1 s grace for a silent connection,
+    // close() would wait for as long as the client keeps it open (forever here). 2 s was
+    // exceeded once (2,207 ms) on a loaded CI machine.
+    expect(Date.now() - started).toBeLessThan(10_000);
     await expect(client.readResponse()).rejects.toThrow(/connection closed/);
   });
 
