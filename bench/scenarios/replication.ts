@@ -532,6 +532,17 @@ function writeOnce(agent: http.Agent, base: URL, path: string, token: string, bo
   });
 }
 
+/** A closed-loop burst of KV v2 writes (100 B secrets over KEYS keys under `prefix`) from CONCURRENCY clients. */
+function kvBurst(addr: string, token: string, seconds: number, prefix: string) {
+  const body = JSON.stringify({ data: { password: PAYLOAD } });
+  return closedLoop(addr, CONCURRENCY, seconds, (i) => ({
+    method: 'POST',
+    path: `/v1/secret/data/${prefix}/${i % KEYS}`,
+    headers: { 'x-vault-token': token, 'content-type': 'application/json' },
+    body,
+  }));
+}
+
 /** The sustainable rate only (`full` false), or with the lag and backlog measurements too. */
 async function cofferMeasure(seconds: number, full: true): Promise<CofferFull>;
 async function cofferMeasure(seconds: number, full: false): Promise<CofferSustainable>;
@@ -551,12 +562,7 @@ async function cofferMeasure(seconds: number, full: boolean): Promise<CofferSust
       // (1) closed-loop burst on the primary, then drain until the secondary has it all.
       await pgStats(inst, '', true);
       const walBefore = (await perfStatus(pri.addr)).last_wal as number;
-      const r = await closedLoop(pri.addr, CONCURRENCY, seconds, (i) => ({
-        method: 'POST',
-        path: `/v1/secret/data/bench/${i % KEYS}`,
-        headers: { 'x-vault-token': token, 'content-type': 'application/json' },
-        body,
-      }));
+      const r = await kvBurst(pri.addr, token, seconds, 'bench');
       const loadEnd = performance.now();
       const target = (await perfStatus(pri.addr)).last_wal as number;
       const drainTimeoutMs = Math.max(60_000, seconds * 10_000);
@@ -629,12 +635,7 @@ async function cofferMeasure(seconds: number, full: boolean): Promise<CofferSust
       let b: Awaited<ReturnType<typeof closedLoop>>;
       let released = 0;
       try {
-        b = await closedLoop(pri.addr, CONCURRENCY, seconds, (i) => ({
-          method: 'POST',
-          path: `/v1/secret/data/backlog/${i % KEYS}`,
-          headers: { 'x-vault-token': token, 'content-type': 'application/json' },
-          body,
-        }));
+        b = await kvBurst(pri.addr, token, seconds, 'backlog');
       } finally {
         released = performance.now();
         sec.proc.kill('SIGCONT');
@@ -711,14 +712,8 @@ async function nativeSameWorkload(seconds: number) {
     const probe = Number(w.headers.get('x-vault-index'));
     await waitFor('the probe write on the subscriber', async () => (await maxLsn(sub)) >= probe, { timeoutMs: 30_000, intervalMs: 10 });
 
-    const body = JSON.stringify({ data: { password: PAYLOAD } });
     await pgStats(inst, '', true);
-    const r = await closedLoop(p.addr, CONCURRENCY, seconds, (i) => ({
-      method: 'POST',
-      path: `/v1/secret/data/bench/${i % KEYS}`,
-      headers: { 'x-vault-token': rootToken, 'content-type': 'application/json' },
-      body,
-    }));
+    const r = await kvBurst(p.addr, rootToken, seconds, 'bench');
     const loadEnd = performance.now();
     const target = await maxLsn(pub);
     const drainTimeoutMs = Math.max(60_000, seconds * 10_000);
