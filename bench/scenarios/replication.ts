@@ -81,10 +81,10 @@ async function pgStats(inst: Instance, label: string, reset = false): Promise<vo
     if (!reset) {
       const { rows } = await c.query(`
         SELECT d.datname, s.calls, round((s.total_exec_time + s.total_plan_time)::numeric, 0) AS ms,
-               round(((s.total_exec_time + s.total_plan_time) / s.calls)::numeric, 3) AS mean_ms, s.rows, left(regexp_replace(s.query, '[[:space:]]+', ' ', 'g'), 90) AS query
+               round(((s.total_exec_time + s.total_plan_time) / greatest(s.calls, 1))::numeric, 3) AS mean_ms, round(s.total_plan_time::numeric, 0) AS plan_ms, s.rows, left(regexp_replace(s.query, '[[:space:]]+', ' ', 'g'), 90) AS query
           FROM pg_stat_statements s JOIN pg_database d ON d.oid = s.dbid
          ORDER BY s.total_exec_time + s.total_plan_time DESC LIMIT 20`);
-      process.stderr.write(`-- pg_stat_statements, ${label}\n` + rows.map((r) => `${String(r.ms).padStart(7)} ms ${String(r.calls).padStart(7)} calls ${String(r.mean_ms).padStart(8)} ms/call  ${r.datname.slice(0, 22).padEnd(22)} ${r.query}`).join('\n') + '\n');
+      process.stderr.write(`-- pg_stat_statements, ${label}\n` + rows.map((r) => `${String(r.ms).padStart(7)} ms (plan ${String(r.plan_ms).padStart(5)}) ${String(r.calls).padStart(7)} calls ${String(r.mean_ms).padStart(8)} ms/call  ${r.datname.slice(0, 22).padEnd(22)} ${r.query}`).join('\n') + '\n');
     }
     await c.query('SELECT pg_stat_statements_reset()');
   } finally {

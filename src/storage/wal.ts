@@ -6,6 +6,7 @@
 import { sql, type Kysely } from 'kysely';
 import type { DB } from './schema';
 import type { CommittedRecord } from './entries';
+import { preparedQuery } from './db';
 import { WAL_ROW_OVERHEAD_BYTES } from './merkle';
 
 /** A WAL record as the merkle index sees it. */
@@ -16,15 +17,22 @@ export type OrderedRecord = CommittedRecord;
  * `limit`, in order), from one snapshot: what the active node feeds its merkle index and
  * shipping. One statement; an index probe when nothing is new.
  */
+const READ_NEW_WAL = `
+  SELECT h.last_lsn AS head, h.resets, w.lsn, w.path, w.op, w.value_hash, coffer_key_subpage(w.path) AS sp
+    FROM coffer_wal_head h
+    LEFT JOIN LATERAL (
+      SELECT lsn, path, op, value_hash FROM coffer_wal
+       WHERE lsn > $1::bigint ORDER BY lsn LIMIT $2::int) w ON true
+   WHERE h.id = 1
+   ORDER BY w.lsn`;
+
 export async function readNewWal(db: Kysely<DB>, afterLsn: number, limit: number): Promise<{ headLsn: number; resets: number; records: OrderedRecord[] }> {
-  const { rows } = await sql<{ head: number; resets: number; lsn: number | null; path: string; op: 'put' | 'delete'; value_hash: Buffer | null; sp: number }>`
-    SELECT h.last_lsn AS head, h.resets, w.lsn, w.path, w.op, w.value_hash, coffer_key_subpage(w.path) AS sp
-      FROM coffer_wal_head h
-      LEFT JOIN LATERAL (
-        SELECT lsn, path, op, value_hash FROM coffer_wal
-         WHERE lsn > ${afterLsn} ORDER BY lsn LIMIT ${limit}) w ON true
-     WHERE h.id = 1
-     ORDER BY w.lsn`.execute(db);
+  const rows = await preparedQuery<{ head: string; resets: string; lsn: string | null; path: string; op: 'put' | 'delete'; value_hash: Buffer | null; sp: number }>(
+    db,
+    'coffer_read_new_wal',
+    READ_NEW_WAL,
+    [afterLsn, limit],
+  );
   if (rows.length === 0) throw new Error('coffer_wal_head has no row');
   const records = rows[0].lsn === null ? [] : rows.map((r) => ({ lsn: Number(r.lsn), path: r.path, op: r.op, valueHash: r.value_hash, sp: r.sp }));
   return { headLsn: Number(rows[0].head), resets: Number(rows[0].resets), records };
