@@ -78,6 +78,13 @@ const waitsOnLock = (db: Kysely<DB>, pid: number) =>
     return rows[0]?.w === 'Lock';
   });
 const log = async (db: Kysely<DB>) => (await readWal(db, 0, 1000)).map((r) => `${r.lsn}:${r.path}@${r.keyVersion}`);
+/** A controlled transaction (registered in `open` for cleanup) that has written `path`. */
+async function writing(db: Kysely<DB>, open: ControlledTransaction<DB>[], path: string): Promise<ControlledTransaction<DB>> {
+  const t = await db.startTransaction().execute();
+  open.push(t);
+  await putEntry(t, path, Buffer.from(path), TERM);
+  return t;
+}
 
 // ------------------------------------------------------------------------------------------ a
 
@@ -147,14 +154,10 @@ test('a writer numbering its rows waits for the one before it to commit, and a r
   const { db } = database;
   const open: ControlledTransaction<DB>[] = [];
   try {
-    const t1 = await db.startTransaction().execute();
-    open.push(t1);
-    await putEntry(t1, 'hl/a', Buffer.from('a'), TERM);
+    const t1 = await writing(db, open, 'hl/a');
     expect(await stampWal(t1)).toBe(1); // holds the head until it ends
 
-    const t2 = await db.startTransaction().execute();
-    open.push(t2);
-    await putEntry(t2, 'hl/b', Buffer.from('b'), TERM);
+    const t2 = await writing(db, open, 'hl/b');
     const t2Pid = await pidOf(t2);
     const stamped = stampWal(t2);
     let got: number | null = null;
@@ -206,15 +209,11 @@ test('a transaction numbering at COMMIT waits for the head like any writer, and 
   const { db } = database;
   const open: ControlledTransaction<DB>[] = [];
   try {
-    // T1 holds the head (numbered, not committed). T2 wrote a row and commits: its COMMIT (the
-    // trigger) waits for the head; T3, which wrote nothing yet, is not held up at all.
-    const t1 = await db.startTransaction().execute();
-    open.push(t1);
-    await putEntry(t1, 'cw/a', Buffer.from('a'), TERM);
+    // T1 holds the head (numbered, not committed). T2 wrote a row without taking the head (it
+    // got this far while T1 held it) and commits: its COMMIT (the trigger) waits for the head.
+    const t1 = await writing(db, open, 'cw/a');
     expect(await stampWal(t1)).toBe(1);
-    const t2 = await db.startTransaction().execute();
-    open.push(t2);
-    await putEntry(t2, 'cw/b', Buffer.from('b'), TERM);
+    const t2 = await writing(db, open, 'cw/b');
     const t2Pid = await pidOf(t2);
     let committed = false;
     const commit2 = t2.commit().execute().then(() => (committed = true));
