@@ -130,6 +130,7 @@ export async function startServer(config: CofferConfig, dev?: DevOptions): Promi
     const metrics: Metrics = new Metrics(
       async () => ({ ...(await walGauges(database.db)), ...(await replicationGauges(database.db)) }),
       (): MerkleGauges | null => (merkle && node?.isActive() ? { dirtyPages: merkle.dirtyPages, appliedLsn: merkle.appliedLsn } : null),
+      async () => ({ 'replication.ship': await queue.depth('replication.ship'), 'expiry.check': await queue.depth('expiry.check') }),
     );
     const pool = config.merkle.index ? new MerklePool() : null;
     const merkle: MerkleIndex | null = pool
@@ -137,6 +138,8 @@ export async function startServer(config: CofferConfig, dev?: DevOptions): Promi
       : null;
     replicationOpts.merkle = () => (merkle && node?.merkleReady ? merkle : null);
     replicationOpts.onSynced = (n) => metrics.merkle.synced(n);
+    replicationOpts.onShipped = (entries, bytes, ms) => metrics.replication.shipped(entries, bytes, ms);
+    replicationOpts.onApplied = (entries, ms) => metrics.replication.applied(entries, ms);
     replicationOpts.onWalWritten = (c) => node?.offer(c);
     const replication = new Replication(replicationOpts);
     core.sys.addRoutes(replicationRoutes(replication));

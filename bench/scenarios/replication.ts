@@ -42,7 +42,7 @@
  * removed at the end, on error, and on SIGINT/SIGTERM.
  */
 import { execFile, execFileSync } from 'node:child_process';
-import { chownSync, mkdtempSync, appendFileSync, rmSync } from 'node:fs';
+import { chownSync, mkdtempSync, appendFileSync, readFileSync, rmSync } from 'node:fs';
 import http from 'node:http';
 import net from 'node:net';
 import { loadavg, tmpdir } from 'node:os';
@@ -55,6 +55,7 @@ import { createTestDatabase, type TestDatabase } from '../../test/helpers/pg';
 import { initAndUnseal, mountKv2, startCoffer, stopAllCoffers, type CofferProcess } from '../../test/helpers/coffer-process';
 import { vault } from '../../test/helpers/http';
 import { waitFor } from '../../test/helpers/wait';
+import { cpuBetween, cpuReport, cpuSnapshot, postgresLabel, type CpuSnapshot } from '../cpu';
 import { closedLoop, paced } from '../load';
 import type { Figure } from '../run';
 
@@ -71,6 +72,30 @@ const LAG_TARGET_P99_MS = 100;
 const POLL_GAP_MS = 1;
 /** BENCH_PG_STATS=1: pg_stat_statements in the instances, and the top statements of each sustainable-rate burst on stderr. */
 const PG_STATS = process.env.BENCH_PG_STATS === '1';
+
+/** BENCH_CPU=1: CPU time per write of each process (Coffer, Postgres by database, Redis, the bench) in each sustainable-rate burst, on stderr. */
+const CPU = process.env.BENCH_CPU === '1';
+
+/** Snapshot for BENCH_CPU: the Coffer processes named, the instance's Postgres by database and kind. */
+function cpuNow(inst: Instance, coffers: Record<string, number>): CpuSnapshot | null {
+  if (!CPU) return null;
+  const postmaster = inst.postmasterPid();
+  const names = new Map(Object.entries(coffers).map(([name, pid]) => [pid, name]));
+  return cpuSnapshot((pid, comm, cmdline, ppid) => {
+    if (names.has(pid)) return names.get(pid)!;
+    if (pid === postmaster) return 'pg postmaster';
+    if (ppid === postmaster) return postgresLabel(cmdline);
+    if (comm === 'redis-server') return 'redis (all of it)';
+    if (pid === process.pid) return 'bench (load generator, pollers)';
+    return null;
+  });
+}
+
+function cpuPrint(before: CpuSnapshot | null, inst: Instance, coffers: Record<string, number>, title: string, writes: number, wallSeconds: number): void {
+  if (!before) return;
+  const after = cpuNow(inst, coffers)!;
+  process.stderr.write(cpuReport(title, cpuBetween(before, after), writes, wallSeconds) + '\n');
+}
 
 /** The instance's busiest statements since the last reset (BENCH_PG_STATS), per database, on stderr. */
 async function pgStats(inst: Instance, label: string, reset = false): Promise<void> {
@@ -125,6 +150,8 @@ interface Instance {
   url(db: string): string;
   /** A new database in this instance (gone with it). */
   database(label: string): Promise<TestDatabase>;
+  /** The postmaster's pid (its children are the instance's backends and workers). */
+  postmasterPid(): number;
   stop(): Promise<void>;
 }
 
@@ -195,6 +222,7 @@ async function startInstance(): Promise<Instance> {
       port,
       url,
       database: (label) => createTestDatabase(label, url('postgres')),
+      postmasterPid: () => Number(readFileSync(join(data, 'postmaster.pid'), 'utf8').split('\n')[0]),
       async stop() {
         emergency.delete(`pg:${dir}`);
         await run(join(PG_BIN, 'pg_ctl'), ['-D', data, '-m', 'immediate', '-w', '-t', '30', 'stop'], 40_000).catch(() => undefined);
@@ -495,11 +523,17 @@ async function perfStatus(addr: string): Promise<any> {
   return r.body.data;
 }
 
+/** BENCH_PROF_DIR=dir: the Coffer processes write V8 CPU profiles there when they stop. */
+function profArgs(name: string): string[] | undefined {
+  const dir = process.env.BENCH_PROF_DIR;
+  return dir ? ['--cpu-prof', `--cpu-prof-dir=${dir}`, `--cpu-prof-name=${name}-${Date.now()}.cpuprofile`] : undefined;
+}
+
 async function cofferPair(inst: Instance): Promise<CofferReplicated> {
   const priDb = await inst.database('bench_rpri');
   const secDb = await inst.database('bench_rsec');
-  const pri = await startCoffer({ dbUrl: priDb.url, logLevel: 'warn' });
-  const sec = await startCoffer({ dbUrl: secDb.url, logLevel: 'warn' });
+  const pri = await startCoffer({ dbUrl: priDb.url, logLevel: 'warn', nodeArgs: profArgs('primary') });
+  const sec = await startCoffer({ dbUrl: secDb.url, logLevel: 'warn', nodeArgs: profArgs('secondary') });
   const { rootToken } = await initAndUnseal([pri]);
   const { rootToken: secToken } = await initAndUnseal([sec]);
   await mountKv2(pri.addr, rootToken);
@@ -562,6 +596,9 @@ async function cofferMeasure(seconds: number, full: boolean): Promise<CofferSust
       // (1) closed-loop burst on the primary, then drain until the secondary has it all.
       await pgStats(inst, '', true);
       const walBefore = (await perfStatus(pri.addr)).last_wal as number;
+      const procs = { 'coffer primary': pri.pid, 'coffer secondary': sec.pid };
+      const cpu0 = cpuNow(inst, procs);
+      const burstStart = performance.now();
       const r = await kvBurst(pri.addr, token, seconds, 'bench');
       const loadEnd = performance.now();
       const target = (await perfStatus(pri.addr)).last_wal as number;
@@ -581,10 +618,15 @@ async function cofferMeasure(seconds: number, full: boolean): Promise<CofferSust
       const drainSeconds = (performance.now() - loadEnd) / 1000;
       const finalPri = (await perfStatus(pri.addr)).last_wal as number;
       const finalSec = (await perfStatus(sec.addr)).last_remote_wal as number;
+      cpuPrint(cpu0, inst, procs, 'Coffer primary → secondary (burst and drain)', r.requests, (performance.now() - burstStart) / 1000);
       const sustainable = r.requests / (r.seconds + drainSeconds);
       const first: CofferSustainable = { sustainable, ack: r, drainSeconds, caughtUp, walRows: target - walBefore, drainPolls: polls, inSync: finalSec === finalPri };
       await pgStats(inst, `Coffer primary → secondary, ${r.requests} writes`);
-      if (!full) return first;
+      if (!full) {
+        // A graceful stop, so BENCH_PROF_DIR's profiles (written at exit) hold this burst alone.
+        if (process.env.BENCH_PROF_DIR) await Promise.all([pri.kill('SIGTERM'), sec.kill('SIGTERM')]);
+        return first;
+      }
 
       // (2) open loop at half the sustainable rate; lag from ack to the secondary's apply.
       const rate = sustainable / 2;
@@ -713,6 +755,9 @@ async function nativeSameWorkload(seconds: number) {
     await waitFor('the probe write on the subscriber', async () => (await maxLsn(sub)) >= probe, { timeoutMs: 30_000, intervalMs: 10 });
 
     await pgStats(inst, '', true);
+    const procs = { 'coffer (publisher)': p.pid };
+    const cpu0 = cpuNow(inst, procs);
+    const burstStart = performance.now();
     const r = await kvBurst(p.addr, rootToken, seconds, 'bench');
     const loadEnd = performance.now();
     const target = await maxLsn(pub);
@@ -726,6 +771,7 @@ async function nativeSameWorkload(seconds: number) {
       await sleep(2);
     }
     const drainSeconds = (performance.now() - loadEnd) / 1000;
+    cpuPrint(cpu0, inst, procs, 'Coffer + native logical replication (burst and drain)', r.requests, (performance.now() - burstStart) / 1000);
     const rows = async (c: pg.Client) => String((await c.query(`SELECT count(*) AS n, sum(version) AS v FROM coffer_entries`)).rows.map((x) => `${x.n}/${x.v}`)[0]);
     const consistent = caughtUp && (await rows(pub)) === (await rows(sub));
     await pgStats(inst, `standalone Coffer + native logical replication of its tables, ${r.requests} writes`);

@@ -25,6 +25,15 @@ export interface MerkleGauges {
   appliedLsn: number;
 }
 
+/** Jobs in the queue by job name and state (waiting, active, delayed), read at scrape time. */
+export type QueueDepths = Record<string, Record<string, number>>;
+
+/** Where replication reports each batch it sent (primary side) or applied (secondary side). */
+export interface ReplicationSink {
+  shipped(entries: number, bytes: number, ms: number): void;
+  applied(entries: number, ms: number): void;
+}
+
 export class Metrics {
   readonly registry = new Registry();
   readonly handleRequest: Summary<'method'>;
@@ -32,7 +41,10 @@ export class Metrics {
   /** Where the merkle index and WAL collection report what they did. */
   readonly merkle: MerkleSink & { walCollected(deleted: number): void; synced(keys: number): void };
 
-  constructor(readStorage: () => Promise<StorageGauges>, readMerkle: () => MerkleGauges | null = () => null) {
+  /** Shipping and apply, per batch. */
+  readonly replication: ReplicationSink;
+
+  constructor(readStorage: () => Promise<StorageGauges>, readMerkle: () => MerkleGauges | null = () => null, readQueue: () => Promise<QueueDepths> = async () => ({})) {
     collectDefaultMetrics({ register: this.registry });
     this.handleRequest = new Summary({
       name: 'vault_core_handle_request',
@@ -76,6 +88,36 @@ export class Metrics {
     const synced = new Counter({ name: 'coffer_merkle_sync_keys_total', help: 'Secondary: keys fetched or purged by merkle-sync', registers: r });
     new Gauge({ name: 'coffer_merkle_dirty_pages', help: 'Merkle subpages changed since their last flush (this node, if active)', registers: r, collect() { this.set(readMerkle()?.dirtyPages ?? 0); } });
     new Gauge({ name: 'coffer_merkle_applied_lsn', help: 'WAL position the in-memory merkle index reflects (this node, if active)', registers: r, collect() { this.set(readMerkle()?.appliedLsn ?? 0); } });
+    // Per batch, in the process that sent or applied it (a `coffer worker` ships too, and has no
+    // listener: its batches are in its logs, not here).
+    const shipMs = ms('vault_replication_rpc_client_stream_wals', 'Primary: time to send a WAL batch to a secondary and hear it applied, in milliseconds');
+    const shipEntries = ms('coffer_replication_ship_batch_entries', 'Primary: WAL entries per batch sent to a secondary');
+    const shipBytes = ms('coffer_replication_ship_batch_bytes', 'Primary: value bytes per batch sent to a secondary');
+    const applyMs = ms('vault_replication_rpc_server_stream_wals_request', 'Secondary: time to apply a WAL batch from the primary, in milliseconds');
+    const applyEntries = ms('coffer_replication_apply_batch_entries', 'Secondary: WAL entries per batch applied');
+    this.replication = {
+      shipped: (entries, bytes, t) => {
+        shipEntries.observe(entries);
+        shipBytes.observe(bytes);
+        shipMs.observe(t);
+      },
+      applied: (entries, t) => {
+        applyEntries.observe(entries);
+        applyMs.observe(t);
+      },
+    };
+    new Gauge({
+      name: 'coffer_queue_jobs',
+      help: 'Jobs in the work queue (BullMQ, or the in-process queue of -dev) by job name and state',
+      labelNames: ['queue', 'state'],
+      registers: r,
+      async collect() {
+        // Redis away: the scrape still answers (the gauges keep their last values).
+        const depths = await readQueue().catch(() => null);
+        for (const [queue, states] of Object.entries(depths ?? {})) for (const [state, n] of Object.entries(states)) this.set({ queue, state }, n);
+      },
+    });
+
     this.merkle = {
       flushed: (pages, t) => {
         flushPages.observe(pages);

@@ -60,6 +60,11 @@ export class BullQueue implements JobQueue {
     this.workers.push(w);
   }
 
+  async depth(name: JobName): Promise<Record<'waiting' | 'active' | 'delayed', number>> {
+    const c = await this.queue(name).getJobCounts('waiting', 'prioritized', 'active', 'delayed');
+    return { waiting: (c.waiting ?? 0) + (c.prioritized ?? 0), active: c.active ?? 0, delayed: c.delayed ?? 0 };
+  }
+
   async close(): Promise<void> {
     await Promise.all(this.workers.map((w) => w.close()));
     await Promise.all([...this.queues.values()].map((q) => q.close()));

@@ -16,5 +16,7 @@ export interface JobQueue {
   add<N extends JobName>(name: N, payload: JobPayloads[N], opts?: { delayMs?: number; jobId?: string }): Promise<void>;
   /** Starts processing jobs of `name` in this process. */
   process<N extends JobName>(name: N, handler: (payload: JobPayloads[N]) => Promise<void>, concurrency?: number): void;
+  /** Jobs of `name` waiting, active and delayed right now (metrics). */
+  depth(name: JobName): Promise<Record<'waiting' | 'active' | 'delayed', number>>;
   close(): Promise<void>;
 }

@@ -9,6 +9,7 @@ const MAX_TIMER_MS = 2 ** 31 - 1;
 export class MemoryQueue implements JobQueue {
   private readonly handlers = new Map<string, (p: unknown) => Promise<void>>();
   private readonly timers = new Map<string, NodeJS.Timeout>();
+  private readonly names = new Map<string, JobName>();
   private closed = false;
 
   async add<N extends JobName>(name: N, payload: JobPayloads[N], opts: { delayMs?: number; jobId?: string } = {}): Promise<void> {
@@ -18,19 +19,29 @@ export class MemoryQueue implements JobQueue {
     if (this.timers.has(id)) return;
     const t = setTimeout(() => {
       this.timers.delete(id);
+      this.names.delete(id);
       void this.handlers.get(name)?.(payload).catch(() => undefined);
     }, delay);
     t.unref();
     this.timers.set(id, t);
+    this.names.set(id, name);
   }
 
   process<N extends JobName>(name: N, handler: (payload: JobPayloads[N]) => Promise<void>): void {
     this.handlers.set(name, handler as (p: unknown) => Promise<void>);
   }
 
+  async depth(name: JobName): Promise<Record<'waiting' | 'active' | 'delayed', number>> {
+    // A timer is a delayed or waiting job; a running handler is not tracked.
+    let n = 0;
+    for (const id of this.timers.keys()) if (this.names.get(id) === name) n++;
+    return { waiting: 0, active: 0, delayed: n };
+  }
+
   async close(): Promise<void> {
     this.closed = true;
     for (const t of this.timers.values()) clearTimeout(t);
     this.timers.clear();
+    this.names.clear();
   }
 }

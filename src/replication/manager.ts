@@ -81,6 +81,9 @@ export interface ReplicationOptions {
   merkle?: () => MerkleIndex | null;
   /** Told how many keys a merkle-sync moved (metrics). */
   onSynced?: (keys: number) => void;
+  /** Told of every batch sent and applied (primary) or applied here (secondary): metrics. */
+  onShipped?: (entries: number, bytes: number, ms: number) => void;
+  onApplied?: (entries: number, ms: number) => void;
   /** Told of WAL rows apply committed here (the active node feeds them to its index at once). */
   onWalWritten?: (committed: CommittedRows | null) => void;
 }
@@ -502,6 +505,7 @@ export class Replication {
     if (!batch) return idle;
     const secret = await this.secretOf(secondaryId);
     const route = await this.tls.routeToSecondary(secondaryId, s.apiAddr);
+    const sentAt = performance.now();
     const res = await call<{ applied: boolean; applied_lsn: number; reason?: string; epoch?: number; errors?: string[] }>(`${route.base}${INTERNAL_PREFIX}/apply`, {
       body: { epoch: st.epoch, from_lsn: batch.fromLsn, to_lsn: batch.toLsn, key_term: this.o.core.barrier.currentKeyring.activeTerm, entries: batch.entries.map(toWire) },
       headers: { [CREDENTIAL_HEADER]: credentialHeader(secondaryId, secret) },
@@ -520,6 +524,7 @@ export class Replication {
       throw new UpstreamUnavailable(msg);
     }
     if (res.body.applied) {
+      this.o.onShipped?.(batch.entries.length, batch.entries.reduce((n, e) => n + (e.value?.length ?? 0), 0), performance.now() - sentAt);
       faultPoint('ship.beforeAck');
       return { sent: true, ack: batch.toLsn };
     }
@@ -817,9 +822,13 @@ export class Replication {
     if (!Number.isInteger(batch.fromLsn) || !Number.isInteger(batch.toLsn) || batch.toLsn < batch.fromLsn) throw new InvalidRequest('bad batch bounds');
     if (body.key_term && !this.o.core.barrier.currentKeyring.has(Number(body.key_term))) await this.refreshKeyring();
     const epoch = Number((body as { epoch?: number }).epoch ?? 0);
+    const started = performance.now();
     const out = await applyBatch(this.o.db, batch, Number.isSafeInteger(epoch) && epoch > 0 ? epoch : 0);
     if (!out.applied) this.guardCache.forget();
-    else if (out.committed) this.o.onWalWritten?.(out.committed);
+    else {
+      this.o.onApplied?.(batch.entries.length, performance.now() - started);
+      if (out.committed) this.o.onWalWritten?.(out.committed);
+    }
     if (out.applied && batch.entries.some((e) => e.path.startsWith('core/mounts') || e.path.startsWith('core/auth'))) {
       await this.o.core.reloadMounts().catch(() => undefined);
     }

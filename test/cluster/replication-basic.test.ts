@@ -74,4 +74,19 @@ test('enable primary, make a token, enable a secondary: data flows, writes forwa
 
   // Tokens are local: the primary's root token means nothing on the secondary.
   expect((await vault(sec.p.addr, 'GET', 'secret/data/before/1', { token: pri.token })).status).toBe(403);
+
+  // Metrics: batches sent (primary: this server ships in-process) and applied (secondary), with
+  // their sizes and times, and the shipping queue's depth.
+  const metric = async (addr: string, token: string) => (await (await fetch(`${addr}/v1/sys/metrics?format=prometheus`, { headers: { 'X-Vault-Token': token } })).text());
+  const value = (text: string, name: string) => Number(new RegExp(`^${name} ([\\d.e+]+)$`, 'm').exec(text)?.[1] ?? NaN);
+  const pm = await metric(pri.p.addr, pri.token);
+  const sm = await metric(sec.p.addr, sec.token);
+  // 50 streamed KV v2 writes and the forwarded one are 2 entries each; the bootstrap is not a batch.
+  expect(value(pm, 'coffer_replication_ship_batch_entries_sum')).toBeGreaterThanOrEqual(102);
+  expect(value(pm, 'coffer_replication_ship_batch_entries_count')).toBeGreaterThan(0);
+  expect(value(pm, 'coffer_replication_ship_batch_bytes_sum')).toBeGreaterThan(0);
+  expect(value(pm, 'vault_replication_rpc_client_stream_wals_count')).toBe(value(pm, 'coffer_replication_ship_batch_entries_count'));
+  expect(pm).toMatch(/^coffer_queue_jobs\{queue="replication.ship",state="waiting"\} \d+$/m);
+  expect(value(sm, 'coffer_replication_apply_batch_entries_sum')).toBe(value(pm, 'coffer_replication_ship_batch_entries_sum'));
+  expect(value(sm, 'vault_replication_rpc_server_stream_wals_request_count')).toBe(value(pm, 'coffer_replication_ship_batch_entries_count'));
 });
