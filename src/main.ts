@@ -181,6 +181,8 @@ export async function startServer(config: CofferConfig, dev?: DevOptions): Promi
       merkle: merkle ?? undefined,
       retention: { maxRows: config.replication.logshipperBufferLength, maxBytes: config.replication.logshipperBufferSizeBytes },
       checkpointIntervalMs: config.merkle.checkpointIntervalMs,
+      // Test hook: a long safety poll shows that other processes' writes arrive by NOTIFY.
+      followPollMs: Number(process.env.COFFER_WAL_POLL_MS) || undefined,
       onWalCollected: (n) => metrics.merkle.walCollected(n),
     });
     replicationOpts.apiAddr = apiAddr;

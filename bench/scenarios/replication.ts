@@ -502,6 +502,9 @@ interface CofferSustainable {
   walRows: number;
   drainPolls: number;
   inSync: boolean;
+  /** Batches the primary sent during the burst and drain, and their mean size in WAL entries. */
+  batches: number;
+  batchEntriesMean: number;
 }
 
 interface CofferFull extends CofferSustainable {
@@ -521,6 +524,13 @@ async function perfStatus(addr: string): Promise<any> {
   const r = await vault(addr, 'GET', 'sys/replication/performance/status');
   if (r.status !== 200) throw new Error(`status ${r.status}: ${JSON.stringify(r.body)}`);
   return r.body.data;
+}
+
+/** The primary's batches sent so far and their WAL entries (its metrics). */
+async function shippedBatches(addr: string, token: string): Promise<{ count: number; entries: number }> {
+  const text = await (await fetch(`${addr}/v1/sys/metrics?format=prometheus`, { headers: { 'x-vault-token': token } })).text();
+  const pick = (name: string) => Number(new RegExp(`^${name} (\\S+)$`, 'm').exec(text)?.[1] ?? 0);
+  return { count: pick('coffer_replication_ship_batch_entries_count'), entries: pick('coffer_replication_ship_batch_entries_sum') };
 }
 
 /** BENCH_PROF_DIR=dir: the Coffer processes write V8 CPU profiles there when they stop. */
@@ -596,6 +606,7 @@ async function cofferMeasure(seconds: number, full: boolean): Promise<CofferSust
       // (1) closed-loop burst on the primary, then drain until the secondary has it all.
       await pgStats(inst, '', true);
       const walBefore = (await perfStatus(pri.addr)).last_wal as number;
+      const shipped0 = await shippedBatches(pri.addr, token);
       const procs = { 'coffer primary': pri.pid, 'coffer secondary': sec.pid };
       const cpu0 = cpuNow(inst, procs);
       const burstStart = performance.now();
@@ -620,7 +631,11 @@ async function cofferMeasure(seconds: number, full: boolean): Promise<CofferSust
       const finalSec = (await perfStatus(sec.addr)).last_remote_wal as number;
       cpuPrint(cpu0, inst, procs, 'Coffer primary → secondary (burst and drain)', r.requests, (performance.now() - burstStart) / 1000);
       const sustainable = r.requests / (r.seconds + drainSeconds);
-      const first: CofferSustainable = { sustainable, ack: r, drainSeconds, caughtUp, walRows: target - walBefore, drainPolls: polls, inSync: finalSec === finalPri };
+      const shipped = await shippedBatches(pri.addr, token);
+      const batches = shipped.count - shipped0.count;
+      const batchEntriesMean = batches > 0 ? (shipped.entries - shipped0.entries) / batches : 0;
+      if (CPU) process.stderr.write(`  ${batches} batches, ${batchEntriesMean.toFixed(1)} WAL entries each\n`);
+      const first: CofferSustainable = { sustainable, ack: r, drainSeconds, caughtUp, walRows: target - walBefore, drainPolls: polls, inSync: finalSec === finalPri, batches, batchEntriesMean };
       await pgStats(inst, `Coffer primary → secondary, ${r.requests} writes`);
       if (!full) {
         // A graceful stop, so BENCH_PROF_DIR's profiles (written at exit) hold this burst alone.
@@ -843,6 +858,8 @@ export async function replicationScenario(seconds: number): Promise<Figure[]> {
           caught_up: coffer.caughtUp ? 'yes' : 'NO (drain timed out; figure is an upper bound)',
           wal_rows: coffer.walRows,
           last_remote_wal_eq_last_wal: coffer.inSync ? 'yes' : 'no',
+          batches: coffer.batches,
+          batch_entries_mean: coffer.batchEntriesMean,
           ack_p50_ms: coffer.ack.p50Ms,
           ack_p99_ms: coffer.ack.p99Ms,
           native_publish_tps: native.publishTps,

@@ -611,6 +611,7 @@ export class Replication {
     // only what differs) and take the primary's keyring.
     if (!repoint) {
       await wipeReplicated(this.o.db);
+      this.o.onWalWritten?.(null);
       // The index must describe the wiped (empty) storage before it is compared with anything.
       await this.o.merkle?.()?.rebuild('secondary enable wiped the replicated data');
     }
@@ -1015,6 +1016,8 @@ export class Replication {
       found += res.body.entries.length + purgePaths.length;
       await this.updateRow({ sync_total_keys: found });
       moved += await syncEntries(this.o.db, res.body.entries.map(fromWire), purgePaths);
+      // Its WAL rows: the active node reads them now (a standby's offer notifies it).
+      this.o.onWalWritten?.(null);
       await this.updateRow({ sync_progress: moved });
       remaining = remaining.filter((sp) => !done.has(sp));
     }

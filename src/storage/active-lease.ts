@@ -13,7 +13,15 @@ const ACTIVE_LOCK = 0x636f666665726163n; // "cofferac"
 export interface ActiveLeaseEvents {
   onActive(): void;
   onLost(reason: string): void;
+  /** Another process of the cluster committed WAL rows (a NOTIFY on WAL_CHANNEL). */
+  onWal?(): void;
 }
+
+/**
+ * Processes that are not active NOTIFY here after committing WAL rows; the lease connection
+ * LISTENs, so the active node's WAL follower reads them at once instead of polling for them.
+ */
+export const WAL_CHANNEL = 'coffer_wal';
 
 export class ActiveLease {
   private client: pg.Client | null = null;
@@ -62,7 +70,9 @@ export class ActiveLease {
   private async connect(): Promise<void> {
     const client = new pg.Client({ connectionString: this.connectionString, application_name: 'coffer-active-lease' });
     client.on('error', (err) => this.drop(`active lease connection error: ${err.message}`));
+    client.on('notification', () => this.events.onWal?.());
     await client.connect();
+    await client.query(`LISTEN ${WAL_CHANNEL}`);
     this.client = client;
   }
 

@@ -54,3 +54,34 @@ test('kill -9 of the active process: a standby takes over and sys/health says so
   const r = await vault(standby.addr, 'GET', 'secret/data/k0', { token: rootToken });
   expect(r.body.data.data).toEqual({ i: 0 });
 });
+
+test("a standby's writes reach the active node's WAL follower by NOTIFY, not by its safety poll", async () => {
+  const d = await createTestDatabase('lease-notify');
+  try {
+    // A 10-minute safety poll: only the notification can bring the standby's write in time.
+    const env = { COFFER_WAL_POLL_MS: '600000' };
+    const a = await startCoffer({ dbUrl: d.url, env });
+    const b = await startCoffer({ dbUrl: d.url, env });
+    const { rootToken } = await initAndUnseal([a, b]);
+    const active = await waitFor('one active node', async () => {
+      const codes = await Promise.all([a, b].map(healthCode));
+      return codes.includes(200) && codes.includes(429) ? (codes[0] === 200 ? a : b) : null;
+    });
+    const standby = active === a ? b : a;
+    await mountKv2(active.addr, rootToken);
+    const appliedOnActive = async () => {
+      const text = await (await fetch(`${active.addr}/v1/sys/metrics?format=prometheus`, { headers: { 'X-Vault-Token': rootToken } })).text();
+      return Number(/^coffer_merkle_applied_lsn (\d+)/m.exec(text)?.[1] ?? -1);
+    };
+    for (let i = 0; i < 5; i++) {
+      const w = await vault(standby.addr, 'POST', `secret/data/from-standby/${i}`, { token: rootToken, body: { data: { i } } });
+      expect(w.status).toBe(200);
+      const index = Number(w.headers.get('x-vault-index'));
+      expect(index).toBeGreaterThan(0);
+      await waitFor(`the active node's index to reach the standby's write at ${index}`, async () => (await appliedOnActive()) >= index, { timeoutMs: 20_000 });
+    }
+  } finally {
+    await stopAllCoffers();
+    await d.drop();
+  }
+});
