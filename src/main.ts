@@ -126,6 +126,8 @@ export async function startServer(config: CofferConfig, dev?: DevOptions): Promi
       bestEffortWalWaitMs: config.replication.bestEffortWalWaitDurationMs,
       batchMaxRows: 1000,
       batchMaxBytes: 4 * 1024 * 1024,
+      shipLingerMs: config.replication.shipLingerMs,
+      shipLingerMinEntries: config.replication.shipLingerMinEntries,
     };
     const metrics: Metrics = new Metrics(
       async () => ({ ...(await walGauges(database.db)), ...(await replicationGauges(database.db)) }),
@@ -305,6 +307,8 @@ export async function startWorker(config: CofferConfig): Promise<{ stop(): Promi
     bestEffortWalWaitMs: config.replication.bestEffortWalWaitDurationMs,
     batchMaxRows: 1000,
     batchMaxBytes: 4 * 1024 * 1024,
+    shipLingerMs: config.replication.shipLingerMs,
+    shipLingerMinEntries: config.replication.shipLingerMinEntries,
   });
   replication.start();
   log.info({ queue: config.queue.prefix }, 'coffer worker started');

@@ -3,7 +3,7 @@
  * double-dash spelling works too.
  */
 import { Command, Option } from 'commander';
-import { ConfigError, loadConfig, type CofferConfig } from './config';
+import { ConfigError, loadConfig, REPLICATION_DEFAULTS, type CofferConfig } from './config';
 import { createLogger, startServer, startWorker, type RunningServer } from '../main';
 import { openPostgres } from '../storage/db';
 import { migrateToLatest } from '../storage/migrate';
@@ -24,7 +24,7 @@ function devConfig(o: { devListenAddress: string; devStorage?: string; devRedis?
     expirySweepIntervalMs: 30_000,
     logLevel: (o.logLevel as CofferConfig['logLevel']) ?? 'info',
     logFormat: 'standard',
-    replication: { bestEffortWalWaitDurationMs: 2000, logshipperBufferLength: 16384, logshipperBufferSizeBytes: 64 * 1024 * 1024 },
+    replication: REPLICATION_DEFAULTS,
     telemetry: { unauthenticatedMetricsAccess: false, prometheusRetentionTimeSeconds: 0 },
     merkle: { flushIntervalMs: 200, flushFraction: 0.02, checkpointIntervalMs: 1000, index: true },
   };

@@ -76,6 +76,9 @@ export interface ReplicationOptions {
   bestEffortWalWaitMs: number;
   batchMaxRows: number;
   batchMaxBytes: number;
+  /** replication { ship_linger, ship_linger_min_entries }: see lingers(). */
+  shipLingerMs: number;
+  shipLingerMinEntries: number;
   allowUnsafePrimaryAddr?: boolean;
   /** This process's merkle index, once recovered and while this node is active. */
   merkle?: () => MerkleIndex | null;
@@ -468,6 +471,7 @@ export class Replication {
           this.shipPending.delete(secondaryId);
           const step = await this.shipOne(secondaryId, ack);
           ack = step.ack;
+          if (this.lingers(step)) await new Promise((r) => setTimeout(r, this.o.shipLingerMs));
           if (!step.sent && !this.shipPending.has(secondaryId)) break;
         }
       } finally {
@@ -487,7 +491,19 @@ export class Replication {
    * batch went and was applied (or the cursor was reset to the secondary's position), so there
    * may be more; `ack`: what the next step must record.
    */
-  private async shipOne(secondaryId: string, ack: number | null): Promise<{ sent: boolean; ack: number | null }> {
+  /**
+   * Linger (Kafka's linger.ms, here only under load): after a batch of at least
+   * shipLingerMinEntries entries that was not full, wait shipLingerMs before reading the next,
+   * so that while writes keep coming batches grow with the write rate instead of their number
+   * (each batch costs both clusters a statement, a request and a commit). Light traffic, below
+   * the threshold, ships each write at once; a full batch means more is waiting: no wait.
+   */
+  private lingers(step: { sent: boolean; entries?: number; bytes?: number }): boolean {
+    const n = step.entries ?? 0;
+    return step.sent && this.o.shipLingerMs > 0 && !this.stopping && n >= this.o.shipLingerMinEntries && n < this.o.batchMaxRows && (step.bytes ?? 0) < this.o.batchMaxBytes / 2;
+  }
+
+  private async shipOne(secondaryId: string, ack: number | null): Promise<{ sent: boolean; ack: number | null; entries?: number; bytes?: number }> {
     const idle = { sent: false, ack: null };
     // Record the last batch, read the cursor, the retained WAL's bounds, our own role and the
     // next batch: one statement.
@@ -524,9 +540,10 @@ export class Replication {
       throw new UpstreamUnavailable(msg);
     }
     if (res.body.applied) {
-      this.o.onShipped?.(batch.entries.length, batch.entries.reduce((n, e) => n + (e.value?.length ?? 0), 0), performance.now() - sentAt);
+      const bytes = batch.entries.reduce((n, e) => n + (e.value?.length ?? 0), 0);
+      this.o.onShipped?.(batch.entries.length, bytes, performance.now() - sentAt);
       faultPoint('ship.beforeAck');
-      return { sent: true, ack: batch.toLsn };
+      return { sent: true, ack: batch.toLsn, entries: batch.entries.length, bytes };
     }
     // Rejected (a duplicate, or a batch from a stale cursor): the secondary says where it is.
     if (typeof res.body.applied_lsn === 'number' && res.body.reason?.startsWith('batch starts')) {

@@ -2,10 +2,10 @@
  * Performance replication set up through the API alone: a primary, an activation token, a
  * secondary that bootstraps, streams WAL, forwards writes and reads its own writes.
  */
-import { sqlClient, type TestDatabase } from '../helpers/pg';
-import { mountKv2, stopAllCoffers } from '../helpers/coffer-process';
+import { createTestDatabase, sqlClient, type TestDatabase } from '../helpers/pg';
+import { initAndUnseal, mountKv2, startCoffer, stopAllCoffers } from '../helpers/coffer-process';
 import { vault } from '../helpers/http';
-import { activationToken, enablePrimary, enableSecondary, perfStatus, startCluster, waitForStream } from '../helpers/replication';
+import { activationToken, enablePrimary, enableSecondary, perfStatus, replicatePair, startCluster, waitForStream } from '../helpers/replication';
 import { waitFor } from '../helpers/wait';
 
 const dbs: TestDatabase[] = [];
@@ -89,4 +89,44 @@ test('enable primary, make a token, enable a secondary: data flows, writes forwa
   expect(pm).toMatch(/^coffer_queue_jobs\{queue="replication.ship",state="waiting"\} \d+$/m);
   expect(value(sm, 'coffer_replication_apply_batch_entries_sum')).toBe(value(pm, 'coffer_replication_ship_batch_entries_sum'));
   expect(value(sm, 'vault_replication_rpc_server_stream_wals_request_count')).toBe(value(pm, 'coffer_replication_ship_batch_entries_count'));
+});
+
+test('ship_linger: after a batch at the threshold the shipper waits, and what came meanwhile goes as one batch', async () => {
+  // A long linger and a 2-entry threshold (one KV v2 write), so the test needs no timing luck.
+  const db = await createTestDatabase('rlinger');
+  dbs.push(db);
+  const p = await startCoffer({ dbUrl: db.url, extraHcl: 'replication {\n  ship_linger = "5s"\n  ship_linger_min_entries = 2\n}\n' });
+  const { rootToken } = await initAndUnseal([p]);
+  const pri = { p, addr: p.addr, token: rootToken };
+  const sec = await cluster('rlinger-sec');
+  await replicatePair(pri, sec, 'dc-linger');
+  const shipped = async () => {
+    const text = await (await fetch(`${p.addr}/v1/sys/metrics?format=prometheus`, { headers: { 'X-Vault-Token': rootToken } })).text();
+    const pick = (name: string) => Number(new RegExp(`^${name} (\\S+)$`, 'm').exec(text)?.[1] ?? 0);
+    return { batches: pick('coffer_replication_ship_batch_entries_count'), entries: pick('coffer_replication_ship_batch_entries_sum') };
+  };
+  const reached = (index: number) => waitFor(`the secondary to apply ${index}`, async () => (await perfStatus(sec.addr)).last_remote_wal >= index, { intervalMs: 20 });
+  const write = async (key: string) => {
+    const w = await vault(p.addr, 'POST', `secret/data/${key}`, { token: rootToken, body: { data: { key } } });
+    expect(w.status).toBe(200);
+    return Number(w.headers.get('x-vault-index'));
+  };
+  // Count from when the setup's batches are all acknowledged: the primary records a batch's
+  // acknowledgement at its next step, after any linger, and its metric before that.
+  const head = (await perfStatus(p.addr)).last_wal;
+  const c = await sqlClient(db.url);
+  try {
+    await waitFor('the setup acknowledged', async () => Number((await c.query(`SELECT min(acked_lsn) AS a FROM coffer_secondaries`)).rows[0].a) >= head);
+  } finally {
+    await c.end();
+  }
+  const before = await shipped();
+
+  await reached(await write('first')); // a batch of 2 entries: the shipper now lingers 5 s
+  let last = 0;
+  for (let i = 0; i < 5; i++) last = await write(`during-linger-${i}`);
+  await reached(last);
+  const after = await shipped();
+  expect(after.entries - before.entries).toBe(12);
+  expect(after.batches - before.batches).toBe(2); // the first write alone, then the five together
 });

@@ -84,6 +84,8 @@ describe('parseConfig: complete files', () => {
       best_effort_wal_wait_duration = "5s"
       logshipper_buffer_length      = 1000
       logshipper_buffer_size        = "128MiB"
+      ship_linger                   = "40ms"
+      ship_linger_min_entries       = 64
     }
 
     telemetry {
@@ -123,7 +125,7 @@ describe('parseConfig: complete files', () => {
     expirySweepIntervalMs: 30_000,
     logLevel: 'debug',
     logFormat: 'json',
-    replication: { bestEffortWalWaitDurationMs: 5000, logshipperBufferLength: 1000, logshipperBufferSizeBytes: 128 * MiB },
+    replication: { bestEffortWalWaitDurationMs: 5000, logshipperBufferLength: 1000, logshipperBufferSizeBytes: 128 * MiB, shipLingerMs: 40, shipLingerMinEntries: 64 },
     telemetry: { unauthenticatedMetricsAccess: true, prometheusRetentionTimeSeconds: 43_200 },
     merkle: { flushIntervalMs: 500, flushFraction: 0.1, checkpointIntervalMs: 1000, index: true },
   };
@@ -159,7 +161,7 @@ describe('parseConfig: complete files', () => {
         static: { current_key_id: 'k2', current_key: KEY_HEX, previous_key_id: 'k1', previous_key: OLD_KEY.toString('base64') },
       },
       queue: { redis: [{ url: 'redis://cache.internal:6379/2', prefix: 'coffer-prod' }] },
-      replication: { best_effort_wal_wait_duration: '5s', logshipper_buffer_length: '1000', logshipper_buffer_size: '128MiB' },
+      replication: { best_effort_wal_wait_duration: '5s', logshipper_buffer_length: '1000', logshipper_buffer_size: '128MiB', ship_linger: '40ms', ship_linger_min_entries: '64' },
       telemetry: [{ unauthenticated_metrics_access: 'true', prometheus_retention_time: 43_200 }],
       merkle: { flush_interval: '500ms', flush_fraction: '0.1' },
     };
@@ -205,7 +207,7 @@ describe('parseConfig: defaults', () => {
       expirySweepIntervalMs: 30_000,
       logLevel: 'info',
       logFormat: 'standard',
-      replication: { bestEffortWalWaitDurationMs: 2000, logshipperBufferLength: 16_384, logshipperBufferSizeBytes: 64 * MiB },
+      replication: { bestEffortWalWaitDurationMs: 2000, logshipperBufferLength: 16_384, logshipperBufferSizeBytes: 64 * MiB, shipLingerMs: 15, shipLingerMinEntries: 16 },
       telemetry: { unauthenticatedMetricsAccess: false, prometheusRetentionTimeSeconds: 86_400 },
       merkle: { flushIntervalMs: 200, flushFraction: 0.02, checkpointIntervalMs: 1000, index: true },
     });
