@@ -20,7 +20,7 @@ import { migrateToLatest } from './storage/migrate';
 import { pgStore, type PgStoreOptions } from './storage/pg-store';
 import type { ExpiryScheduler } from './core/expiry';
 import { VERSION } from './version';
-import { replicationInternalRouter } from './http/replication-internal';
+import { replicationInternalRouter, serveApply } from './http/replication-internal';
 import { INTERNAL_PREFIX, Replication, type ReplicationOptions } from './replication/manager';
 import { replicationRoutes } from './replication/routes';
 import { BullQueue, redisConnection } from './queue/bullmq';
@@ -151,6 +151,7 @@ export async function startServer(config: CofferConfig, dev?: DevOptions): Promi
         router: replicationInternalRouter(replication),
         prefix: INTERNAL_PREFIX,
         assertIndex: (lsn, wait) => replication.assertIndex(lsn, wait),
+        apply: (body, credential) => serveApply(replication, body, credential, undefined),
       },
       metrics,
       unauthenticatedMetrics: config.telemetry.unauthenticatedMetricsAccess,

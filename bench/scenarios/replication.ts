@@ -810,9 +810,13 @@ export async function replicationScenario(seconds: number): Promise<Figure[]> {
     // comparison runs as BENCH_REPEAT alternating pairs, and reports the medians and each ratio.
     const repeat = Math.max(1, Number(process.env.BENCH_REPEAT ?? 3));
     const pairs: { coffer: number; native: number }[] = [];
+    // Each pair's order alternates too (Coffer first in every other pair, native first in the
+    // last, which also measures lag), so a drift in the machine's speed favours neither side.
     for (let i = 1; i < repeat; i++) {
+      const cofferFirst = (repeat - i) % 2 === 1;
+      const c0 = cofferFirst ? await cofferMeasure(seconds, false) : null;
       const n = await nativeSameWorkload(seconds);
-      const c = await cofferMeasure(seconds, false);
+      const c = c0 ?? (await cofferMeasure(seconds, false));
       pairs.push({ coffer: c.sustainable, native: n.sustainable });
     }
     const same = await nativeSameWorkload(seconds);

@@ -10,6 +10,7 @@ import type { Logger } from 'pino';
 import type { Core } from '../core/core';
 import { InvalidRequest, PayloadTooLarge, PermissionDenied, Sealed, UnsupportedOperation } from '../core/errors';
 import type { LogicalRequest, LogicalResponse, Operation } from '../core/request';
+import { CREDENTIAL_HEADER } from '../replication/wire';
 import { toHttpError } from './errors';
 import type { Metrics } from './metrics';
 import { canonicalPath } from './paths';
@@ -28,6 +29,8 @@ export interface ReplicationHooks {
   prefix: string;
   /** 412 when this cluster has not reached the index a request requires. */
   assertIndex(lsn: number, wait: boolean): Promise<void>;
+  /** POST {prefix}/apply, served without Express (see hotApply); the router serves it too. */
+  apply?(body: unknown, credential: string | undefined): Promise<{ status: number; body: unknown }>;
 }
 
 export interface AppOptions {
@@ -109,7 +112,12 @@ export function createApp(o: AppOptions): express.Express {
   // logical(). A body that does not parse is answered as Express's error handler answers it.
   const internals = app as unknown as { handle(req: http.IncomingMessage, res: http.ServerResponse, done?: NextFunction): void };
   const expressHandle = internals.handle;
+  const applyUrl = o.replication?.apply ? `${o.replication.prefix}/apply` : null;
   internals.handle = function handle(this: unknown, req, res, done) {
+    if (req.url === applyUrl && req.method === 'POST' && plainJsonBody(req, o.maxRequestSizeBytes)) {
+      observe('POST', () => applyUrl, res);
+      return hotApply(o, req, res);
+    }
     const call = hotCall(req) ?? hotWrite(req, o.maxRequestSizeBytes);
     if (!call) return expressHandle.call(this, req, res, done);
     (res as HotResponse)[TO_EXPRESS] = () => {
@@ -142,17 +150,43 @@ export function createApp(o: AppOptions): express.Express {
  */
 function hotWrite(req: http.IncomingMessage, limit: number): HttpCall | null {
   if (req.method !== 'POST' && req.method !== 'PUT') return null;
+  if (!plainJsonBody(req, limit)) return null;
   const h = req.headers;
-  if (h['transfer-encoding'] !== undefined || h['if-none-match'] !== undefined || h['if-modified-since'] !== undefined) return null;
-  const length = h['content-length'];
-  if (length === undefined || !/^\d{1,10}$/.test(length) || Number(length) > limit) return null;
-  const encoding = h['content-encoding'];
-  if (encoding !== undefined && encoding.toLowerCase() !== 'identity') return null;
-  const type = h['content-type'];
-  if (type !== undefined && /charset/i.test(type) && !/;\s*charset\s*=\s*"?utf-8"?\s*(;|$)/i.test(type)) return null;
   const target = parseTarget(req.url ?? '');
   if (!target) return null;
   return { method: req.method, path: target.path, query: target.query, headers: h, remoteAddress: req.socket.remoteAddress, body: () => ({}) };
+}
+
+/**
+ * A body express.json() would read as plain UTF-8 text: a Content-Length within the size limit,
+ * no transfer or content encoding, no charset other than UTF-8 (and no conditional headers,
+ * which Express's answer would honour).
+ */
+function plainJsonBody(req: http.IncomingMessage, limit: number): boolean {
+  const h = req.headers;
+  if (h['transfer-encoding'] !== undefined || h['if-none-match'] !== undefined || h['if-modified-since'] !== undefined) return false;
+  const length = h['content-length'];
+  if (length === undefined || !/^\d{1,10}$/.test(length) || Number(length) > limit) return false;
+  const encoding = h['content-encoding'];
+  if (encoding !== undefined && encoding.toLowerCase() !== 'identity') return false;
+  const type = h['content-type'];
+  return type === undefined || !/charset/i.test(type) || /;\s*charset\s*=\s*"?utf-8"?\s*(;|$)/i.test(type);
+}
+
+/**
+ * A WAL batch from the primary (POST {prefix}/apply on an API listener): the one internal call
+ * made many times a second, so it skips Express as logical writes do. Same answers as the
+ * router's (serveApply), and malformed JSON gets Express's 400.
+ */
+function hotApply(o: AppOptions, req: http.IncomingMessage, res: http.ServerResponse): void {
+  readJsonBody(req).then(
+    async (parsed) => {
+      if (!parsed.ok) return sendError(res, 400, [`failed to parse JSON input: ${parsed.message}`]);
+      const out = await o.replication!.apply!(parsed.value, req.headers[CREDENTIAL_HEADER] as string | undefined);
+      sendJson(res, out.status, out.body);
+    },
+    () => undefined, // the primary went away mid-body: nobody to answer
+  ).catch((err) => sendCaught(res, err, o.log));
 }
 
 /**

@@ -82,16 +82,25 @@ export function replicationInternalRouter(r: Replication, opts: { cluster?: bool
     );
   });
   router.post('/apply', (req, res) => {
-    (async () => {
-      // Fencing first: a superseded primary learns it from the 409, whoever it is.
-      const stale = await r.epochGuard(req.body ?? {});
-      if (stale) return res.status(409).json({ errors: [stale.reason], epoch: stale.epoch });
-      await r.authenticatePrimary(req.header(CREDENTIAL_HEADER), peerOf(req));
-      return res.json(await r.applyPushed(req.body));
-    })().catch((err) => {
-      const e = toHttpError(err);
-      res.status(e.status).json({ errors: e.errors });
-    });
+    void serveApply(r, req.body, req.header(CREDENTIAL_HEADER), peerOf(req)).then((out) => res.status(out.status).json(out.body));
   });
   return router;
+}
+
+/**
+ * POST /apply (a WAL batch from the primary): fencing first — a superseded primary learns it
+ * from the 409, whoever it is — then the primary's credential, then the batch. Served by the
+ * router above, and on an API listener by app.ts's hot path, which skips Express for it.
+ */
+export async function serveApply(r: Replication, body: unknown, credential: string | undefined, peer: Peer | undefined): Promise<{ status: number; body: unknown }> {
+  try {
+    const b = (body ?? {}) as Parameters<Replication['applyPushed']>[0] & { epoch?: unknown };
+    const stale = await r.epochGuard(b);
+    if (stale) return { status: 409, body: { errors: [stale.reason], epoch: stale.epoch } };
+    await r.authenticatePrimary(credential, peer);
+    return { status: 200, body: await r.applyPushed(b) };
+  } catch (err) {
+    const e = toHttpError(err);
+    return { status: e.status, body: { errors: e.errors } };
+  }
 }

@@ -5,7 +5,7 @@
 import { createTestDatabase, sqlClient, type TestDatabase } from '../helpers/pg';
 import { initAndUnseal, mountKv2, startCoffer, stopAllCoffers } from '../helpers/coffer-process';
 import { vault } from '../helpers/http';
-import { activationToken, enablePrimary, enableSecondary, perfStatus, replicatePair, startCluster, waitForStream } from '../helpers/replication';
+import { APPLY_PATH, activationToken, enablePrimary, enableSecondary, perfStatus, replicatePair, startCluster, waitForStream } from '../helpers/replication';
 import { waitFor } from '../helpers/wait';
 
 const dbs: TestDatabase[] = [];
@@ -89,6 +89,26 @@ test('enable primary, make a token, enable a secondary: data flows, writes forwa
   expect(pm).toMatch(/^coffer_queue_jobs\{queue="replication.ship",state="waiting"\} \d+$/m);
   expect(value(sm, 'coffer_replication_apply_batch_entries_sum')).toBe(value(pm, 'coffer_replication_ship_batch_entries_sum'));
   expect(value(sm, 'vault_replication_rpc_server_stream_wals_request_count')).toBe(value(pm, 'coffer_replication_ship_batch_entries_count'));
+
+  // The apply endpoint, as the primary calls it (served without Express) and chunked (served by
+  // Express's router): the same clear 4xx for a missing or wrong credential and for bad JSON.
+  const applyAs = async (body: string, headers: Record<string, string>, chunked: boolean) => {
+    const r = await fetch(`${sec.p.addr}${APPLY_PATH}`, {
+      method: 'POST',
+      headers: { 'content-type': 'application/json', ...headers },
+      body: chunked ? new Blob([body]).stream() : body,
+      ...(chunked ? { duplex: 'half' } : {}),
+    } as RequestInit);
+    return { status: r.status, body: (await r.json()) as { errors: string[] } };
+  };
+  for (const chunked of [false, true]) {
+    expect(await applyAs('{"from_lsn":1,"to_lsn":1,"entries":[]}', {}, chunked)).toEqual({ status: 403, body: { errors: ['permission denied'] } });
+    const wrong = await applyAs('{"from_lsn":1,"to_lsn":1,"entries":[]}', { 'x-coffer-replication': 'dc2:not-the-secret' }, chunked);
+    expect(wrong.status).toBe(403);
+    const bad = await applyAs('{"from_lsn":', {}, chunked);
+    expect(bad.status).toBe(400);
+    expect(bad.body.errors[0]).toMatch(/^failed to parse JSON input: /);
+  }
 });
 
 test('ship_linger: after a batch at the threshold the shipper waits, and what came meanwhile goes as one batch', async () => {
