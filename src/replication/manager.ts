@@ -522,8 +522,9 @@ export class Replication {
     const secret = await this.secretOf(secondaryId);
     const route = await this.tls.routeToSecondary(secondaryId, s.apiAddr);
     const sentAt = performance.now();
+    const head = JSON.stringify({ epoch: st.epoch, from_lsn: batch.fromLsn, to_lsn: batch.toLsn, key_term: this.o.core.barrier.currentKeyring.activeTerm });
     const res = await call<{ applied: boolean; applied_lsn: number; reason?: string; epoch?: number; errors?: string[] }>(`${route.base}${INTERNAL_PREFIX}/apply`, {
-      body: { epoch: st.epoch, from_lsn: batch.fromLsn, to_lsn: batch.toLsn, key_term: this.o.core.barrier.currentKeyring.activeTerm, entries: batch.entries.map(toWire) },
+      json: `${head.slice(0, -1)},"entries":${batch.entriesJson}}`,
       headers: { [CREDENTIAL_HEADER]: credentialHeader(secondaryId, secret) },
       tls: route.tls,
     }).catch(async (err: Error) => {
@@ -540,10 +541,9 @@ export class Replication {
       throw new UpstreamUnavailable(msg);
     }
     if (res.body.applied) {
-      const bytes = batch.entries.reduce((n, e) => n + (e.value?.length ?? 0), 0);
-      this.o.onShipped?.(batch.entries.length, bytes, performance.now() - sentAt);
+      this.o.onShipped?.(batch.count, batch.bytes, performance.now() - sentAt);
       faultPoint('ship.beforeAck');
-      return { sent: true, ack: batch.toLsn, entries: batch.entries.length, bytes };
+      return { sent: true, ack: batch.toLsn, entries: batch.count, bytes: batch.bytes };
     }
     // Rejected (a duplicate, or a batch from a stale cursor): the secondary says where it is.
     if (typeof res.body.applied_lsn === 'number' && res.body.reason?.startsWith('batch starts')) {

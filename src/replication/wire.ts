@@ -160,11 +160,11 @@ function nodeRequest(
  */
 export async function call<T>(
   url: string,
-  opts: { method?: string; body?: unknown; headers?: Record<string, string>; timeoutMs?: number; tls?: TlsContext } = {},
+  opts: { method?: string; body?: unknown; headers?: Record<string, string>; timeoutMs?: number; tls?: TlsContext; /** The body already serialised (JSON text). */ json?: string } = {},
 ): Promise<WireResponse<T>> {
-  const method = opts.method ?? (opts.body === undefined ? 'GET' : 'POST');
+  const method = opts.method ?? (opts.body === undefined && opts.json === undefined ? 'GET' : 'POST');
   const headers = { 'content-type': 'application/json', ...(opts.headers ?? {}) };
-  const payload = opts.body === undefined ? undefined : JSON.stringify(opts.body);
+  const payload = opts.json ?? (opts.body === undefined ? undefined : JSON.stringify(opts.body));
   const timeoutMs = opts.timeoutMs ?? 10_000;
   const plain = url.startsWith('http:');
   if (plain || (opts.tls && url.startsWith('https:'))) {

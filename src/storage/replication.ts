@@ -97,12 +97,30 @@ const SHIP_STEP = `
       FROM coffer_replication r LEFT JOIN coffer_secondaries s ON s.secondary_id = $2::text
      WHERE r.id = 1
   ), ${batchCtes('(SELECT acked_lsn FROM st)', '$3::int', '$4::bigint')}
-  SELECT st.*, b.to_lsn, e.path AS e_path, e.version AS e_version, e.value AS e_value
+  SELECT st.*, b.to_lsn, x.n AS e_count, x.bytes AS e_bytes, x.json AS e_json
     FROM st
    CROSS JOIN (SELECT max(lsn) AS to_lsn FROM k) b
-    LEFT JOIN coffer_entries e ON e.path IN (SELECT path FROM k)`;
+   CROSS JOIN LATERAL (
+     SELECT count(*)::int AS n, coalesce(sum(octet_length(e.value)), 0)::bigint AS bytes,
+            coalesce(json_agg(json_build_object('path', e.path, 'version', e.version,
+                                                'value', translate(encode(e.value, 'base64'), E'\n', '')))::text, '[]') AS json
+       FROM coffer_entries e WHERE e.path IN (SELECT path FROM k)) x`;
 
-export async function shipStep(db: Kysely<DB>, secondaryId: string, ack: number | null, maxRows: number, maxBytes: number): Promise<{ state: ShipState; batch: Batch | null }> {
+/**
+ * A batch as shipStep reads it: bounds, size, and the entries as the wire's JSON text (path,
+ * version, base64 ciphertext or null), built by Postgres — the primary's event loop passes it
+ * through without parsing a row per entry or re-encoding ciphertexts (it serves writes too).
+ */
+export interface ShipBatch {
+  fromLsn: number;
+  toLsn: number;
+  count: number;
+  /** Ciphertext bytes. */
+  bytes: number;
+  entriesJson: string;
+}
+
+export async function shipStep(db: Kysely<DB>, secondaryId: string, ack: number | null, maxRows: number, maxBytes: number): Promise<{ state: ShipState; batch: ShipBatch | null }> {
   // A prepared statement: planning it cost ~0.7 ms a step, as much as a third of running it.
   const rows = await preparedQuery<any>(db, 'coffer_ship_step', SHIP_STEP, [ack, secondaryId, maxRows, maxBytes]);
   const r = rows[0];
@@ -114,7 +132,11 @@ export async function shipStep(db: Kysely<DB>, secondaryId: string, ack: number 
     epoch: Number(r.epoch),
     supersededByEpoch: r.superseded_by_epoch === null ? null : Number(r.superseded_by_epoch),
   };
-  return { state, batch: state.secondary ? toBatch(state.secondary.ackedLsn, rows) : null };
+  const batch: ShipBatch | null =
+    state.secondary && r.to_lsn !== null
+      ? { fromLsn: state.secondary.ackedLsn + 1, toLsn: Number(r.to_lsn), count: r.e_count, bytes: Number(r.e_bytes), entriesJson: r.e_json }
+      : null;
+  return { state, batch };
 }
 
 /**

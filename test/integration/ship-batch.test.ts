@@ -93,6 +93,15 @@ test('shipStep records the last batch (never moving the cursor back) and reads t
   const second = await shipStep(db, 'sec-2', 2, 2, 1_000_000);
   expect(second.state.secondary).toMatchObject({ ackedLsn: 2 });
   expect(second.batch).toMatchObject({ fromLsn: 3, toLsn: 4 });
+  // The entries come as the wire's JSON, built by Postgres: what readBatch reads, base64-encoded
+  // (no line breaks), with its count and ciphertext bytes.
+  const same = (await readBatch(db, 2, 2, 1_000_000))!;
+  const wire = same.entries.map((e) => ({ path: e.path, version: e.version, value: e.value === null ? null : e.value.toString('base64') }));
+  const byPath = (a: { path: string }, b: { path: string }) => (a.path < b.path ? -1 : 1);
+  expect((JSON.parse(second.batch!.entriesJson) as typeof wire).sort(byPath)).toEqual(wire.sort(byPath));
+  expect(second.batch!.entriesJson).not.toContain('\\n');
+  expect(second.batch!.count).toBe(same.entries.length);
+  expect(second.batch!.bytes).toBe(same.entries.reduce((n, e) => n + (e.value?.length ?? 0), 0));
   expect((await secondaries.get(db, 'sec-2'))!.ackedLsn).toBe(2);
   // An older acknowledgement (a late duplicate) does not move it back.
   expect((await shipStep(db, 'sec-2', 1, 2, 1_000_000)).state.secondary).toMatchObject({ ackedLsn: 2 });
