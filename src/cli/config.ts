@@ -51,7 +51,7 @@ export interface CofferConfig {
     bestEffortWalWaitDurationMs: number;
     logshipperBufferLength: number;
     logshipperBufferSizeBytes: number;
-    /** After a batch of at least shipLingerMinEntries entries (not full), wait this long before the next (Coffer's). */
+    /** After a batch of at least shipLingerMinEntries entries that reached the WAL head, wait this long before the next (Coffer's). */
     shipLingerMs: number;
     shipLingerMinEntries: number;
   };
@@ -315,6 +315,8 @@ const fraction = decimalNumber.pipe(z.number().gt(0, 'must be greater than 0').m
 const durationMs = parsedBy(parseDurationMs);
 const positiveDurationMs = durationMs.pipe(z.number().positive('must be longer than 0'));
 const durationSeconds = parsedBy(parseDurationSeconds);
+/** ship_linger: the shipper holds its ship lock meanwhile, and a SIGTERM may wait for it. */
+const lingerMs = durationMs.pipe(z.number().max(10_000, 'must be at most 10s'));
 const sizeBytes = parsedBy(parseSizeBytes);
 const positiveSizeBytes = sizeBytes.pipe(z.number().min(1, 'must be at least 1 byte'));
 
@@ -694,7 +696,7 @@ const REPLICATION_FIELDS = {
   best_effort_wal_wait_duration: durationMs,
   logshipper_buffer_length: positiveInt,
   logshipper_buffer_size: positiveSizeBytes,
-  ship_linger: durationMs,
+  ship_linger: lingerMs,
   ship_linger_min_entries: positiveInt,
 };
 

@@ -25,6 +25,9 @@ export interface MerkleGauges {
   appliedLsn: number;
 }
 
+/** The longest a scrape waits for the queue's depth. */
+const QUEUE_READ_MS = 1000;
+
 /** Jobs in the queue by job name and state (waiting, active, delayed), read at scrape time. */
 export type QueueDepths = Record<string, Record<string, number>>;
 
@@ -112,8 +115,12 @@ export class Metrics {
       labelNames: ['queue', 'state'],
       registers: r,
       async collect() {
-        // Redis away: the scrape still answers (the gauges keep their last values).
-        const depths = await readQueue().catch(() => null);
+        // Redis away (or a BullMQ connection still waiting to be ready, which never rejects):
+        // the scrape still answers within a second, and the gauges keep their last values.
+        let timer: NodeJS.Timeout | undefined;
+        const late = new Promise<null>((resolve) => (timer = setTimeout(() => resolve(null), QUEUE_READ_MS)));
+        const depths = await Promise.race([readQueue().catch(() => null), late]);
+        clearTimeout(timer);
         for (const [queue, states] of Object.entries(depths ?? {})) for (const [state, n] of Object.entries(states)) this.set({ queue, state }, n);
       },
     });

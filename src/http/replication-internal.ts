@@ -82,7 +82,11 @@ export function replicationInternalRouter(r: Replication, opts: { cluster?: bool
     );
   });
   router.post('/apply', (req, res) => {
-    void serveApply(r, req.body, req.header(CREDENTIAL_HEADER), peerOf(req)).then((out) => res.status(out.status).json(out.body));
+    serveApply(r, req.body, req.header(CREDENTIAL_HEADER), peerOf(req))
+      .then((out) => res.status(out.status).json(out.body))
+      .catch(() => {
+        if (!res.headersSent) res.status(500).json({ errors: ['internal error'] });
+      });
   });
   return router;
 }

@@ -26,8 +26,9 @@ export interface ActiveNodeOptions {
   singleProcess: boolean;
   leasePollMs?: number;
   /**
-   * The follower's longest wait with nothing new (default FOLLOW_POLL_MS). Local writes offer
-   * their rows, other processes NOTIFY: this poll is only the safety net for a lost notification.
+   * Test hook: the follower's wait with nothing new, fixed (by default it backs off 1, 2, 4 … ms
+   * up to FOLLOW_POLL_MS). Local writes offer their rows and other processes NOTIFY: the poll is
+   * only the safety net for a lost notification, which a test proves by making it very long.
    */
   followPollMs?: number;
   /** Runs when the WAL head moved (replication ships the new rows at once). */
@@ -214,28 +215,23 @@ export class ActiveNode {
    */
   private notifyActive(): void {
     if (this.o.singleProcess) return;
-    if (this.notifying) {
-      this.notifyAgain = true;
-      return;
-    }
+    this.notifyWanted = true;
+    if (this.notifying) return;
     this.notifying = true;
-    const send = (): Promise<void> =>
-      sql`SELECT pg_notify(${WAL_CHANNEL}, '')`
-        .execute(this.o.db)
-        .then(
-          () => undefined,
+    void (async () => {
+      // Cleared in the same step that sees no further request: an offer can never fall between.
+      while (this.notifyWanted) {
+        this.notifyWanted = false;
+        await sql`SELECT pg_notify(${WAL_CHANNEL}, '')`.execute(this.o.db).catch(
           // Lost: the active node's safety poll finds the rows.
           (err) => this.o.log.debug({ err: (err as Error).message }, 'could not notify the active node of new WAL'),
-        )
-        .then(() => {
-          if (!this.notifyAgain) return;
-          this.notifyAgain = false;
-          return send();
-        });
-    void send().finally(() => (this.notifying = false));
+        );
+      }
+      this.notifying = false;
+    })();
   }
   private notifying = false;
-  private notifyAgain = false;
+  private notifyWanted = false;
 
   /**
    * The WAL follower: reads what was committed since the last step (writers number their rows
@@ -245,7 +241,7 @@ export class ActiveNode {
    * a poll at most FOLLOW_POLL_MS apart is the safety net.
    */
   private async runDuties(): Promise<void> {
-    let idleMs = 1;
+    let idleMs = this.o.followPollMs ?? 1;
     this.followedLsn = -1;
     await orderStragglers(this.o.db).catch((err) => this.o.log.warn({ err: (err as Error).message }, 'numbering WAL rows left by an older version failed'));
     while (this.active && !this.stopping) {
@@ -285,7 +281,7 @@ export class ActiveNode {
       }
       // A failing step waits (backs off) even when poked.
       if (!failed && (more || this.poked)) {
-        idleMs = 1;
+        idleMs = this.o.followPollMs ?? 1;
         continue;
       }
       await new Promise<void>((resolve) => {
@@ -296,7 +292,7 @@ export class ActiveNode {
         };
       });
       this.wake = null;
-      idleMs = Math.min(idleMs * 2, this.o.followPollMs ?? FOLLOW_POLL_MS);
+      idleMs = this.o.followPollMs ?? Math.min(idleMs * 2, FOLLOW_POLL_MS);
     }
   }
 

@@ -116,6 +116,16 @@ interface WireEntry {
 const toWire = (e: ShippedEntry): WireEntry => ({ path: e.path, version: e.version, value: e.value ? e.value.toString('base64') : null });
 const fromWire = (e: WireEntry): ShippedEntry => ({ path: String(e.path), version: Number(e.version), value: e.value === null ? null : Buffer.from(String(e.value), 'base64') });
 
+/**
+ * Whether the shipper lingers after a step (see Replication.lingers): a batch went, it carried
+ * at least `minEntries` entries (the secondary is kept busy), and it reached the WAL head as the
+ * step read it — a batch short of the head was cut by the row or byte bound, so more is waiting
+ * already and waiting would only slow a catch-up.
+ */
+export function shouldLinger(step: { sent: boolean; entries?: number; atHead?: boolean }, lingerMs: number, minEntries: number, stopping: boolean): boolean {
+  return step.sent && lingerMs > 0 && !stopping && step.atHead === true && (step.entries ?? 0) >= minEntries;
+}
+
 /** Key that protects the keyring in transit: derived from the secondary's secret. */
 function keyringTransportKey(secret: string): Buffer {
   return createHash('sha256').update(`coffer-replication-keyring:${secret}`).digest();
@@ -167,6 +177,7 @@ export class Replication {
 
   stop(): void {
     this.stopping = true;
+    for (const done of [...this.lingering]) done();
     if (this.timer) clearTimeout(this.timer);
   }
   /** Set by stop(): a shipping job in this process ends after its batch in flight. */
@@ -471,7 +482,7 @@ export class Replication {
           this.shipPending.delete(secondaryId);
           const step = await this.shipOne(secondaryId, ack);
           ack = step.ack;
-          if (this.lingers(step)) await new Promise((r) => setTimeout(r, this.o.shipLingerMs));
+          if (this.lingers(step)) await this.linger();
           if (!step.sent && !this.shipPending.has(secondaryId)) break;
         }
       } finally {
@@ -487,23 +498,37 @@ export class Replication {
   }
 
   /**
-   * One step: record `ack` (the batch applied last step), then send the next batch. `sent`: a
-   * batch went and was applied (or the cursor was reset to the secondary's position), so there
-   * may be more; `ack`: what the next step must record.
-   */
-  /**
    * Linger (Kafka's linger.ms, here only under load): after a batch of at least
-   * shipLingerMinEntries entries that was not full, wait shipLingerMs before reading the next,
+   * shipLingerMinEntries entries that reached the head, wait shipLingerMs before reading the next,
    * so that while writes keep coming batches grow with the write rate instead of their number
    * (each batch costs both clusters a statement, a request and a commit). Light traffic, below
-   * the threshold, ships each write at once; a full batch means more is waiting: no wait.
+   * the threshold, ships each write at once; a batch short of the head means more is waiting:
+   * no wait.
    */
-  private lingers(step: { sent: boolean; entries?: number; bytes?: number }): boolean {
-    const n = step.entries ?? 0;
-    return step.sent && this.o.shipLingerMs > 0 && !this.stopping && n >= this.o.shipLingerMinEntries && n < this.o.batchMaxRows && (step.bytes ?? 0) < this.o.batchMaxBytes / 2;
+  private lingers(step: { sent: boolean; entries?: number; atHead?: boolean }): boolean {
+    return shouldLinger(step, this.o.shipLingerMs, this.o.shipLingerMinEntries, this.stopping);
   }
 
-  private async shipOne(secondaryId: string, ack: number | null): Promise<{ sent: boolean; ack: number | null; entries?: number; bytes?: number }> {
+  /** The linger's wait; stop() ends it at once. */
+  private linger(): Promise<void> {
+    return new Promise((resolve) => {
+      const done = () => {
+        clearTimeout(t);
+        this.lingering.delete(done);
+        resolve();
+      };
+      const t = setTimeout(done, this.o.shipLingerMs);
+      this.lingering.add(done);
+    });
+  }
+  private readonly lingering = new Set<() => void>();
+
+  /**
+   * One step: record `ack` (the batch applied last step), then send the next batch. `sent`: a
+   * batch went and was applied (or the cursor was reset to the secondary's position), so there
+   * may be more; `ack`: what the next step must record; `entries`, `atHead`: for the linger.
+   */
+  private async shipOne(secondaryId: string, ack: number | null): Promise<{ sent: boolean; ack: number | null; entries?: number; atHead?: boolean }> {
     const idle = { sent: false, ack: null };
     // Record the last batch, read the cursor, the retained WAL's bounds, our own role and the
     // next batch: one statement.
@@ -543,7 +568,7 @@ export class Replication {
     if (res.body.applied) {
       this.o.onShipped?.(batch.count, batch.bytes, performance.now() - sentAt);
       faultPoint('ship.beforeAck');
-      return { sent: true, ack: batch.toLsn, entries: batch.count, bytes: batch.bytes };
+      return { sent: true, ack: batch.toLsn, entries: batch.count, atHead: batch.toLsn >= st.headLsn };
     }
     // Rejected (a duplicate, or a batch from a stale cursor): the secondary says where it is.
     if (typeof res.body.applied_lsn === 'number' && res.body.reason?.startsWith('batch starts')) {

@@ -69,10 +69,18 @@ export class ActiveLease {
 
   private async connect(): Promise<void> {
     const client = new pg.Client({ connectionString: this.connectionString, application_name: 'coffer-active-lease' });
-    client.on('error', (err) => this.drop(`active lease connection error: ${err.message}`));
+    // An error on a connection that is no longer ours (replaced, or never adopted) drops nothing.
+    client.on('error', (err) => {
+      if (this.client === client) this.drop(`active lease connection error: ${err.message}`);
+    });
     client.on('notification', () => this.events.onWal?.());
-    await client.connect();
-    await client.query(`LISTEN ${WAL_CHANNEL}`);
+    try {
+      await client.connect();
+      await client.query(`LISTEN ${WAL_CHANNEL}`);
+    } catch (err) {
+      await client.end().catch(() => undefined);
+      throw err;
+    }
     this.client = client;
   }
 

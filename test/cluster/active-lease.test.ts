@@ -58,7 +58,8 @@ test('kill -9 of the active process: a standby takes over and sys/health says so
 test("a standby's writes reach the active node's WAL follower by NOTIFY, not by its safety poll", async () => {
   const d = await createTestDatabase('lease-notify');
   try {
-    // A 10-minute safety poll: only the notification can bring the standby's write in time.
+    // The follower polls every 10 minutes (the hook fixes its wait instead of backing off up to
+    // it): only the notification can bring the standby's writes in time.
     const env = { COFFER_WAL_POLL_MS: '600000' };
     const a = await startCoffer({ dbUrl: d.url, env });
     const b = await startCoffer({ dbUrl: d.url, env });

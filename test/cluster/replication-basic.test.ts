@@ -79,8 +79,12 @@ test('enable primary, make a token, enable a secondary: data flows, writes forwa
   // their sizes and times, and the shipping queue's depth.
   const metric = async (addr: string, token: string) => (await (await fetch(`${addr}/v1/sys/metrics?format=prometheus`, { headers: { 'X-Vault-Token': token } })).text());
   const value = (text: string, name: string) => Number(new RegExp(`^${name} ([\\d.e+]+)$`, 'm').exec(text)?.[1] ?? NaN);
-  const pm = await metric(pri.p.addr, pri.token);
-  const sm = await metric(sec.p.addr, sec.token);
+  // The primary records a batch when the secondary's answer reaches it, after the secondary
+  // counted it: wait until both have counted the same batches.
+  const [pm, sm] = await waitFor('both sides to count the same batches', async () => {
+    const both = [await metric(pri.p.addr, pri.token), await metric(sec.p.addr, sec.token)];
+    return value(both[0], 'coffer_replication_ship_batch_entries_count') === value(both[1], 'coffer_replication_apply_batch_entries_count') ? both : null;
+  });
   // 50 streamed KV v2 writes and the forwarded one are 2 entries each; the bootstrap is not a batch.
   expect(value(pm, 'coffer_replication_ship_batch_entries_sum')).toBeGreaterThanOrEqual(102);
   expect(value(pm, 'coffer_replication_ship_batch_entries_count')).toBeGreaterThan(0);
@@ -112,7 +116,7 @@ test('enable primary, make a token, enable a secondary: data flows, writes forwa
 });
 
 test('ship_linger: after a batch at the threshold the shipper waits, and what came meanwhile goes as one batch', async () => {
-  // A long linger and a 2-entry threshold (one KV v2 write), so the test needs no timing luck.
+  // A long linger (5 s) and a 2-entry threshold (one KV v2 write), so the test needs no timing luck.
   const db = await createTestDatabase('rlinger');
   dbs.push(db);
   const p = await startCoffer({ dbUrl: db.url, extraHcl: 'replication {\n  ship_linger = "5s"\n  ship_linger_min_entries = 2\n}\n' });
@@ -146,7 +150,11 @@ test('ship_linger: after a batch at the threshold the shipper waits, and what ca
   let last = 0;
   for (let i = 0; i < 5; i++) last = await write(`during-linger-${i}`);
   await reached(last);
-  const after = await shipped();
+  // The primary counts a batch when the secondary's answer reaches it (after the apply).
+  const after = await waitFor('the primary to count the batches', async () => {
+    const now = await shipped();
+    return now.entries - before.entries >= 12 ? now : null;
+  });
   expect(after.entries - before.entries).toBe(12);
   expect(after.batches - before.batches).toBe(2); // the first write alone, then the five together
 });

@@ -269,6 +269,12 @@ describe('parseConfig: problems name the key', () => {
     expect(problems).toEqual(['telemetry.disable_hostname: unknown key', 'merkle.flush: unknown key']);
   });
 
+  it('bounds ship_linger (the shipper holds its lock while it lingers)', async () => {
+    const problems = await problemsOf(`${MINIMAL}\nreplication {\n  ship_linger = "11s"\n  ship_linger_min_entries = 0\n}`);
+    expect(problems).toEqual(['replication.ship_linger: must be at most 10s', 'replication.ship_linger_min_entries: must be at least 1']);
+    expect((await parseConfig(`${MINIMAL}\nreplication { ship_linger = "0s" }`, 'coffer.hcl', {})).replication.shipLingerMs).toBe(0);
+  });
+
   it('reports wrong types and bad values with the key path', async () => {
     const problems = await problemsOf(`
       ui         = "sometimes"
