@@ -87,6 +87,11 @@ function keepAutoUnsealed(core: Core, config: CofferConfig, log: Logger): NodeJS
   return t;
 }
 
+/** How batches are cut and paced, for servers and `coffer worker` alike. */
+function shipping(config: CofferConfig): Pick<ReplicationOptions, 'batchMaxRows' | 'batchMaxBytes' | 'shipLingerMs' | 'shipLingerMinEntries'> {
+  return { batchMaxRows: 1000, batchMaxBytes: 4 * 1024 * 1024, shipLingerMs: config.replication.shipLingerMs, shipLingerMinEntries: config.replication.shipLingerMinEntries };
+}
+
 export async function startServer(config: CofferConfig, dev?: DevOptions): Promise<RunningServer> {
   const log = createLogger(config);
   const database = config.storage.type === 'embedded' ? await openEmbedded() : openPostgres(config.storage.connectionUrl, config.storage.maxConnections);
@@ -124,10 +129,7 @@ export async function startServer(config: CofferConfig, dev?: DevOptions): Promi
       version: VERSION,
       isActive: () => node?.isActive() ?? false,
       bestEffortWalWaitMs: config.replication.bestEffortWalWaitDurationMs,
-      batchMaxRows: 1000,
-      batchMaxBytes: 4 * 1024 * 1024,
-      shipLingerMs: config.replication.shipLingerMs,
-      shipLingerMinEntries: config.replication.shipLingerMinEntries,
+      ...shipping(config),
     };
     const metrics: Metrics = new Metrics(
       async () => ({ ...(await walGauges(database.db)), ...(await replicationGauges(database.db)) }),
@@ -184,7 +186,7 @@ export async function startServer(config: CofferConfig, dev?: DevOptions): Promi
       merkle: merkle ?? undefined,
       retention: { maxRows: config.replication.logshipperBufferLength, maxBytes: config.replication.logshipperBufferSizeBytes },
       checkpointIntervalMs: config.merkle.checkpointIntervalMs,
-      // Test hook: a long safety poll shows that other processes' writes arrive by NOTIFY.
+      // Test hook: a fixed, long poll shows that other processes' writes arrive by NOTIFY.
       followPollMs: Number(process.env.COFFER_WAL_POLL_MS) || undefined,
       onWalCollected: (n) => metrics.merkle.walCollected(n),
     });
@@ -306,10 +308,7 @@ export async function startWorker(config: CofferConfig): Promise<{ stop(): Promi
     version: VERSION,
     isActive: () => false,
     bestEffortWalWaitMs: config.replication.bestEffortWalWaitDurationMs,
-    batchMaxRows: 1000,
-    batchMaxBytes: 4 * 1024 * 1024,
-    shipLingerMs: config.replication.shipLingerMs,
-    shipLingerMinEntries: config.replication.shipLingerMinEntries,
+    ...shipping(config),
   });
   replication.start();
   log.info({ queue: config.queue.prefix }, 'coffer worker started');

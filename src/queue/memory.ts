@@ -8,8 +8,8 @@ const MAX_TIMER_MS = 2 ** 31 - 1;
 
 export class MemoryQueue implements JobQueue {
   private readonly handlers = new Map<string, (p: unknown) => Promise<void>>();
-  private readonly timers = new Map<string, NodeJS.Timeout>();
-  private readonly names = new Map<string, JobName>();
+  /** Pending jobs by id: their timer, and their name (depth()). */
+  private readonly timers = new Map<string, { t: NodeJS.Timeout; name: JobName }>();
   private closed = false;
 
   async add<N extends JobName>(name: N, payload: JobPayloads[N], opts: { delayMs?: number; jobId?: string } = {}): Promise<void> {
@@ -19,12 +19,10 @@ export class MemoryQueue implements JobQueue {
     if (this.timers.has(id)) return;
     const t = setTimeout(() => {
       this.timers.delete(id);
-      this.names.delete(id);
       void this.handlers.get(name)?.(payload).catch(() => undefined);
     }, delay);
     t.unref();
-    this.timers.set(id, t);
-    this.names.set(id, name);
+    this.timers.set(id, { t, name });
   }
 
   process<N extends JobName>(name: N, handler: (payload: JobPayloads[N]) => Promise<void>): void {
@@ -34,14 +32,13 @@ export class MemoryQueue implements JobQueue {
   async depth(name: JobName): Promise<Record<'waiting' | 'active' | 'delayed', number>> {
     // A timer is a delayed or waiting job; a running handler is not tracked.
     let n = 0;
-    for (const id of this.timers.keys()) if (this.names.get(id) === name) n++;
+    for (const job of this.timers.values()) if (job.name === name) n++;
     return { waiting: 0, active: 0, delayed: n };
   }
 
   async close(): Promise<void> {
     this.closed = true;
-    for (const t of this.timers.values()) clearTimeout(t);
+    for (const job of this.timers.values()) clearTimeout(job.t);
     this.timers.clear();
-    this.names.clear();
   }
 }
