@@ -87,9 +87,16 @@ function keepAutoUnsealed(core: Core, config: CofferConfig, log: Logger): NodeJS
   return t;
 }
 
-/** How batches are cut and paced, for servers and `coffer worker` alike. */
-function shipping(config: CofferConfig): Pick<ReplicationOptions, 'batchMaxRows' | 'batchMaxBytes' | 'shipLingerMs' | 'shipLingerMinEntries'> {
-  return { batchMaxRows: 1000, batchMaxBytes: 4 * 1024 * 1024, shipLingerMs: config.replication.shipLingerMs, shipLingerMinEntries: config.replication.shipLingerMinEntries };
+/** How batches are cut and paced (and the replication tick), for servers and `coffer worker` alike. */
+function shipping(config: CofferConfig): Pick<ReplicationOptions, 'batchMaxRows' | 'batchMaxBytes' | 'shipLingerMs' | 'shipLingerMinEntries' | 'tickMs'> {
+  return {
+    batchMaxRows: 1000,
+    batchMaxBytes: 4 * 1024 * 1024,
+    shipLingerMs: config.replication.shipLingerMs,
+    shipLingerMinEntries: config.replication.shipLingerMinEntries,
+    // Test hook: a very long tick shows that role changes arrive by NOTIFY.
+    tickMs: Number(process.env.COFFER_REPLICATION_TICK_MS) || undefined,
+  };
 }
 
 export async function startServer(config: CofferConfig, dev?: DevOptions): Promise<RunningServer> {
@@ -183,6 +190,7 @@ export async function startServer(config: CofferConfig, dev?: DevOptions): Promi
       log,
       singleProcess: database.embedded,
       onSequenced: (head) => replication.poke(head),
+      onRoleChanged: () => replication.kick(),
       merkle: merkle ?? undefined,
       retention: { maxRows: config.replication.logshipperBufferLength, maxBytes: config.replication.logshipperBufferSizeBytes },
       checkpointIntervalMs: config.merkle.checkpointIntervalMs,

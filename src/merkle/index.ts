@@ -381,6 +381,8 @@ export class MerkleIndex {
     const t0 = performance.now();
     const dirty = new Map(this.dpt);
     for (const [sp, rec] of this.inFlight) dirty.set(sp, Math.min(rec, dirty.get(sp) ?? Infinity));
+    // Idle: the last checkpoint already says this (this position, nothing dirty).
+    if (dirty.size === 0 && this.cleanCheckpointLsn === this.appliedLsn) return;
     const lsnAtSnapshot = this.appliedLsn;
     const snapPromise = this.snapshot(); // synchronous capture happens inside, before any await
     const snap = await snapPromise;
@@ -391,8 +393,11 @@ export class MerkleIndex {
     await saveCheckpoint(this.o.db, { checkpointLsn: snap.lsn, redoLsn, dirty, root });
     faultPoint('merkle.checkpoint.afterWrite');
     this.persistedRedoLsn = redoLsn;
+    this.cleanCheckpointLsn = dirty.size === 0 ? snap.lsn : null;
     this.o.sink?.checkpointed(dirty.size, performance.now() - t0);
   }
+  /** The position of the last checkpoint written with no dirty subpage (null: none since the index was loaded). */
+  private cleanCheckpointLsn: number | null = null;
 
   // ---------------------------------------------------------------- recovery and rebuild
 
@@ -504,6 +509,7 @@ export class MerkleIndex {
 
   private finishRecovery(report: RecoveryReport): void {
     this.lastRecovery = report;
+    this.cleanCheckpointLsn = null;
     this.o.log.info(report, report.mode === 'redo' ? 'merkle index recovered (ARIES redo)' : 'merkle index rebuilt');
     this.o.sink?.recovered(report);
   }

@@ -33,6 +33,8 @@ export interface ActiveNodeOptions {
   followPollMs?: number;
   /** Runs when the WAL head moved (replication ships the new rows at once). */
   onSequenced?: (headLsn: number) => void;
+  /** Runs when the cluster's replication role changed (NOTIFY) and when this node became active. */
+  onRoleChanged?: () => void;
   /** The merkle index this node maintains while active (absent: index disabled). */
   merkle?: MerkleIndex;
   /** Bounded WAL, collected by the active node after each checkpoint. */
@@ -62,6 +64,8 @@ export class ActiveNode {
   /** Set by poke(); the follower loop clears it before each step. */
   private poked = false;
   private housekeeping: NodeJS.Timeout | null = null;
+  /** The index's position and redo point at the last WAL collection (housekeeping skips while they stay). */
+  private collectedAt: string | null = null;
   /** Set once the merkle index has recovered on this node's current term as active. */
   merkleReady = false;
   /** The WAL head as this node's follower last read it. */
@@ -89,7 +93,7 @@ export class ActiveNode {
     }
     this.lease = new ActiveLease(
       this.o.connectionString,
-      { onActive: () => this.becomeActive(), onLost: (why) => this.becomeStandby(why), onWal: () => this.poke() },
+      { onActive: () => this.becomeActive(), onLost: (why) => this.becomeStandby(why), onWal: () => this.poke(), onReplication: () => this.o.onRoleChanged?.() },
       this.o.leasePollMs ?? 1000,
     );
     this.lease.start();
@@ -108,6 +112,7 @@ export class ActiveNode {
       .catch((err) => this.o.log.warn({ err: err.message }, 'could not record active node'));
     this.startMerkle();
     this.loop = this.runDuties();
+    this.o.onRoleChanged?.();
   }
 
   /**
@@ -124,6 +129,7 @@ export class ActiveNode {
             if (!this.active) return;
             this.merkleReady = true;
             merkle.startDuties();
+            this.o.onRoleChanged?.(); // duties that wait for the index (reconciliation) can start
           },
           (err) => {
             this.o.log.warn({ err: (err as Error).message }, 'merkle recovery failed; retrying');
@@ -132,25 +138,31 @@ export class ActiveNode {
         );
       void attempt();
     }
+    this.collectedAt = null;
     this.housekeeping = setInterval(() => {
       if (!this.active || (merkle && !this.merkleReady)) return;
       const run = async () => {
         if (merkle) await merkle.checkpoint();
+        // Idle (the index has not moved, nor its redo point): the last collection still holds.
+        const at = merkle ? `${merkle.appliedLsn}:${merkle.redoPoint}` : null;
+        if (at !== null && at === this.collectedAt) return;
         // Never collect WAL the index's recovery would need (its last redo point) ...
         const collect = async () => {
           const r = await collectWal(this.o.db, this.o.retention, merkle ? merkle.redoPoint : Number.MAX_SAFE_INTEGER);
           if (r.deleted > 0) this.o.onWalCollected?.(r.deleted);
           return r;
         };
-        const r = await collect();
+        let r = await collect();
         // ... but when that is what keeps the WAL over its bound (a burst outran the gentle
         // background flush), flush the subpages holding it back, checkpoint, and collect again
         // — as Postgres checkpoints early when WAL passes max_wal_size.
         if (merkle && r.wanted > r.cutoff) {
           await merkle.flushBefore(r.wanted + 1);
           await merkle.checkpoint();
-          await collect();
+          r = await collect();
         }
+        // Nothing left to collect at this position: skip until the index moves.
+        this.collectedAt = r.deleted === 0 ? at : null;
       };
       run().catch((err) => this.o.log.warn({ err: (err as Error).message }, 'checkpoint or WAL collection failed'));
     }, this.o.checkpointIntervalMs);

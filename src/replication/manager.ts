@@ -79,6 +79,11 @@ export interface ReplicationOptions {
   /** replication { ship_linger, ship_linger_min_entries }: see lingers(). */
   shipLingerMs: number;
   shipLingerMinEntries: number;
+  /**
+   * Test hook: the tick's period (default TICK_MS). A test makes it very long to show that a
+   * change of role reaches every process by NOTIFY, not by the tick.
+   */
+  tickMs?: number;
   allowUnsafePrimaryAddr?: boolean;
   /** This process's merkle index, once recovered and while this node is active. */
   merkle?: () => MerkleIndex | null;
@@ -144,6 +149,15 @@ const SHIPPABLE_LIST_MS = 1000;
 const SAFETY_WAKE_MS = 1000;
 /** A streaming secondary in contact heartbeats its primary this often. */
 const HEARTBEAT_MS = 1000;
+/**
+ * How often every process reads its cluster's replication row when nothing happens. A change of
+ * role is seen at once (kick); this is the safety net, and the pace of heartbeats and retries.
+ */
+const TICK_MS = 1000;
+/** A timer may fire a little early or late: a duty due every TICK_MS runs on every tick. */
+const TICK_SLACK_MS = 100;
+/** The columns whose change is a change of role (migration 0009 NOTIFYs on the same ones). */
+const ROLE_COLUMNS = ['mode', 'state', 'epoch', 'superseded_by_epoch', 'primary_api_addr', 'secondary_id', 'set_id'] as const;
 const secondarySecretPath = (id: string) => `core/replication/secondaries/${id}`;
 
 export class Replication {
@@ -164,16 +178,40 @@ export class Replication {
   start(): void {
     this.o.queue.process('replication.ship', ({ secondaryId }) => this.shipTo(secondaryId), 4);
     const tick = async () => {
+      this.timer = null;
+      this.ticking = true;
+      this.kicked = false;
       try {
         await this.tick();
       } catch (err) {
         this.o.log.warn({ err: (err as Error).message }, 'replication tick failed');
       }
-      this.timer = setTimeout(tick, 100);
+      this.ticking = false;
+      if (this.stopping) return;
+      this.timer = setTimeout(tick, this.kicked ? 0 : (this.o.tickMs ?? TICK_MS));
       this.timer.unref();
     };
+    this.runTick = tick;
     void tick();
   }
+
+  /**
+   * The role changed (this process wrote it, or another did: NOTIFY coffer_replication, migration
+   * 0009), or this node became active: run the duties now rather than at the next tick.
+   */
+  kick(): void {
+    if (this.stopping || !this.runTick) return;
+    if (this.ticking) {
+      this.kicked = true;
+    } else if (this.timer) {
+      clearTimeout(this.timer);
+      this.timer = setTimeout(this.runTick, 0);
+      this.timer.unref();
+    }
+  }
+  private runTick: (() => Promise<void>) | null = null;
+  private ticking = false;
+  private kicked = false;
 
   stop(): void {
     this.stopping = true;
@@ -189,7 +227,7 @@ export class Replication {
     if (!this.o.isActive() || this.o.core.sealed) return;
     // Shipping is woken by the active node whenever the WAL moves (poke); this is the safety
     // net (a job that failed, a poke lost to a restart), so once a second is enough.
-    if (row.mode === 'primary' && !superseded && Date.now() - this.lastSafetyWake >= SAFETY_WAKE_MS) {
+    if (row.mode === 'primary' && !superseded && Date.now() - this.lastSafetyWake >= SAFETY_WAKE_MS - TICK_SLACK_MS) {
       this.lastSafetyWake = Date.now();
       await this.wakeShipping();
     }
@@ -829,6 +867,9 @@ export class Replication {
   private async updateRow(patch: Parameters<typeof updateReplication>[1]): Promise<void> {
     await updateReplication(this.o.db, patch);
     this.guardCache.forget();
+    // Other processes hear of a new role by NOTIFY; this one (an embedded dev server has no
+    // lease connection to hear it on) follows it at once.
+    if (ROLE_COLUMNS.some((c) => c in patch)) this.kick();
   }
 
   /** Where and how this secondary reaches its primary (cluster listener over mutual TLS, or API). */
@@ -875,6 +916,9 @@ export class Replication {
     if (out.applied && batch.entries.some((e) => e.path.startsWith('core/mounts') || e.path.startsWith('core/auth'))) {
       await this.o.core.reloadMounts().catch(() => undefined);
     }
+    // The primary is back (a batch arrived while its heartbeats failed): heartbeat now, which
+    // brings the state back to stream-wals, rather than at the next tick.
+    if (this.connection === 'disconnected') this.kick();
     this.connection = 'connected';
     this.lastPrimaryHeartbeat = new Date();
     return out.applied ? { applied: true, applied_lsn: out.appliedLsn } : { applied: false, applied_lsn: out.appliedLsn, reason: out.reason };
@@ -941,7 +985,7 @@ export class Replication {
     if (row.state !== 'stream-wals' && row.state !== 'idle') return;
     // Streaming and in contact: a heartbeat a second (batches also count as contact). Otherwise
     // every tick, so a secondary that lost its primary is back as soon as it answers.
-    if (row.state === 'stream-wals' && this.connection === 'connected' && Date.now() - this.lastHeartbeatSent < HEARTBEAT_MS) return;
+    if (row.state === 'stream-wals' && this.connection === 'connected' && Date.now() - this.lastHeartbeatSent < HEARTBEAT_MS - TICK_SLACK_MS) return;
     this.lastHeartbeatSent = Date.now();
     try {
       if (!row.primaryApiAddr) return; // demoted: follows nobody until update-primary

@@ -15,6 +15,8 @@ export interface ActiveLeaseEvents {
   onLost(reason: string): void;
   /** Another process of the cluster committed WAL rows (a NOTIFY on WAL_CHANNEL). */
   onWal?(): void;
+  /** The cluster's replication role changed, here or in another process (REPLICATION_CHANNEL, migration 0009). */
+  onReplication?(): void;
 }
 
 /**
@@ -22,6 +24,8 @@ export interface ActiveLeaseEvents {
  * LISTENs, so the active node's WAL follower reads them at once instead of polling for them.
  */
 export const WAL_CHANNEL = 'coffer_wal';
+/** Sent by a trigger when the `coffer_replication` row's role changes (migration 0009). */
+export const REPLICATION_CHANNEL = 'coffer_replication';
 
 export class ActiveLease {
   private client: pg.Client | null = null;
@@ -73,10 +77,10 @@ export class ActiveLease {
     client.on('error', (err) => {
       if (this.client === client) this.drop(`active lease connection error: ${err.message}`);
     });
-    client.on('notification', () => this.events.onWal?.());
+    client.on('notification', (msg) => (msg.channel === REPLICATION_CHANNEL ? this.events.onReplication?.() : this.events.onWal?.()));
     try {
       await client.connect();
-      await client.query(`LISTEN ${WAL_CHANNEL}`);
+      await client.query(`LISTEN ${WAL_CHANNEL}; LISTEN ${REPLICATION_CHANNEL}`);
     } catch (err) {
       await client.end().catch(() => undefined);
       throw err;

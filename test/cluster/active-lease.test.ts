@@ -6,6 +6,7 @@ import { createTestDatabase, type TestDatabase } from '../helpers/pg';
 import { initAndUnseal, mountKv2, startCoffer, stopAllCoffers, type CofferProcess } from '../helpers/coffer-process';
 import { vault } from '../helpers/http';
 import { waitFor } from '../helpers/wait';
+import { replicatePair, startCluster } from '../helpers/replication';
 
 let db: TestDatabase;
 afterAll(async () => {
@@ -84,5 +85,35 @@ test("a standby's writes reach the active node's WAL follower by NOTIFY, not by 
   } finally {
     await stopAllCoffers();
     await d.drop();
+  }
+});
+
+test("a standby follows a change of its cluster's replication role by NOTIFY, not by its tick", async () => {
+  const dbs: TestDatabase[] = [];
+  try {
+    const pri = await startCluster('role-notify-pri', dbs);
+    // The secondary cluster's processes read their replication row every 10 minutes (the hook):
+    // only the notification can tell the standby that its cluster became a secondary.
+    const d = await createTestDatabase('role-notify-sec');
+    dbs.push(d);
+    const env = { COFFER_REPLICATION_TICK_MS: '600000' };
+    const s1 = await startCoffer({ dbUrl: d.url, env });
+    const s2 = await startCoffer({ dbUrl: d.url, env });
+    const { rootToken } = await initAndUnseal([s1, s2]);
+    const active = await waitFor('one active node', async () => {
+      const codes = await Promise.all([s1, s2].map(healthCode));
+      return codes.includes(200) && codes.includes(429) ? (codes[0] === 200 ? s1 : s2) : null;
+    });
+    const standby = active === s1 ? s2 : s1;
+    await replicatePair(pri, { addr: active.addr, token: rootToken }, 'role-notify');
+    // The standby now forwards replicated writes to the primary (as a disabled cluster it would
+    // not even know the secret/ mount, which came with the primary's data).
+    const w = await vault(standby.addr, 'POST', 'secret/data/via-standby', { token: rootToken, body: { data: { x: 1 } } });
+    expect([w.status, w.body.errors]).toEqual([200, undefined]);
+    const onPrimary = await vault(pri.addr, 'GET', 'secret/data/via-standby', { token: pri.token });
+    expect(onPrimary.body.data?.data).toEqual({ x: 1 });
+  } finally {
+    await stopAllCoffers();
+    for (const d of dbs) await d.drop();
   }
 });

@@ -7,7 +7,7 @@ import { sql } from 'kysely';
 import { openPostgres, type Database } from '../../src/storage/db';
 import { migrateToLatest } from '../../src/storage/migrate';
 import { applyBatch, readReplication, updateReplication, type Batch } from '../../src/storage/replication';
-import { createTestDatabase, type TestDatabase } from '../helpers/pg';
+import { createTestDatabase, sqlClient, type TestDatabase } from '../helpers/pg';
 
 let tdb: TestDatabase;
 let database: Database;
@@ -127,4 +127,32 @@ test('a batch from an epoch older than the one this secondary follows is refused
   expect([await rows(), await walCount()]).toEqual(before);
   // The same batch from the current epoch applies.
   expect(await applyBatch(database.db, batch(appliedLsn + 1, appliedLsn + 1, [['stale-primary', 1, 'x']]), 9)).toMatchObject({ applied: true });
+});
+
+test('a change of role NOTIFYs coffer_replication; the applied position, heartbeats and progress do not', async () => {
+  const listener = await sqlClient(tdb.url);
+  try {
+    const heard: string[] = [];
+    let hear: () => void = () => undefined;
+    listener.on('notification', (m) => {
+      heard.push(`${m.channel}: ${m.payload}`);
+      hear();
+    });
+    await listener.query('LISTEN coffer_replication');
+    const next = () => new Promise<void>((resolve) => (hear = resolve));
+    // Busy columns first: had they notified, those would be heard before the role change.
+    const { appliedLsn } = await readReplication(database.db);
+    await updateReplication(database.db, { applied_lsn: appliedLsn, last_heartbeat: new Date(), primary_head_lsn: appliedLsn, sync_progress: 1 });
+    await applyBatch(database.db, batch(appliedLsn + 1, appliedLsn + 1, [['notify-probe', 1, 'x']]), 9);
+    let heardOne = next();
+    await updateReplication(database.db, { state: 'idle' });
+    await heardOne;
+    expect(heard).toEqual(['coffer_replication: secondary idle']);
+    heardOne = next();
+    await updateReplication(database.db, { state: 'stream-wals' });
+    await heardOne;
+    expect(heard).toEqual(['coffer_replication: secondary idle', 'coffer_replication: secondary stream-wals']);
+  } finally {
+    await listener.end();
+  }
 });

@@ -42,7 +42,7 @@ import { MerklePool } from '../../src/merkle/pool';
 import { hashRun, keyHash, makeRecord, pageHashes, rootOf, runFromRecords, SUBPAGES, subpageOf } from '../../src/merkle/tree';
 import { openPostgres, type Database } from '../../src/storage/db';
 import { deleteEntry, putEntry, walTransaction } from '../../src/storage/entries';
-import { collectWal, readCheckpoint } from '../../src/storage/merkle';
+import { collectWal, readCheckpoint, WAL_ROW_OVERHEAD_BYTES } from '../../src/storage/merkle';
 import { migrateToLatest } from '../../src/storage/migrate';
 import type { DB } from '../../src/storage/schema';
 import { readNewWal, walHead } from '../../src/storage/wal';
@@ -876,4 +876,64 @@ test('ARIES bookkeeping: a twice-changed subpage keeps its first recLSN; a check
   const n4 = openNode(f.tdb.url);
   expect((await n4.index.recover()).mode).toBe('redo');
   await expectIndexIsTruth(n4.index, f, 'after a crash between a checkpoint and the flush it overlapped');
+});
+
+// ------------------------------------------------------------------ j. housekeeping when idle, and the WAL's byte bound
+
+test('an idle checkpoint writes nothing; the first one after a change does', async () => {
+  const f = await fresh('merkle-idle-checkpoint');
+  const n1 = openNode(f.tdb.url);
+  await n1.index.recover();
+  await writeMany(f, POOL.slice(0, 40).map((path, i) => ({ path, value: valueOf(path, i) })));
+  await orderAndApply(f, n1);
+  await n1.index.flush(true);
+  await n1.index.checkpoint();
+  // xmin names the transaction that wrote the row version: the same one means no write at all.
+  const version = async () => (await f.q.query('SELECT xmin::text AS x, checkpoint_lsn::bigint AS lsn FROM coffer_merkle_checkpoint')).rows;
+  const clean = await version();
+  expect(clean).toHaveLength(1);
+  await n1.index.checkpoint();
+  await n1.index.checkpoint();
+  expect(await version()).toEqual(clean);
+  // A change: the next checkpoint records it (dirty, then clean once flushed).
+  await writeTx(f.db, [{ path: POOL[0], value: valueOf(POOL[0], 999) }]);
+  const head = await orderAndApply(f, n1);
+  await n1.index.checkpoint();
+  const dirty = await version();
+  expect(dirty).not.toEqual(clean);
+  expect(Number(dirty[0].lsn)).toBe(head);
+  expect((await readCheckpoint(f.db))!.dirty.size).toBe(1);
+  await n1.index.flush(true);
+  await n1.index.checkpoint();
+  expect((await readCheckpoint(f.db))!.dirty.size).toBe(0);
+  await n1.kill();
+  const n2 = openNode(f.tdb.url);
+  expect((await n2.index.recover()).mode).toBe('redo');
+  await expectIndexIsTruth(n2.index, f, 'after idle checkpoints');
+});
+
+test("WAL collection keeps the newest rows within the byte bound, as well as the row bound", async () => {
+  const f = await fresh('merkle-wal-bytes');
+  // 60 ordered rows whose values are 100 … 690 bytes.
+  for (let i = 0; i < 60; i++) await writeTx(f.db, [{ path: `bytes/${i}`, value: Buffer.alloc(100 + 10 * i, i) }]);
+  const head = await sequenceAll(f);
+  const rows = async () =>
+    (await f.q.query('SELECT lsn::int AS lsn, value_size::int AS size FROM coffer_wal WHERE lsn IS NOT NULL ORDER BY lsn DESC')).rows as { lsn: number; size: number }[];
+  const all = await rows();
+  expect(all).toHaveLength(60);
+  // What the bound keeps: the newest rows while their bytes (value + per-row overhead) fit.
+  const keepWithin = (maxBytes: number) => {
+    let bytes = 0;
+    return all.filter((r) => (bytes += r.size + WAL_ROW_OVERHEAD_BYTES) <= maxBytes).map((r) => r.lsn);
+  };
+  // Bytes bind first.
+  const maxBytes = 10_000;
+  const expected = keepWithin(maxBytes);
+  expect(expected.length).toBeLessThan(50);
+  const r = await collectWal(f.db, { maxRows: 50, maxBytes }, Number.MAX_SAFE_INTEGER);
+  expect((await rows()).map((x) => x.lsn)).toEqual(expected);
+  expect(r).toEqual({ deleted: 60 - expected.length, cutoff: head - expected.length, wanted: head - expected.length });
+  // Rows bind first: the bytes of the newest 5 fit easily.
+  expect(await collectWal(f.db, { maxRows: 5, maxBytes }, Number.MAX_SAFE_INTEGER)).toMatchObject({ deleted: expected.length - 5 });
+  expect((await rows()).map((x) => x.lsn)).toEqual([head, head - 1, head - 2, head - 3, head - 4]);
 });
