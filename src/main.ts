@@ -190,7 +190,8 @@ export async function startServer(config: CofferConfig, dev?: DevOptions): Promi
       log,
       singleProcess: database.embedded,
       onSequenced: (head) => replication.poke(head),
-      onRoleChanged: () => replication.kick(),
+      // Test hook: a process deaf to role changes shows storage's role guard at work.
+      onRoleChanged: process.env.COFFER_TEST_IGNORE_ROLE_NOTIFY ? undefined : () => replication.kick(),
       merkle: merkle ?? undefined,
       retention: { maxRows: config.replication.logshipperBufferLength, maxBytes: config.replication.logshipperBufferSizeBytes },
       checkpointIntervalMs: config.merkle.checkpointIntervalMs,

@@ -68,6 +68,11 @@ export interface Forwarder {
 
 export class Core implements ExpiryTarget {
   forwarder: Forwarder | null = null;
+  /**
+   * Re-reads this cluster's replication role (set by replication): storage refused a write
+   * because the cluster is a secondary, which this process had not heard yet.
+   */
+  refreshRole: (() => Promise<void>) | null = null;
   readonly barrier: Barrier;
   readonly mounts: MountTable;
   readonly tokens: TokenStore;
@@ -325,8 +330,11 @@ export class Core implements ExpiryTarget {
       out = await table.dispatch(ctx, matched);
     } catch (err) {
       // A secondary's use case tried to write replicated data: nothing committed; the primary
-      // runs the request instead (invariant 7), vouched for by this cluster's credential.
-      if (!(err instanceof MustForward) || !this.forwarder) throw err;
+      // runs the request instead (invariant 7), vouched for by this cluster's credential. When
+      // it was storage's role guard that refused, this process learns its new role first.
+      if (!(err instanceof MustForward)) throw err;
+      if (!this.forwarder) await this.refreshRole?.();
+      if (!this.forwarder) throw err;
       out = await this.forwarder.forward(req);
     } finally {
       if (use === 'last') await this.tokens.revoke(token!.hmac);

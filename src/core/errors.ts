@@ -82,7 +82,7 @@ export class KeyringStale extends kind('keyring_stale') {
  * the request to the forwarder instead. */
 export class MustForward extends kind('must_forward') {
   constructor() {
-    super('this write must be forwarded to the primary');
+    super('this cluster is a performance secondary and cannot forward this write yet; retry');
   }
 }
 

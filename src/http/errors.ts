@@ -18,6 +18,8 @@ const STATUS: Record<string, number> = {
   storage_unavailable: 503,
   upstream_unavailable: 502,
   superseded: 503,
+  // A write that must go to the primary, from a secondary that has no route to it (yet).
+  must_forward: 503,
 };
 
 export interface HttpError {

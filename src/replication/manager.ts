@@ -170,7 +170,11 @@ export class Replication {
   /** The replication CA and certificates (cluster-tls.ts). */
   readonly tls = new ReplicationTls(() => this.o.core.barrier);
 
-  constructor(private readonly o: ReplicationOptions) {}
+  constructor(private readonly o: ReplicationOptions) {
+    o.core.refreshRole = async () => {
+      await this.followRole(await readReplication(this.o.db));
+    };
+  }
 
   // ------------------------------------------------------------------ lifecycle
 

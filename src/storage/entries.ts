@@ -91,7 +91,7 @@ const DELETE_WITH_WAL = (path: string) => sql<{ seq: number; key_version: number
   WITH e AS (
     UPDATE coffer_entries
        SET version = version + 1, value = NULL, value_hash = NULL, updated_at = clock_timestamp()
-     WHERE path = ${path} AND value IS NOT NULL
+     WHERE path = ${path} AND value IS NOT NULL AND ${sql.raw(WRITABLE)}
     RETURNING path, version
   )
   INSERT INTO coffer_wal (path, op, key_version)
@@ -110,7 +110,7 @@ const PUT_WITH_WAL = (paths: string[], values: Buffer[], hashes: Buffer[], term:
     INSERT INTO coffer_entries AS cur (path, version, value, value_hash, updated_at)
     SELECT p, 1, v, h, clock_timestamp()
       FROM unnest(${paths}::text[], ${values}::bytea[], ${hashes}::bytea[]) AS x(p, v, h)
-     WHERE NOT EXISTS (SELECT 1 FROM coffer_seal WHERE id = 1 AND active_term > ${term})
+     WHERE NOT EXISTS (SELECT 1 FROM coffer_seal WHERE id = 1 AND active_term > ${term}) AND ${sql.raw(WRITABLE)}
     ON CONFLICT (path) DO UPDATE
        SET version = cur.version + 1, value = EXCLUDED.value,
            value_hash = EXCLUDED.value_hash, updated_at = EXCLUDED.updated_at
@@ -127,9 +127,34 @@ export class StaleKeyTerm extends Error {
   }
 }
 
+/**
+ * The role guard of every client write of replicated data (PUT_WITH_WAL, DELETE_WITH_WAL,
+ * MODIFY_BATCH): nothing is written while this cluster is a secondary, whose replicated data
+ * only apply and merkle-sync write (invariant 7: the primary runs such writes). A process
+ * normally knows its role already and forwards without trying; this catches the process that
+ * has not heard of a change yet (NOTIFY coffer_replication is on its way), in the statement
+ * itself. Read under the statement's snapshot: a write whose snapshot predates the change may
+ * still commit, moments after it — before the reconciliation that follows secondary/enable
+ * compares anything.
+ */
+const WRITABLE = `NOT EXISTS (SELECT 1 FROM coffer_replication WHERE id = 1 AND mode = 'secondary')`;
+
+/** Thrown when a write of replicated data was refused because this cluster is a secondary (nothing written). */
+export class ReplicaReadOnly extends Error {
+  constructor() {
+    super('this cluster is a performance secondary: the primary takes its writes');
+  }
+}
+
+/** After a write that wrote nothing: was it the role guard? */
+async function refusedAsSecondary(tx: Transaction<DB>): Promise<boolean> {
+  const { rows } = await sql<{ secondary: boolean }>`SELECT NOT ${sql.raw(WRITABLE)} AS secondary`.execute(tx);
+  return rows[0].secondary;
+}
+
 export async function putEntry(tx: Transaction<DB>, path: string, value: Buffer, term: number): Promise<WrittenRow> {
   const { rows } = await PUT_WITH_WAL([path], [value], [valueHash(value)], term).execute(tx);
-  if (rows.length === 0) throw new StaleKeyTerm();
+  if (rows.length === 0) throw (await refusedAsSecondary(tx)) ? new ReplicaReadOnly() : new StaleKeyTerm();
   return { seq: rows[0].seq, keyVersion: rows[0].key_version };
 }
 
@@ -142,7 +167,7 @@ export async function putEntries(tx: Transaction<DB>, entries: [string, Buffer][
     entries.map(([, v]) => valueHash(v)),
     term,
   ).execute(tx);
-  if (rows.length !== entries.length) throw new StaleKeyTerm();
+  if (rows.length !== entries.length) throw (await refusedAsSecondary(tx)) ? new ReplicaReadOnly() : new StaleKeyTerm();
   return rows.map((r) => Number(r.seq));
 }
 
@@ -173,6 +198,7 @@ export async function getWithLast(db: Kysely<DB>, path: string, prefix: string) 
 /** Deletes `path` if it holds a value; returns null (and writes no WAL row) if it did not. */
 export async function deleteEntry(tx: Transaction<DB>, path: string): Promise<WrittenRow | null> {
   const { rows } = await DELETE_WITH_WAL(path).execute(tx);
+  if (rows.length === 0 && (await refusedAsSecondary(tx))) throw new ReplicaReadOnly();
   return rows.length ? { seq: rows[0].seq, keyVersion: rows[0].key_version } : null;
 }
 
@@ -249,11 +275,12 @@ export interface CommittedRows {
  * the order of the lock keys: two batches from two processes that share anchors (each batch
  * holds several) then wait for each other instead of deadlocking on rows locked in different
  * orders. The guard still decides; the locks only order. Callers pass each path at most once in
- * the whole batch (a row changed twice in one statement is an error). The keyring-term guard is
- * the same as PUT_WITH_WAL's, for the whole batch.
+ * the whole batch (a row changed twice in one statement is an error). The keyring-term guard and
+ * the role guard (WRITABLE) are the same as PUT_WITH_WAL's, for the whole batch.
  */
 const MODIFY_BATCH = `
-  WITH t AS (SELECT NOT EXISTS (SELECT 1 FROM coffer_seal WHERE id = 1 AND active_term > $10::int) AS ok),
+  WITH g AS (SELECT NOT EXISTS (SELECT 1 FROM coffer_seal WHERE id = 1 AND active_term > $10::int) AS term_ok, ${WRITABLE} AS role_ok),
+  t AS (SELECT term_ok AND role_ok AS ok, term_ok, role_ok FROM g),
   a AS (SELECT * FROM unnest($1::int[], $2::text[], $3::bigint[], $4::bytea[], $5::bytea[]) AS a(item, path, ver, val, hash)
          WHERE (SELECT count(pg_advisory_xact_lock(k)) FROM (SELECT DISTINCT hashtextextended(p, 0) AS k FROM unnest($2::text[]) AS p ORDER BY 1) l) >= 0),
   o AS (SELECT * FROM unnest($6::int[], $7::text[], $8::bytea[], $9::bytea[]) AS o(item, path, val, hash)),
@@ -308,13 +335,13 @@ const MODIFY_BATCH = `
     INSERT INTO coffer_wal (path, op, key_version, value_hash, value_size, lsn, ordered_at)
     SELECT path, op, version, value_hash, size, (SELECT base FROM hd) + row_number() OVER (ORDER BY path), clock_timestamp() FROM ch
     RETURNING lsn, path, op, value_hash)
-  SELECT t.ok AS term_ok, (SELECT resets FROM hd) AS resets, p.item, w.lsn, w.path, w.op, w.value_hash, coffer_key_subpage(w.path) AS sp
+  SELECT t.term_ok, t.role_ok, (SELECT resets FROM hd) AS resets, p.item, w.lsn, w.path, w.op, w.value_hash, coffer_key_subpage(w.path) AS sp
     FROM t LEFT JOIN (w JOIN (SELECT item, path FROM a UNION ALL SELECT item, path FROM o) p ON p.path = w.path) ON true
    ORDER BY w.lsn`;
 
 /**
- * Runs a batch of optimistic writes in one statement; see MODIFY_BATCH. Throws StaleKeyTerm
- * (nothing written) if the keyring term moved on.
+ * Runs a batch of optimistic writes in one statement; see MODIFY_BATCH. Throws ReplicaReadOnly
+ * (nothing written) if this cluster is a secondary, StaleKeyTerm if the keyring term moved on.
  */
 export async function casWriteBatch(db: Kysely<DB>, writes: CasWrite[], term: number): Promise<{ outcomes: CasOutcome[]; committed: CommittedRows | null }> {
   const a = { item: [] as number[], path: [] as string[], ver: [] as number[], val: [] as (Buffer | null)[], hash: [] as (Buffer | null)[] };
@@ -338,12 +365,13 @@ export async function casWriteBatch(db: Kysely<DB>, writes: CasWrite[], term: nu
       o.hash.push(null);
     }
   });
-  const rows = await preparedQuery<{ term_ok: boolean; resets: string | null; item: number | null; lsn: string | null; path: string; op: 'put' | 'delete'; value_hash: Buffer | null; sp: number }>(
+  const rows = await preparedQuery<{ term_ok: boolean; role_ok: boolean; resets: string | null; item: number | null; lsn: string | null; path: string; op: 'put' | 'delete'; value_hash: Buffer | null; sp: number }>(
     db,
     'coffer_modify_batch',
     MODIFY_BATCH,
     [a.item, a.path, a.ver, a.val, a.hash, o.item, o.path, o.val, o.hash, term],
   );
+  if (rows[0] && !rows[0].role_ok) throw new ReplicaReadOnly();
   if (!rows[0]?.term_ok) throw new StaleKeyTerm();
   const outcomes: CasOutcome[] = writes.map(() => null);
   const records: CommittedRecord[] = [];

@@ -2,8 +2,8 @@
 import { sql, type Kysely, type Transaction } from 'kysely';
 import pg from 'pg';
 import type { AuthRead, CasWrite, LeaseRecord, LeaseRepo, ReadPlan, SealRecord, Store, StoreTx, TokenRecord, TokenRepo, Versioned, WrapRepo, WrappedRecord, WritePlan } from '../core/ports';
-import { casWriteBatch, deleteEntry, getEntries, getVersionedMany, getEntry, getWithLast, listChildren, prefixEnd, putEntries, putEntry, positionOf, StaleKeyTerm, type CommittedRows } from './entries';
-import { KeyringStale } from '../core/errors';
+import { casWriteBatch, deleteEntry, getEntries, getVersionedMany, getEntry, getWithLast, listChildren, prefixEnd, putEntries, putEntry, positionOf, ReplicaReadOnly, StaleKeyTerm, type CommittedRows } from './entries';
+import { KeyringStale, MustForward } from '../core/errors';
 import { termOf } from '../core/keyring';
 import { deleteLocal, getLocal, putLocal } from './local';
 import { HOT_CONNECTIONS, preparedQuery } from './db';
@@ -390,7 +390,7 @@ export function pgStore(db: Kysely<DB>, opts: PgStoreOptions = {}): Store {
     getVersioned: (paths) => versionedReads.submit(paths),
     casWrite: (w) =>
       casWrites.submit(w).catch((err) => {
-        throw err instanceof StaleKeyTerm ? new KeyringStale() : err;
+        throw err instanceof StaleKeyTerm ? new KeyringStale() : err instanceof ReplicaReadOnly ? new MustForward() : err;
       }),
     get: (path) => getEntry(db, path),
     getWithLast: (path, prefix) => getWithLast(db, path, prefix),
@@ -407,6 +407,9 @@ export function pgStore(db: Kysely<DB>, opts: PgStoreOptions = {}): Store {
         return { result, lastLsn: await positionOf(db, seqs) };
       } catch (err) {
         if (err instanceof StaleKeyTerm) throw new KeyringStale();
+        // The role guard refused (this cluster is a secondary): nothing was written; core
+        // forwards the request to the primary.
+        if (err instanceof ReplicaReadOnly) throw new MustForward();
         throw err;
       }
     },

@@ -88,32 +88,40 @@ test("a standby's writes reach the active node's WAL follower by NOTIFY, not by 
   }
 });
 
-test("a standby follows a change of its cluster's replication role by NOTIFY, not by its tick", async () => {
+/**
+ * A secondary cluster of two processes whose replication tick is 10 minutes (the hook): its
+ * standby learns that the cluster became a secondary by NOTIFY, or — deaf to it (the other
+ * hook) — when storage's role guard refuses its write. Either way a write sent to the standby
+ * is forwarded to the primary, never written on the secondary.
+ */
+async function standbyForwardsAfterSecondaryEnable(label: string, standbyEnv: Record<string, string>): Promise<void> {
   const dbs: TestDatabase[] = [];
   try {
-    const pri = await startCluster('role-notify-pri', dbs);
-    // The secondary cluster's processes read their replication row every 10 minutes (the hook):
-    // only the notification can tell the standby that its cluster became a secondary.
-    const d = await createTestDatabase('role-notify-sec');
+    const pri = await startCluster(`${label}-pri`, dbs);
+    const d = await createTestDatabase(`${label}-sec`);
     dbs.push(d);
     const env = { COFFER_REPLICATION_TICK_MS: '600000' };
+    // The first process takes the lease (the second starts once it has): it is the active one.
     const s1 = await startCoffer({ dbUrl: d.url, env });
-    const s2 = await startCoffer({ dbUrl: d.url, env });
-    const { rootToken } = await initAndUnseal([s1, s2]);
-    const active = await waitFor('one active node', async () => {
-      const codes = await Promise.all([s1, s2].map(healthCode));
-      return codes.includes(200) && codes.includes(429) ? (codes[0] === 200 ? s1 : s2) : null;
-    });
-    const standby = active === s1 ? s2 : s1;
-    await replicatePair(pri, { addr: active.addr, token: rootToken }, 'role-notify');
-    // The standby now forwards replicated writes to the primary (as a disabled cluster it would
-    // not even know the secret/ mount, which came with the primary's data).
-    const w = await vault(standby.addr, 'POST', 'secret/data/via-standby', { token: rootToken, body: { data: { x: 1 } } });
+    const { rootToken, keys } = await initAndUnseal([s1]);
+    await waitFor('s1 active', async () => (await healthCode(s1)) === 200);
+    const s2 = await startCoffer({ dbUrl: d.url, env: { ...env, ...standbyEnv } });
+    for (const key of keys) await vault(s2.addr, 'PUT', 'sys/unseal', { body: { key } });
+    expect(await healthCode(s2)).toBe(429);
+    await replicatePair(pri, { addr: s1.addr, token: rootToken }, label);
+    const w = await vault(s2.addr, 'POST', 'secret/data/via-standby', { token: rootToken, body: { data: { x: 1 } } });
     expect([w.status, w.body.errors]).toEqual([200, undefined]);
     const onPrimary = await vault(pri.addr, 'GET', 'secret/data/via-standby', { token: pri.token });
     expect(onPrimary.body.data?.data).toEqual({ x: 1 });
+    // And it reached the secondary the way everything does: shipped and applied.
+    await waitFor('the write applied on the secondary', async () => (await vault(s1.addr, 'GET', 'secret/data/via-standby', { token: rootToken })).status === 200, { timeoutMs: 20_000 });
   } finally {
     await stopAllCoffers();
     for (const d of dbs) await d.drop();
   }
-});
+}
+
+test("a standby follows a change of its cluster's replication role by NOTIFY, not by its tick", () => standbyForwardsAfterSecondaryEnable('role-notify', {}));
+
+test('a standby that has not heard of the change yet: storage refuses its write, and it is forwarded', () =>
+  standbyForwardsAfterSecondaryEnable('role-guard', { COFFER_TEST_IGNORE_ROLE_NOTIFY: '1' }));

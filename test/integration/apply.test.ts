@@ -6,6 +6,7 @@
 import { sql } from 'kysely';
 import { openPostgres, type Database } from '../../src/storage/db';
 import { migrateToLatest } from '../../src/storage/migrate';
+import { casWriteBatch, deleteEntry, putEntries, putEntry, ReplicaReadOnly, walTransaction } from '../../src/storage/entries';
 import { applyBatch, readReplication, updateReplication, type Batch } from '../../src/storage/replication';
 import { createTestDatabase, sqlClient, type TestDatabase } from '../helpers/pg';
 
@@ -154,5 +155,31 @@ test('a change of role NOTIFYs coffer_replication; the applied position, heartbe
     expect(heard).toEqual(['coffer_replication: secondary idle', 'coffer_replication: secondary stream-wals']);
   } finally {
     await listener.end();
+  }
+});
+
+test("a secondary's storage refuses client writes of replicated data (role guard); apply still writes", async () => {
+  expect((await readReplication(database.db)).mode).toBe('secondary');
+  const before = [await rows(), await walCount()];
+  const existing = (await rows()).find((r) => r[2] !== null)![0] as string;
+  // The optimistic batch (KV v2 and most writes), a put and a delete in a transaction: all refused, nothing written.
+  await expect(casWriteBatch(database.db, [{ anchor: { path: 'guard/a', version: 0, value: v('x') }, puts: [['guard/b', v('y')]], deletes: [] }], 1)).rejects.toBeInstanceOf(ReplicaReadOnly);
+  await expect(walTransaction(database.db, (tx) => putEntry(tx, 'guard/c', v('z'), 1))).rejects.toBeInstanceOf(ReplicaReadOnly);
+  await expect(walTransaction(database.db, (tx) => putEntries(tx, [['guard/d', v('z')]], 1))).rejects.toBeInstanceOf(ReplicaReadOnly);
+  await expect(walTransaction(database.db, (tx) => deleteEntry(tx, existing))).rejects.toBeInstanceOf(ReplicaReadOnly);
+  expect([await rows(), await walCount()]).toEqual(before);
+  // Deleting a key that is not there is still "nothing to delete" on a primary, and refused here.
+  await expect(walTransaction(database.db, (tx) => deleteEntry(tx, 'guard/absent'))).rejects.toBeInstanceOf(ReplicaReadOnly);
+  // The batch from the primary applies.
+  const { appliedLsn, epoch } = await readReplication(database.db);
+  expect(await applyBatch(database.db, batch(appliedLsn + 1, appliedLsn + 1, [['guard/applied', 1, 'from the primary']]), epoch)).toMatchObject({ applied: true });
+  // The same writes go through once the cluster is not a secondary.
+  await updateReplication(database.db, { mode: 'primary' });
+  try {
+    const { outcomes } = await casWriteBatch(database.db, [{ anchor: { path: 'guard/a', version: 0, value: v('x') }, puts: [], deletes: [] }], 1);
+    expect(outcomes[0]).toBeGreaterThan(0);
+    expect((await walTransaction(database.db, (tx) => deleteEntry(tx, 'guard/absent'))).result).toBeNull();
+  } finally {
+    await updateReplication(database.db, { mode: 'secondary' });
   }
 });
