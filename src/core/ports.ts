@@ -137,6 +137,11 @@ export interface AuthRead {
   read: RawRead | null;
   /** The write plan's entries, when one was given. */
   versioned: VersionedRead | null;
+  /**
+   * What storage says of this cluster's role, read in the same statement: true while it is a
+   * secondary or a superseded primary (it takes no client writes of replicated data).
+   */
+  replicaReadOnly?: boolean;
 }
 
 export interface TokenRecord {

@@ -156,8 +156,16 @@ const HEARTBEAT_MS = 1000;
 const TICK_MS = 1000;
 /** A timer may fire a little early or late: a duty due every TICK_MS runs on every tick. */
 const TICK_SLACK_MS = 100;
-/** The columns whose change is a change of role (migration 0009 NOTIFYs on the same ones). */
-const ROLE_COLUMNS = ['mode', 'state', 'epoch', 'superseded_by_epoch', 'primary_api_addr', 'secondary_id', 'set_id'] as const;
+/** The columns whose change is a change of role (migration 0009 NOTIFYs on the same ones), and their fields in ReplicationRow. */
+const ROLE_COLUMNS = {
+  mode: 'mode',
+  state: 'state',
+  epoch: 'epoch',
+  superseded_by_epoch: 'supersededByEpoch',
+  primary_api_addr: 'primaryApiAddr',
+  secondary_id: 'secondaryId',
+  set_id: 'setId',
+} as const;
 const secondarySecretPath = (id: string) => `core/replication/secondaries/${id}`;
 
 export class Replication {
@@ -242,6 +250,7 @@ export class Replication {
 
   /** Makes core follow the cluster's role: who may write replicated data, where writes go. */
   private async followRole(row: ReplicationRow): Promise<boolean> {
+    this.lastRow = row;
     const superseded = row.mode === 'primary' && row.supersededByEpoch !== null;
     if (row.mode !== this.lastSeenMode || superseded !== this.lastSeenSuperseded) {
       // Another process of this cluster changed the role: follow it.
@@ -872,9 +881,22 @@ export class Replication {
     await updateReplication(this.o.db, patch);
     this.guardCache.forget();
     // Other processes hear of a new role by NOTIFY; this one (an embedded dev server has no
-    // lease connection to hear it on) follows it at once.
-    if (ROLE_COLUMNS.some((c) => c in patch)) this.kick();
+    // lease connection to hear it on) follows it at once — when it did change: rewriting the
+    // same state (a heartbeat that fails the same way each time) must not turn the tick into a
+    // loop.
+    let changed = false;
+    for (const [column, field] of Object.entries(ROLE_COLUMNS) as [keyof typeof ROLE_COLUMNS, (typeof ROLE_COLUMNS)[keyof typeof ROLE_COLUMNS]][]) {
+      if (!(column in patch)) continue;
+      const value = patch[column] ?? null;
+      if (this.lastRow === null || this.lastRow[field] !== value) {
+        changed = true;
+        if (this.lastRow) this.lastRow = { ...this.lastRow, [field]: value };
+      }
+    }
+    if (changed) this.kick();
   }
+  /** The replication row as this process last read it (tick, refreshRole), with its own changes since. */
+  private lastRow: ReplicationRow | null = null;
 
   /** Where and how this secondary reaches its primary (cluster listener over mutual TLS, or API). */
   private async toPrimary(row: ReplicationRow): Promise<{ cred: Credential; base: string; headers: Record<string, string>; tls?: TlsContext }> {
@@ -988,7 +1010,8 @@ export class Replication {
     }
     if (row.state !== 'stream-wals' && row.state !== 'idle') return;
     // Streaming and in contact: a heartbeat a second (batches also count as contact). Otherwise
-    // every tick, so a secondary that lost its primary is back as soon as it answers.
+    // every tick (TICK_MS), and at once when a batch arrives (applyPushed kicks), so a secondary
+    // that lost its primary is back as soon as it answers.
     if (row.state === 'stream-wals' && this.connection === 'connected' && Date.now() - this.lastHeartbeatSent < HEARTBEAT_MS - TICK_SLACK_MS) return;
     this.lastHeartbeatSent = Date.now();
     try {

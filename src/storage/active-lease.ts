@@ -86,6 +86,10 @@ export class ActiveLease {
       throw err;
     }
     this.client = client;
+    // Notifications sent while this process was not listening (a new or re-made connection)
+    // are lost: look now rather than at the next poll.
+    this.events.onWal?.();
+    this.events.onReplication?.();
   }
 
   private drop(reason: string): void {

@@ -130,16 +130,16 @@ export class StaleKeyTerm extends Error {
 /**
  * The role guard of every client write of replicated data (PUT_WITH_WAL, DELETE_WITH_WAL,
  * MODIFY_BATCH): nothing is written while this cluster is a secondary, whose replicated data
- * only apply and merkle-sync write (invariant 7: the primary runs such writes). A process
- * normally knows its role already and forwards without trying; this catches the process that
- * has not heard of a change yet (NOTIFY coffer_replication is on its way), in the statement
- * itself. Read under the statement's snapshot: a write whose snapshot predates the change may
- * still commit, moments after it — before the reconciliation that follows secondary/enable
- * compares anything.
+ * only apply and merkle-sync write (invariant 7: the primary runs such writes), nor while it is
+ * a superseded primary. A process normally knows its role already and forwards (or refuses)
+ * without trying; this catches the one that has not heard of a change yet (NOTIFY
+ * coffer_replication is on its way), in the statement itself. `coffer_writable()` (migration
+ * 0010) holds a shared lock that a change of role takes exclusively, so no such write commits
+ * after the change that forbids it.
  */
-const WRITABLE = `NOT EXISTS (SELECT 1 FROM coffer_replication WHERE id = 1 AND mode = 'secondary')`;
+const WRITABLE = `coffer_writable()`;
 
-/** Thrown when a write of replicated data was refused because this cluster is a secondary (nothing written). */
+/** Thrown when a write of replicated data was refused because this cluster is a secondary or a superseded primary (nothing written). */
 export class ReplicaReadOnly extends Error {
   constructor() {
     super('this cluster is a performance secondary: the primary takes its writes');

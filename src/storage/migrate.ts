@@ -12,6 +12,7 @@ import * as m0006 from '../../db/migrations/0006_failover';
 import * as m0007 from '../../db/migrations/0007_sequencer';
 import * as m0008 from '../../db/migrations/0008_wal_positions_at_commit';
 import * as m0009 from '../../db/migrations/0009_replication_notify';
+import * as m0010 from '../../db/migrations/0010_role_guard';
 
 const migrations: Record<string, Migration> = {
   '0001_initial': m0001,
@@ -23,6 +24,7 @@ const migrations: Record<string, Migration> = {
   '0007_sequencer': m0007,
   '0008_wal_positions_at_commit': m0008,
   '0009_replication_notify': m0009,
+  '0010_role_guard': m0010,
 };
 
 const provider: MigrationProvider = { getMigrations: async () => migrations };

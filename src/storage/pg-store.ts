@@ -203,7 +203,8 @@ const AUTH_READ = `
   SELECT q.i, to_json(t) AS token,
          p.wanted AS policy_wanted, p.paths AS policy_paths, p.vals AS policy_values,
          e.value AS read_value, l.path AS last_path, l.value AS last_value,
-         vr.vals AS versioned_values, vr.vers AS versioned_versions
+         vr.vals AS versioned_values, vr.vers AS versioned_versions,
+         (SELECT mode = 'secondary' OR superseded_by_epoch IS NOT NULL FROM coffer_replication WHERE id = 1) AS replica_read_only
     FROM unnest($1::bytea[], $2::text[], $3::text[], $4::text[]) WITH ORDINALITY AS q(hmac, path, prefix, prefix_end, i)
    CROSS JOIN LATERAL (SELECT * FROM coffer_tokens WHERE token_hmac = q.hmac LIMIT 1) AS t
    CROSS JOIN LATERAL (
@@ -348,6 +349,7 @@ async function runAuthReads(db: Kysely<DB>, batch: PendingAuthRead[]): Promise<(
       policies: paths.map((path, i) => ({ path, value: values[i] })),
       read: read ? { ...read, value: r.read_value ?? null, last: r.last_path !== null ? { path: r.last_path, value: r.last_value } : null } : null,
       versioned: write ? { paths: write.versioned, entries: write.versioned.map((_, i) => ({ value: vvalues[i] ?? null, version: Number(vversions[i] ?? 0) })) } : null,
+      replicaReadOnly: r.replica_read_only === true,
     };
   }
   return answers;

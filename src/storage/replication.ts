@@ -384,8 +384,21 @@ export async function updateReplication(
     primary_contact_at: Date | null;
   }>,
 ): Promise<void> {
-  await db.updateTable('coffer_replication').set({ ...patch, updated_at: new Date() }).where('id', '=', 1).execute();
+  const update = (q: Kysely<DB>) => q.updateTable('coffer_replication').set({ ...patch, updated_at: new Date() }).where('id', '=', 1).execute();
+  if (!('mode' in patch) && !('superseded_by_epoch' in patch)) {
+    await update(db);
+    return;
+  }
+  // A change of who may write: taken with the role guard's lock held exclusively (migration
+  // 0010), it waits for client writes in flight, and those after it see it.
+  await db.transaction().execute(async (tx) => {
+    await sql`SELECT pg_advisory_xact_lock(${ROLE_LOCK[0]}::int, ${ROLE_LOCK[1]}::int)`.execute(tx);
+    await update(tx);
+  });
 }
+
+/** The role guard's advisory lock (migration 0010's coffer_writable()): classid 'coff', objid 'role'. */
+const ROLE_LOCK = [0x636f6666, 0x726f6c65] as const;
 
 export interface SecondaryRow {
   secondaryId: string;

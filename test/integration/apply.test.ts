@@ -183,3 +183,41 @@ test("a secondary's storage refuses client writes of replicated data (role guard
     await updateReplication(database.db, { mode: 'secondary' });
   }
 });
+
+test('a change of role waits for client writes in flight, and writes after it see it; a superseded primary refuses too', async () => {
+  const ROLE_LOCK_WAITING = `SELECT count(*)::int AS n FROM pg_locks WHERE locktype = 'advisory' AND classid = 1668245094 AND objid = 1919904869 AND NOT granted`;
+  const probe = await sqlClient(tdb.url);
+  try {
+    await updateReplication(database.db, { mode: 'primary', superseded_by_epoch: null });
+    let release!: () => void;
+    const held = new Promise<void>((r) => (release = r));
+    let wrote!: () => void;
+    const inside = new Promise<void>((r) => (wrote = r));
+    // A write transaction that has written (through the guard) and has not committed yet.
+    const tx = walTransaction(database.db, async (t) => {
+      await putEntry(t, 'role-lock/in-flight', v('before the change'), 1);
+      wrote();
+      await held;
+    });
+    await inside;
+    let changed = false;
+    const change = updateReplication(database.db, { mode: 'secondary' }).then(() => (changed = true));
+    // The change waits for the role guard's lock (seen in pg_locks, not guessed with a sleep).
+    for (let i = 0; (await probe.query(ROLE_LOCK_WAITING)).rows[0].n === 0; i++) {
+      if (i > 5000) throw new Error('the change of role never waited for the write in flight');
+      await new Promise((r) => setImmediate(r));
+    }
+    expect(changed).toBe(false);
+    release();
+    await tx;
+    await change;
+    expect((await rows()).find((r) => r[0] === 'role-lock/in-flight')?.[2]).toBe('before the change');
+    await expect(walTransaction(database.db, (t) => putEntry(t, 'role-lock/after', v('x'), 1))).rejects.toBeInstanceOf(ReplicaReadOnly);
+    // A primary superseded by a promoted one takes no client writes either.
+    await updateReplication(database.db, { mode: 'primary', superseded_by_epoch: 12 });
+    await expect(casWriteBatch(database.db, [{ anchor: { path: 'role-lock/superseded', version: -1, value: v('x') }, puts: [], deletes: [] }], 1)).rejects.toBeInstanceOf(ReplicaReadOnly);
+  } finally {
+    await probe.end();
+    await updateReplication(database.db, { mode: 'secondary', superseded_by_epoch: null });
+  }
+});
