@@ -248,7 +248,10 @@ export class Core implements ExpiryTarget {
     if (!rec) throw new NotInitialized();
     // Start from the stored keyring (another process may have rotated already).
     const next = openKeyring(this.rootKey, rec.keyring).rotate(this.opts.clock.now());
-    await this.opts.store.updateKeyring(sealKeyring(this.rootKey, next), next.activeTerm);
+    // Storage's role guard: a process that has not heard yet that its cluster became a
+    // secondary must not install a term of its own (the primary's next term would then look
+    // known, and its values undecryptable here).
+    if (!(await this.opts.store.rotateKeyring(sealKeyring(this.rootKey, next), next.activeTerm))) throw new MustForward();
     this.barrier.setKeyring(next);
     return next;
   }

@@ -53,6 +53,11 @@ export interface Store {
   createSeal(rec: SealRecord): Promise<boolean>;
   /** Stores the keyring and its active term (writes under older terms are then refused). */
   updateKeyring(blob: Buffer, activeTerm: number): Promise<void>;
+  /**
+   * updateKeyring for sys/rotate, under the role guard: false (nothing stored) when this cluster
+   * is a secondary or a superseded primary, whose keyring is its primary's.
+   */
+  rotateKeyring(blob: Buffer, activeTerm: number): Promise<boolean>;
 
   /**
    * A request's authentication data in ONE round trip: the token with this HMAC, the stored ACL

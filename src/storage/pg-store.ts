@@ -451,6 +451,15 @@ export function pgStore(db: Kysely<DB>, opts: PgStoreOptions = {}): Store {
     async updateKeyring(blob, activeTerm) {
       await db.updateTable('coffer_seal').set({ keyring: blob, active_term: activeTerm }).where('id', '=', 1).execute();
     },
+    async rotateKeyring(blob, activeTerm) {
+      const r = await db
+        .updateTable('coffer_seal')
+        .set({ keyring: blob, active_term: activeTerm })
+        .where('id', '=', 1)
+        .where(sql<boolean>`coffer_writable()`)
+        .executeTakeFirst();
+      return Number(r.numUpdatedRows) === 1;
+    },
     tokens: tokenRepo(db),
     leases: leaseRepo(db),
     wrapped: wrapRepo(db),

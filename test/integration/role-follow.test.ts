@@ -4,6 +4,7 @@
  * forwarded even when it would change nothing here, and is never answered from this cluster.
  * In-process Core on a real Postgres; the forwarder stands in for the network to a primary.
  */
+import { MustForward } from '../../src/core/errors';
 import type { LogicalRequest, LogicalResponse } from '../../src/core/request';
 import { updateReplication } from '../../src/storage/replication';
 import { inProcessCore, ManualClock, type InProcessCore } from '../helpers/core';
@@ -43,4 +44,17 @@ test('a write that would change nothing here is forwarded once storage says the 
   // Reads stay local, and the role is followed once, not per request.
   await c.core.handle({ operation: 'read', path: 'secret/data/absent', data: {}, query: {}, token: c.root, headers: {} }).catch(() => undefined);
   expect({ refreshed, forwarded }).toEqual({ refreshed: 1, forwarded: ['delete secret/metadata/absent'] });
+});
+
+test('sys/rotate in a process that has not heard its cluster became a secondary: storage refuses the new term', async () => {
+  await updateReplication(c.database.db, { mode: 'secondary' });
+  c.core.barrier.replicatedReadOnly = false; // this process's belief: not a secondary
+  const term = async () => Number((await c.database.db.selectFrom('coffer_seal').select('active_term').executeTakeFirstOrThrow()).active_term);
+  const before = await term();
+  await expect(c.core.rotate()).rejects.toBeInstanceOf(MustForward);
+  expect(await term()).toBe(before);
+  // Not a secondary: the rotation is stored.
+  await updateReplication(c.database.db, { mode: 'disabled' });
+  await c.core.rotate();
+  expect(await term()).toBe(before + 1);
 });
