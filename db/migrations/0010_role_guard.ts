@@ -10,18 +10,25 @@
  * under a snapshot taken after the lock is granted, not the calling statement's. No client
  * write of replicated data commits after the change of role that forbids it.
  *
+ * `coffer_read_only()` is the role alone (no lock), as a request's token lookup reports it.
+ *
  * The lock is the two-int4 form (classid 'coff', objid 'role'), a key space apart from the
  * bigint advisory locks Coffer also takes (the active lease, anchors, shipping).
  */
 import { Kysely, sql } from 'kysely';
 
 export async function up(db: Kysely<any>): Promise<void> {
+  // The role alone, without the lock: what a request's token lookup reports (AUTH_READ).
+  await sql`
+    CREATE FUNCTION coffer_read_only() RETURNS boolean LANGUAGE sql STABLE AS $$
+      SELECT EXISTS (SELECT 1 FROM coffer_replication
+                      WHERE id = 1 AND (mode = 'secondary' OR superseded_by_epoch IS NOT NULL))
+    $$`.execute(db);
   await sql`
     CREATE FUNCTION coffer_writable() RETURNS boolean LANGUAGE plpgsql VOLATILE AS $$
     BEGIN
       PERFORM pg_advisory_xact_lock_shared(1668245094, 1919904869);
-      RETURN NOT EXISTS (SELECT 1 FROM coffer_replication
-                          WHERE id = 1 AND (mode = 'secondary' OR superseded_by_epoch IS NOT NULL));
+      RETURN NOT coffer_read_only();
     END $$`.execute(db);
 }
 

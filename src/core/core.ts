@@ -297,7 +297,7 @@ export class Core implements ExpiryTarget {
     // of a change yet (NOTIFY on its way) follows it before running the request: otherwise a
     // write that turns out to change nothing here, or fails on data this cluster no longer
     // holds, would be answered here instead of by the primary.
-    if (auth?.replicaReadOnly !== undefined && auth.replicaReadOnly !== this.barrier.replicatedReadOnly) await this.refreshRole?.();
+    if (auth && auth.replicaReadOnly !== this.barrier.replicatedReadOnly) await this.refreshRole?.();
     if (!route || !table || !matched) {
       // Vault checks the token before saying a route does not exist, so an anonymous caller
       // learns nothing about mounts.

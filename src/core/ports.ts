@@ -146,7 +146,7 @@ export interface AuthRead {
    * What storage says of this cluster's role, read in the same statement: true while it is a
    * secondary or a superseded primary (it takes no client writes of replicated data).
    */
-  replicaReadOnly?: boolean;
+  replicaReadOnly: boolean;
 }
 
 export interface TokenRecord {

@@ -885,8 +885,9 @@ export class Replication {
     // same state (a heartbeat that fails the same way each time) must not turn the tick into a
     // loop.
     let changed = false;
-    for (const [column, field] of Object.entries(ROLE_COLUMNS) as [keyof typeof ROLE_COLUMNS, (typeof ROLE_COLUMNS)[keyof typeof ROLE_COLUMNS]][]) {
+    for (const column of Object.keys(ROLE_COLUMNS) as (keyof typeof ROLE_COLUMNS)[]) {
       if (!(column in patch)) continue;
+      const field = ROLE_COLUMNS[column];
       const value = patch[column] ?? null;
       if (this.lastRow === null || this.lastRow[field] !== value) {
         changed = true;

@@ -147,14 +147,14 @@ export class ReplicaReadOnly extends Error {
 }
 
 /** After a write that wrote nothing: was it the role guard? */
-async function refusedAsSecondary(tx: Transaction<DB>): Promise<boolean> {
+async function refusedByRoleGuard(tx: Transaction<DB>): Promise<boolean> {
   const { rows } = await sql<{ secondary: boolean }>`SELECT NOT ${sql.raw(WRITABLE)} AS secondary`.execute(tx);
   return rows[0].secondary;
 }
 
 export async function putEntry(tx: Transaction<DB>, path: string, value: Buffer, term: number): Promise<WrittenRow> {
   const { rows } = await PUT_WITH_WAL([path], [value], [valueHash(value)], term).execute(tx);
-  if (rows.length === 0) throw (await refusedAsSecondary(tx)) ? new ReplicaReadOnly() : new StaleKeyTerm();
+  if (rows.length === 0) throw (await refusedByRoleGuard(tx)) ? new ReplicaReadOnly() : new StaleKeyTerm();
   return { seq: rows[0].seq, keyVersion: rows[0].key_version };
 }
 
@@ -167,7 +167,7 @@ export async function putEntries(tx: Transaction<DB>, entries: [string, Buffer][
     entries.map(([, v]) => valueHash(v)),
     term,
   ).execute(tx);
-  if (rows.length !== entries.length) throw (await refusedAsSecondary(tx)) ? new ReplicaReadOnly() : new StaleKeyTerm();
+  if (rows.length !== entries.length) throw (await refusedByRoleGuard(tx)) ? new ReplicaReadOnly() : new StaleKeyTerm();
   return rows.map((r) => Number(r.seq));
 }
 
@@ -198,7 +198,7 @@ export async function getWithLast(db: Kysely<DB>, path: string, prefix: string) 
 /** Deletes `path` if it holds a value; returns null (and writes no WAL row) if it did not. */
 export async function deleteEntry(tx: Transaction<DB>, path: string): Promise<WrittenRow | null> {
   const { rows } = await DELETE_WITH_WAL(path).execute(tx);
-  if (rows.length === 0 && (await refusedAsSecondary(tx))) throw new ReplicaReadOnly();
+  if (rows.length === 0 && (await refusedByRoleGuard(tx))) throw new ReplicaReadOnly();
   return rows.length ? { seq: rows[0].seq, keyVersion: rows[0].key_version } : null;
 }
 

@@ -204,7 +204,7 @@ const AUTH_READ = `
          p.wanted AS policy_wanted, p.paths AS policy_paths, p.vals AS policy_values,
          e.value AS read_value, l.path AS last_path, l.value AS last_value,
          vr.vals AS versioned_values, vr.vers AS versioned_versions,
-         (SELECT mode = 'secondary' OR superseded_by_epoch IS NOT NULL FROM coffer_replication WHERE id = 1) AS replica_read_only
+         coffer_read_only() AS replica_read_only
     FROM unnest($1::bytea[], $2::text[], $3::text[], $4::text[]) WITH ORDINALITY AS q(hmac, path, prefix, prefix_end, i)
    CROSS JOIN LATERAL (SELECT * FROM coffer_tokens WHERE token_hmac = q.hmac LIMIT 1) AS t
    CROSS JOIN LATERAL (
